@@ -1,0 +1,81 @@
+//! `qwenclip bench-encode`: LLM hidden-state latency for given batch sizes and lengths, and
+//! the process's peak resident memory, as JSON. `tests/reference/bench_encode.py` runs this
+//! and `transformers` on the same weights in one command and prints the ratios.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use qwenclip::llm::Qwen3;
+use qwenclip::rng::Rng;
+use qwenclip::ForwardPath;
+
+use super::{DTypeArg, DeviceArg};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    batches: Vec<usize>,
+    #[arg(long, value_delimiter = ',', default_value = "77,256")]
+    tokens: Vec<usize>,
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+    dtype: DTypeArg,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let device = a.device.device()?;
+    let t0 = Instant::now();
+    let llm = Qwen3::load(&a.model, a.dtype.dtype(), &device)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = llm.config().vocab_size.min(150_000);
+    let mut rng = Rng::new(7);
+    let mut results = Vec::new();
+    for &b in &a.batches {
+        for &t in &a.tokens {
+            let ids: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
+            let ids = candle_core::Tensor::from_vec(ids, (b, t), &device)?;
+            let mask = vec![vec![1u8; t]; b];
+            let mut times = Vec::new();
+            for rep in 0..=a.reps {
+                let s = Instant::now();
+                let h = llm.forward(&ids, &mask, -1, ForwardPath::Fast)?;
+                device.synchronize()?;
+                drop(h);
+                if rep > 0 {
+                    times.push(s.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            results.push(serde_json::json!({
+                "batch": b, "tokens": t,
+                "median_ms": times[times.len() / 2], "min_ms": times[0],
+            }));
+        }
+    }
+    let report = serde_json::json!({
+        "impl": "qwenclip", "load_s": load_s, "results": results,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+    });
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// `VmHWM` of this process (Linux), 0 elsewhere.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

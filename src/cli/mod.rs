@@ -1,0 +1,134 @@
+//! Subcommands. Each parses its flags into library calls and prints what a user needs.
+
+mod bench;
+mod encode;
+mod info;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "qwenclip", version, about = "Qwen3 + LoRA + Perceiver Resampler text encoder for SDXL")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Encode prompts into SDXL conditioning (prompt_embeds [B,77,2048], pooled_prompt_embeds [B,1280]).
+    Encode(encode::EncodeArgs),
+    /// Describe a model folder, an adapter folder, or a weights file.
+    Info { path: PathBuf },
+    /// Write the seeded tiny Qwen3 (`OUT/model`) and tiny adapter (`OUT/adapter`) for smoke runs and tests.
+    Tiny {
+        #[arg(long)]
+        out: PathBuf,
+        /// A Qwen `tokenizer.json` to copy into the model folder.
+        #[arg(long, default_value = "tests/fixtures/tokenizers/qwen_tokenizer.json")]
+        tokenizer: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Write a Qwen3 of a real size with random weights (for benchmarks).
+    RandomModel {
+        /// tiny, qwen3-0.6b, qwen3-1.7b, qwen3-4b
+        #[arg(long)]
+        shape: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "tests/fixtures/tokenizers/qwen_tokenizer.json")]
+        tokenizer: PathBuf,
+        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
+        dtype: DTypeArg,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Convert a PyTorch `.pth` resampler into `resampler.safetensors` through a key map.
+    ImportResampler {
+        #[arg(long)]
+        pth: PathBuf,
+        /// JSON key map (docs/adapter-format.md); without it keys are taken as they are.
+        #[arg(long)]
+        key_map: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Time encoding (latency per batch size and length, peak memory) and print JSON.
+    BenchEncode(bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DeviceArg {
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda => {
+                if !candle_core::utils::cuda_is_available() {
+                    bail!("--device cuda: this qwenclip was built without the `cuda` feature");
+                }
+                Device::new_cuda(0).context("--device cuda: no usable CUDA device")
+            }
+        }
+    }
+}
+
+impl DTypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Encode(a) => encode::run(a),
+        Command::Info { path } => info::run(&path),
+        Command::Tiny { out, tokenizer, seed } => {
+            qwenclip::tiny::write_tiny(&out, &tokenizer, seed)?;
+            println!("tiny model: {}\ntiny adapter: {}", out.join("model").display(), out.join("adapter").display());
+            Ok(())
+        }
+        Command::RandomModel { shape, out, tokenizer, dtype, seed } => {
+            let cfg = qwenclip::tiny::shape(&shape)?;
+            qwenclip::tiny::write_model(&cfg, &out, &tokenizer, dtype.dtype(), seed)?;
+            println!("{shape} with random weights: {}", out.display());
+            Ok(())
+        }
+        Command::ImportResampler { pth, key_map, out } => {
+            let map = match key_map {
+                Some(p) => qwenclip::formats::pth::KeyMap::load(&p)?,
+                None => Default::default(),
+            };
+            let r = qwenclip::formats::pth::load_resampler(&pth, &map, &Device::Cpu)?;
+            r.save(&out)?;
+            println!(
+                "{} -> {} ({} parameters, config {})",
+                pth.display(),
+                out.display(),
+                r.config().parameter_count(),
+                serde_json::to_string(r.config())?
+            );
+            Ok(())
+        }
+        Command::BenchEncode(a) => bench::run(a),
+    }
+}

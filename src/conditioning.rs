@@ -1,0 +1,223 @@
+//! The encoder as users see it: prompts -> tokenizer -> Qwen3 (+ LoRA) -> resampler -> SDXL
+//! conditioning (`prompt_embeds` `[B,77,2048]`, `pooled_prompt_embeds` `[B,1280]`, f32).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapter::Adapter;
+use crate::error::{Error, Result};
+use crate::llm::qwen3::LoraMode;
+use crate::llm::Qwen3;
+use crate::ops::Path as OpPath;
+use crate::resampler::Resampler;
+use crate::tokenizer::{PromptTokenizer, TokenBatch, DEFAULT_MAX_TOKENS};
+
+#[derive(Debug, Clone)]
+pub struct EncoderOptions {
+    pub device: Device,
+    /// Dtype of the LLM weights and activations (the resampler is always f32).
+    pub dtype: DType,
+    /// Overrides the adapter's token limit.
+    pub max_tokens: Option<usize>,
+    /// Overrides the adapter's hidden layer.
+    pub hidden_layer: Option<i32>,
+    /// Merged for inference; the trainer asks for unmerged.
+    pub lora_mode: LoraMode,
+}
+
+impl Default for EncoderOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            max_tokens: None,
+            hidden_layer: None,
+            lora_mode: LoraMode::Merged,
+        }
+    }
+}
+
+/// LLM output for a batch, before the resampler.
+pub struct HiddenStates {
+    /// `[B,T,H]` in the LLM dtype.
+    pub states: Tensor,
+    /// `[B,T]` f32, 1 = token.
+    pub mask: Tensor,
+    pub tokens: TokenBatch,
+}
+
+pub struct Conditioning {
+    /// `[B,77,2048]` f32.
+    pub prompt_embeds: Tensor,
+    /// `[B,1280]` f32.
+    pub pooled: Tensor,
+    pub warnings: Vec<String>,
+}
+
+pub struct Encoder {
+    tokenizer: PromptTokenizer,
+    llm: Qwen3,
+    base_name: String,
+    resampler: Option<Resampler>,
+    adapter_dir: Option<PathBuf>,
+    hidden_layer: i32,
+    max_tokens: usize,
+    opts: EncoderOptions,
+}
+
+impl Encoder {
+    /// `model_dir`: a Hugging Face Qwen3 folder (see [`crate::hub::resolve_model`] for ids).
+    pub fn load(model_dir: &Path, adapter: Option<&Path>, opts: EncoderOptions) -> Result<Self> {
+        let tokenizer = PromptTokenizer::load(&model_dir.join("tokenizer.json"))?;
+        let llm = Qwen3::load(model_dir, opts.dtype, &opts.device)?;
+        let base_name = model_dir
+            .file_name()
+            .map_or_else(|| model_dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let mut enc = Self {
+            tokenizer,
+            llm,
+            base_name,
+            resampler: None,
+            adapter_dir: None,
+            hidden_layer: opts.hidden_layer.unwrap_or(-1),
+            max_tokens: opts.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            opts,
+        };
+        enc.llm.config().resolve_hidden_layer(enc.hidden_layer)?;
+        if let Some(dir) = adapter {
+            enc.set_adapter(Some(dir))?;
+        }
+        Ok(enc)
+    }
+
+    /// Attaches, replaces (`Some`) or removes (`None`) the adapter without reloading the base.
+    /// On error the encoder keeps its previous adapter.
+    pub fn set_adapter(&mut self, dir: Option<&Path>) -> Result<()> {
+        let Some(dir) = dir else {
+            self.llm.clear_lora()?;
+            self.resampler = None;
+            self.adapter_dir = None;
+            self.hidden_layer = self.opts.hidden_layer.unwrap_or(-1);
+            self.max_tokens = self.opts.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+            return Ok(());
+        };
+        let adapter = Adapter::load(dir, &self.opts.device)?;
+        self.install(adapter)
+    }
+
+    /// Installs an already loaded adapter (the trainer builds them in memory).
+    pub fn install(&mut self, adapter: Adapter) -> Result<()> {
+        adapter.check_base(self.llm.config())?;
+        let hidden_layer = self
+            .opts
+            .hidden_layer
+            .or(adapter.manifest.as_ref().map(|m| m.hidden_layer))
+            .unwrap_or(-1);
+        self.llm.config().resolve_hidden_layer(hidden_layer)?;
+        if let Some(r) = &adapter.resampler {
+            if r.config().input_dim != self.llm.config().hidden_size {
+                return Err(Error::Mismatch(format!(
+                    "{}: resampler input width {} != base hidden size {}",
+                    adapter.dir.display(),
+                    r.config().input_dim,
+                    self.llm.config().hidden_size
+                )));
+            }
+        }
+        match adapter.lora {
+            Some(lora) => self.llm.set_lora(lora, self.opts.lora_mode)?,
+            None => self.llm.clear_lora()?,
+        }
+        self.max_tokens = self
+            .opts
+            .max_tokens
+            .or(adapter.manifest.as_ref().map(|m| m.max_tokens))
+            .unwrap_or(DEFAULT_MAX_TOKENS);
+        self.hidden_layer = hidden_layer;
+        self.resampler = adapter.resampler;
+        self.adapter_dir = Some(adapter.dir);
+        Ok(())
+    }
+
+    pub fn llm(&self) -> &Qwen3 {
+        &self.llm
+    }
+
+    pub fn llm_mut(&mut self) -> &mut Qwen3 {
+        &mut self.llm
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn resampler(&self) -> Option<&Resampler> {
+        self.resampler.as_ref()
+    }
+
+    pub fn base_name(&self) -> &str {
+        &self.base_name
+    }
+
+    pub fn adapter_dir(&self) -> Option<&Path> {
+        self.adapter_dir.as_deref()
+    }
+
+    pub fn hidden_layer(&self) -> i32 {
+        self.hidden_layer
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    pub fn options(&self) -> &EncoderOptions {
+        &self.opts
+    }
+
+    pub fn tokenize(&self, prompts: &[&str]) -> Result<TokenBatch> {
+        self.tokenizer.encode_batch(prompts, self.max_tokens)
+    }
+
+    /// LLM hidden states for a batch (all prompts in one pass, right padded).
+    pub fn hidden_states(&self, prompts: &[&str], path: OpPath) -> Result<HiddenStates> {
+        let tokens = self.tokenize(prompts)?;
+        self.hidden_states_of(tokens, path)
+    }
+
+    pub fn hidden_states_of(&self, tokens: TokenBatch, path: OpPath) -> Result<HiddenStates> {
+        if tokens.ids.is_empty() {
+            return Err(Error::Invalid("no prompts given".into()));
+        }
+        let device = self.llm.device();
+        let ids = tokens.ids_tensor(device)?;
+        let states = self.llm.forward(&ids, &tokens.mask, self.hidden_layer, path)?;
+        let mask = tokens.mask_tensor(device)?;
+        Ok(HiddenStates {
+            states,
+            mask,
+            tokens,
+        })
+    }
+
+    /// SDXL conditioning for a batch of prompts (fast path).
+    pub fn encode(&self, prompts: &[&str]) -> Result<Conditioning> {
+        let resampler = self.resampler.as_ref().ok_or_else(|| {
+            Error::Invalid(match &self.adapter_dir {
+                Some(d) => format!(
+                    "{} has no resampler (a bare LoRA gives hidden states only: use --dump-hidden)",
+                    d.display()
+                ),
+                None => "no adapter loaded: SDXL conditioning needs an adapter with a resampler".into(),
+            })
+        })?;
+        let h = self.hidden_states(prompts, OpPath::Fast)?;
+        let (prompt_embeds, pooled) = resampler.forward(&h.states, &h.mask, OpPath::Fast)?;
+        Ok(Conditioning {
+            prompt_embeds,
+            pooled,
+            warnings: h.tokens.warnings,
+        })
+    }
+}

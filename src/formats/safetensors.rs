@@ -1,0 +1,247 @@
+//! Safetensors reading with errors that name the file and tensor, and atomic writing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{read_json, Error, Result};
+
+/// A memory-mapped set of safetensors files (one file, or the shards of an index).
+/// Tensors are converted to the requested dtype and device as they are fetched, so the mmap
+/// can be kept around to re-read original weights (e.g. to un-merge a LoRA).
+pub struct Weights {
+    st: MmapedSafetensors,
+    origin: PathBuf,
+    dtype: DType,
+    device: Device,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+impl Weights {
+    /// Opens `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
+    pub fn open_model_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files = if index.is_file() {
+            let idx: ShardIndex = read_json(&index, "shard index")?;
+            let mut shards: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+            shards.sort();
+            shards.dedup();
+            if shards.is_empty() {
+                return Err(Error::format(&index, "weight_map lists no shard files"));
+            }
+            shards
+        } else if single.is_file() {
+            vec![single]
+        } else {
+            return Err(Error::format(
+                dir,
+                "no model.safetensors or model.safetensors.index.json in this folder",
+            ));
+        };
+        Self::open(&files, dir, dtype, device)
+    }
+
+    /// Opens one or more safetensors files; `origin` is what error messages name.
+    pub fn open(files: &[PathBuf], origin: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                return Err(Error::format(f, "file not found"));
+            }
+        }
+        // Safety: the files are mapped read-only; a file truncated or rewritten while mapped
+        // is outside what we can defend against (same contract as every mmap-based loader).
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+            let which = files
+                .iter()
+                .find(|f| unsafe { MmapedSafetensors::new(f) }.is_err())
+                .cloned()
+                .unwrap_or_else(|| origin.to_path_buf());
+            Error::format(which, format!("not a valid safetensors file ({e})"))
+        })?;
+        Ok(Self {
+            st,
+            origin: origin.to_path_buf(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.st.tensors().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Shape of a stored tensor without loading it.
+    pub fn shape_of(&self, name: &str) -> Result<Vec<usize>> {
+        let view = self.st.get(name).map_err(|_| Error::MissingTensor {
+            path: self.origin.clone(),
+            name: name.to_string(),
+        })?;
+        Ok(view.shape().to_vec())
+    }
+
+    /// Loads a tensor, checks its shape, converts it to this set's dtype and device.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.dtype)
+    }
+
+    /// Like [`Weights::get`] with an explicit dtype (e.g. f32 for trainable weights).
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let got = self.shape_of(name)?;
+        if got != shape {
+            return Err(Error::Shape {
+                path: self.origin.clone(),
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got,
+            });
+        }
+        let t = self
+            .st
+            .load(name, &self.device)
+            .map_err(|e| Error::format(&self.origin, format!("tensor `{name}`: {e}")))?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Writes tensors to `path` atomically: a temporary file in the same folder, fsync, rename.
+/// A crash or a full disk leaves the previous file untouched.
+pub fn save_atomic(
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let t = tensors[name].to_device(&Device::Cpu)?.contiguous()?;
+        views.push((name.clone(), t));
+    }
+    let data = safetensors::tensor::serialize(
+        views.iter().map(|(n, t)| (n.as_str(), TensorRef(t))),
+        metadata,
+    )
+    .map_err(|e| Error::format(path, format!("cannot serialise tensors: {e}")))?;
+    write_atomic(path, &data)
+}
+
+/// Atomic replacement of a whole file (temp + fsync + rename).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// Adapts a candle tensor to the `safetensors` crate's view trait without an extra copy.
+struct TensorRef<'a>(&'a Tensor);
+
+impl safetensors::View for TensorRef<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self.0.dtype() {
+            DType::U8 => safetensors::Dtype::U8,
+            DType::U32 => safetensors::Dtype::U32,
+            DType::I64 => safetensors::Dtype::I64,
+            DType::BF16 => safetensors::Dtype::BF16,
+            DType::F16 => safetensors::Dtype::F16,
+            DType::F32 => safetensors::Dtype::F32,
+            DType::F64 => safetensors::Dtype::F64,
+            other => panic!("dtype {other:?} is never written by qwenclip"),
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.dims()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Owned(tensor_bytes(self.0))
+    }
+    fn data_len(&self) -> usize {
+        self.0.elem_count() * self.0.dtype().size_in_bytes()
+    }
+}
+
+fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    fn bytes<T: candle_core::WithDType>(t: &Tensor) -> Vec<u8> {
+        let v = t.flatten_all().and_then(|f| f.to_vec1::<T>()).expect("cpu tensor");
+        // Safety: plain-old-data element types, read as bytes in native (little) endianness.
+        unsafe {
+            std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(&v[..]))
+        }
+        .to_vec()
+    }
+    match t.dtype() {
+        DType::U8 => bytes::<u8>(t),
+        DType::U32 => bytes::<u32>(t),
+        DType::I64 => bytes::<i64>(t),
+        DType::BF16 => bytes::<half::bf16>(t),
+        DType::F16 => bytes::<half::f16>(t),
+        DType::F32 => bytes::<f32>(t),
+        DType::F64 => bytes::<f64>(t),
+        other => panic!("dtype {other:?} is never written by qwenclip"),
+    }
+}
+
+/// The `__metadata__` map of a safetensors file, reading only its header.
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| Error::format(path, "not a safetensors file (shorter than its header)"))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(Error::format(path, format!("not a safetensors file (header claims {n} bytes)")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|_| Error::format(path, "not a safetensors file (truncated header)"))?;
+    let json: serde_json::Value = serde_json::from_slice(&header)
+        .map_err(|e| Error::format(path, format!("not a safetensors file (header: {e})")))?;
+    let meta = json
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(meta)
+}

@@ -1,0 +1,26 @@
+//! qwenclip: an SDXL text encoder made of Qwen3 + a PEFT LoRA + a Perceiver Resampler,
+//! distilled from SDXL's CLIP-L/CLIP-G.
+//!
+//! The module tree follows the data: [`tokenizer`] -> [`llm`] (Qwen3) -> [`lora`] ->
+//! [`resampler`] -> [`conditioning`] (the [`Encoder`]); [`adapter`] bundles LoRA + resampler;
+//! [`formats`] reads and writes weight files; [`ops`] holds the kernels that differ between
+//! the fast and the differentiable path.
+
+pub mod adapter;
+pub mod conditioning;
+pub mod error;
+pub mod formats;
+pub mod hub;
+pub mod llm;
+pub mod lora;
+pub mod ops;
+pub mod resampler;
+pub mod rng;
+pub mod tiny;
+pub mod tokenizer;
+
+pub use adapter::Adapter;
+pub use conditioning::{Conditioning, Encoder, EncoderOptions};
+pub use error::{Error, Result};
+pub use llm::qwen3::LoraMode;
+pub use ops::Path as ForwardPath;

@@ -1,0 +1,368 @@
+//! Qwen3 decoder returning hidden states, matching Hugging Face `transformers`'
+//! `Qwen3Model` (`hidden_states` tuple) for right-padded batches with an attention mask.
+//!
+//! Unlike candle-transformers' `qwen3`: takes a padding mask, stops at any layer, keeps no KV
+//! cache (encoding is one pass), can run on differentiable kernels with frozen base weights,
+//! and carries LoRA on any projection.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::Qwen3Config;
+use crate::error::{Error, Result};
+use crate::formats::Weights;
+use crate::lora::{Lora, LoraLinear, Site};
+use crate::ops::{self, Path as OpPath, MASKED};
+
+/// How a LoRA is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraMode {
+    /// `W + sBA` folded into the weight: inference cost of the bare model.
+    Merged,
+    /// Kept apart so that `A` and `B` can be trained.
+    Unmerged,
+}
+
+/// `Qwen3Attention`: q/k/v/o projections, per-head RMSNorm on q and k, RoPE, GQA.
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    eps: f64,
+}
+
+/// `Qwen3MLP`: `down(silu(gate(x)) * up(x))`.
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+/// `Qwen3DecoderLayer`: pre-norm attention and MLP with residuals.
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    self_attn: Attention,
+    mlp: Mlp,
+}
+
+pub struct Qwen3 {
+    cfg: Qwen3Config,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    /// Kept mapped so un-merging a LoRA re-reads the original weights instead of subtracting.
+    weights: Arc<Weights>,
+    lora: Option<(Lora, LoraMode)>,
+}
+
+impl Attention {
+    fn load(w: &Weights, p: &str, cfg: &Qwen3Config) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: LoraLinear::new(w.get(&format!("{p}.q_proj.weight"), &[nh * hd, h])?),
+            k_proj: LoraLinear::new(w.get(&format!("{p}.k_proj.weight"), &[nkv * hd, h])?),
+            v_proj: LoraLinear::new(w.get(&format!("{p}.v_proj.weight"), &[nkv * hd, h])?),
+            o_proj: LoraLinear::new(w.get(&format!("{p}.o_proj.weight"), &[h, nh * hd])?),
+            q_norm: w.get(&format!("{p}.q_norm.weight"), &[hd])?,
+            k_norm: w.get(&format!("{p}.k_norm.weight"), &[hd])?,
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// `x`: `[B,T,H]`; `bias`: `[B,1,1,T,T]` f32 additive mask; `cos`/`sin`: `[T, hd/2]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        path: OpPath,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv);
+        let groups = nh / nkv;
+        let q = self.q_proj.forward(x, path)?.reshape((b, t, nh, hd))?;
+        let k = self.k_proj.forward(x, path)?.reshape((b, t, nkv, hd))?;
+        let v = self.v_proj.forward(x, path)?.reshape((b, t, nkv, hd))?;
+        let q = ops::rms_norm(&q, &self.q_norm, self.eps, path)?.transpose(1, 2)?;
+        let k = ops::rms_norm(&k, &self.k_norm, self.eps, path)?.transpose(1, 2)?;
+        let q = ops::rope(&q, cos, sin, path)?.contiguous()?;
+        let k = ops::rope(&k, cos, sin, path)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        // Grouped-query attention without copying K/V per head: the query heads that share a
+        // KV head are stacked along the sequence axis.
+        let q = (q.reshape((b, nkv, groups * t, hd))? * (hd as f64).powf(-0.5))?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = scores
+            .to_dtype(DType::F32)?
+            .reshape((b, nkv, groups, t, t))?
+            .broadcast_add(bias)?;
+        let probs = ops::softmax(&scores, path)?
+            .to_dtype(v.dtype())?
+            .reshape((b, nkv, groups * t, t))?;
+        let out = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out, path)
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 4] {
+        [
+            ("q_proj", &mut self.q_proj),
+            ("k_proj", &mut self.k_proj),
+            ("v_proj", &mut self.v_proj),
+            ("o_proj", &mut self.o_proj),
+        ]
+    }
+}
+
+impl Mlp {
+    fn load(w: &Weights, p: &str, cfg: &Qwen3Config) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: LoraLinear::new(w.get(&format!("{p}.gate_proj.weight"), &[i, h])?),
+            up_proj: LoraLinear::new(w.get(&format!("{p}.up_proj.weight"), &[i, h])?),
+            down_proj: LoraLinear::new(w.get(&format!("{p}.down_proj.weight"), &[h, i])?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, path)?)?;
+        let up = self.up_proj.forward(x, path)?;
+        self.down_proj.forward(&(gate * up)?, path)
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 3] {
+        [
+            ("gate_proj", &mut self.gate_proj),
+            ("up_proj", &mut self.up_proj),
+            ("down_proj", &mut self.down_proj),
+        ]
+    }
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, i: usize, cfg: &Qwen3Config) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let h = cfg.hidden_size;
+        Ok(Self {
+            input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        eps: f64,
+        path: OpPath,
+    ) -> candle_core::Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_layernorm, eps, path)?;
+        let x = (x + self.self_attn.forward(&h, bias, cos, sin, path)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps, path)?;
+        x + self.mlp.forward(&h, path)?
+    }
+
+    fn linear_mut(&mut self, module: &str) -> Option<&mut LoraLinear> {
+        let attn = self.self_attn.linears_mut().into_iter();
+        let mlp = self.mlp.linears_mut().into_iter();
+        attn.chain(mlp).find(|(n, _)| *n == module).map(|(_, l)| l)
+    }
+}
+
+impl Qwen3 {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model folder.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = Qwen3Config::load(&dir.join("config.json"))?;
+        let weights = Weights::open_model_dir(dir, dtype, device)?;
+        Self::from_weights(cfg, Arc::new(weights))
+    }
+
+    pub fn from_weights(cfg: Qwen3Config, w: Arc<Weights>) -> Result<Self> {
+        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&w, i, &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = w.get("model.norm.weight", &[cfg.hidden_size])?;
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            weights: w,
+            lora: None,
+        })
+    }
+
+    pub fn config(&self) -> &Qwen3Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn lora(&self) -> Option<&(Lora, LoraMode)> {
+        self.lora.as_ref()
+    }
+
+    /// Hidden states at `transformers` index `hidden_layer` (see
+    /// [`Qwen3Config::resolve_hidden_layer`]). `ids`: `[B,T]` u32; `mask`: one row of 0/1 per
+    /// prompt (1 = token). Output `[B,T,H]` in the model dtype; rows at padded positions are
+    /// finite but meaningless.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        mask: &[Vec<u8>],
+        hidden_layer: i32,
+        path: OpPath,
+    ) -> Result<Tensor> {
+        let n_layers = self.cfg.resolve_hidden_layer(hidden_layer)?;
+        let (b, t) = ids.dims2()?;
+        if mask.len() != b || mask.iter().any(|m| m.len() != t) {
+            return Err(Error::Invalid(format!(
+                "attention mask must be {b} rows of {t}, got {} rows",
+                mask.len()
+            )));
+        }
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let bias = causal_padding_bias(mask, self.device())?;
+        let (cos, sin) = rope_tables(&self.cfg, t, self.dtype(), self.device())?;
+        for layer in &self.layers[..n_layers.min(self.cfg.num_hidden_layers)] {
+            x = layer.forward(&x, &bias, &cos, &sin, self.cfg.rms_norm_eps, path)?;
+        }
+        if n_layers == self.cfg.num_hidden_layers {
+            x = ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps, path)?;
+        }
+        Ok(x)
+    }
+
+    /// Attaches a LoRA, replacing any previous one. Shapes are checked against this base
+    /// first; on error the model is unchanged.
+    pub fn set_lora(&mut self, lora: Lora, mode: LoraMode) -> Result<()> {
+        let scale = lora.config.scale();
+        for (site, pair) in &lora.pairs {
+            let (out, inp) = self.linear_shape(site)?;
+            let (a, b) = (pair.a.dims(), pair.b.dims());
+            if a[1] != inp || b[0] != out {
+                return Err(Error::Mismatch(format!(
+                    "{}: LoRA A {:?} / B {:?} need a base weight of [{}, {}], this base has [{out}, {inp}] ({})",
+                    site.peft_prefix(),
+                    a,
+                    b,
+                    b[0],
+                    a[1],
+                    self.cfg.shape_summary()
+                )));
+            }
+        }
+        self.clear_lora()?;
+        for (site, pair) in &lora.pairs {
+            let lin = self.linear_mut(site)?;
+            match mode {
+                LoraMode::Merged => lin.weight = lin.merged_weight(pair, scale)?,
+                LoraMode::Unmerged => lin.lora = Some((pair.clone(), scale)),
+            }
+        }
+        self.lora = Some((lora, mode));
+        Ok(())
+    }
+
+    /// Removes the LoRA; merged weights are re-read from the mapped base files.
+    pub fn clear_lora(&mut self) -> Result<()> {
+        let Some((lora, _)) = self.lora.take() else {
+            return Ok(());
+        };
+        let w = self.weights.clone();
+        for site in lora.pairs.keys() {
+            let (out, inp) = self.linear_shape(site)?;
+            let name = format!("model.{}.weight", &site.peft_prefix()["base_model.model.model.".len()..]);
+            let lin = self.linear_mut(site)?;
+            lin.weight = w.get(&name, &[out, inp])?;
+            lin.lora = None;
+        }
+        Ok(())
+    }
+
+    fn linear_shape(&mut self, site: &Site) -> Result<(usize, usize)> {
+        Ok(self.linear_mut(site)?.out_in())
+    }
+
+    fn linear_mut(&mut self, site: &Site) -> Result<&mut LoraLinear> {
+        let n = self.layers.len();
+        let summary = self.cfg.shape_summary();
+        let layer = self.layers.get_mut(site.layer).ok_or_else(|| {
+            Error::Mismatch(format!(
+                "LoRA targets layer {} but this base has {n} layers ({summary})",
+                site.layer
+            ))
+        })?;
+        layer
+            .linear_mut(&site.module)
+            .ok_or_else(|| Error::Mismatch(format!("unknown projection {}", site.module)))
+    }
+}
+
+/// `[B,1,1,T,T]` f32: 0 where query `i` may attend key `j` (`j <= i` and `j` is a token),
+/// [`MASKED`] elsewhere. Shaped to broadcast over KV heads and query groups.
+fn causal_padding_bias(mask: &[Vec<u8>], device: &Device) -> candle_core::Result<Tensor> {
+    let b = mask.len();
+    let t = mask.first().map_or(0, Vec::len);
+    let mut data = vec![0f32; b * t * t];
+    for (bi, row) in mask.iter().enumerate() {
+        for i in 0..t {
+            for j in 0..t {
+                if j > i || row[j] == 0 {
+                    data[(bi * t + i) * t + j] = MASKED as f32;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, 1, t, t), device)
+}
+
+/// RoPE `cos`/`sin` tables `[T, head_dim/2]`, computed in f32 then cast, as `transformers` does.
+fn rope_tables(
+    cfg: &Qwen3Config,
+    t: usize,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, hd / 2), device)?;
+    let pos = Tensor::arange(0u32, t as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((t, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+}

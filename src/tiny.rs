@@ -1,0 +1,145 @@
+//! Seeded generators for models that cannot be downloaded here: a tiny Qwen3 + adapter for
+//! tests and the smoke run, and real-size shapes with random weights for benchmarks.
+//! Same seed, same bytes, on every machine (see [`crate::rng`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
+use crate::error::{Error, Result};
+use crate::llm::Qwen3Config;
+use crate::lora::{Lora, LoraConfig, LoraPair, Site};
+use crate::formats::save_atomic;
+use crate::resampler::{Resampler, ResamplerConfig};
+use crate::rng::Rng;
+
+/// Named architectures: `tiny` for tests, the others shaped like the released models.
+pub fn shape(name: &str) -> Result<Qwen3Config> {
+    let (hidden, layers, heads, kv, head_dim, ffn) = match name {
+        "tiny" => (32, 2, 4, 2, 16, 64),
+        "qwen3-0.6b" => (1024, 28, 16, 8, 128, 3072),
+        "qwen3-1.7b" => (2048, 28, 16, 8, 128, 6144),
+        "qwen3-4b" => (2560, 36, 32, 8, 128, 9728),
+        other => {
+            return Err(Error::Invalid(format!(
+                "unknown shape \"{other}\" (tiny, qwen3-0.6b, qwen3-1.7b, qwen3-4b)"
+            )))
+        }
+    };
+    Ok(Qwen3Config {
+        model_type: Some("qwen3".into()),
+        vocab_size: 151_936,
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv,
+        head_dim: Some(head_dim),
+        rope_theta: 1_000_000.0,
+        rms_norm_eps: 1e-6,
+        tie_word_embeddings: true,
+        attention_bias: false,
+        max_position_embeddings: Some(40_960),
+    })
+}
+
+/// Writes a Qwen3 with random weights in Hugging Face layout (`config.json`,
+/// `model.safetensors`, and `tokenizer.json` copied from `tokenizer`).
+pub fn write_model(cfg: &Qwen3Config, dir: &Path, tokenizer: &Path, dtype: DType, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut rng = Rng::new(seed);
+    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let mut tensors = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, std: f64, mean: f32, rng: &mut Rng| -> Result<()> {
+        let n = shape.iter().product();
+        let data: Vec<f32> = rng.normal_vec(n, std).into_iter().map(|x| x + mean).collect();
+        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?);
+        Ok(())
+    };
+    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], 0.02, 0.0, &mut rng)?;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let lin_std = 1.0 / (h as f64).sqrt();
+        put(format!("{p}.self_attn.q_proj.weight"), vec![nh * hd, h], lin_std, 0.0, &mut rng)?;
+        put(format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h], lin_std, 0.0, &mut rng)?;
+        put(format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h], lin_std, 0.0, &mut rng)?;
+        put(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd], 1.0 / ((nh * hd) as f64).sqrt(), 0.0, &mut rng)?;
+        put(format!("{p}.self_attn.q_norm.weight"), vec![hd], 0.1, 1.0, &mut rng)?;
+        put(format!("{p}.self_attn.k_norm.weight"), vec![hd], 0.1, 1.0, &mut rng)?;
+        put(format!("{p}.mlp.gate_proj.weight"), vec![i, h], lin_std, 0.0, &mut rng)?;
+        put(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin_std, 0.0, &mut rng)?;
+        put(format!("{p}.mlp.down_proj.weight"), vec![h, i], 1.0 / (i as f64).sqrt(), 0.0, &mut rng)?;
+        put(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0, &mut rng)?;
+        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.1, 1.0, &mut rng)?;
+    }
+    put("model.norm.weight".into(), vec![h], 0.1, 1.0, &mut rng)?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    save_atomic(&tensors, Some(meta), &dir.join("model.safetensors"))?;
+    let mut config = serde_json::to_value(cfg).expect("config serialises");
+    config["architectures"] = serde_json::json!(["Qwen3ForCausalLM"]);
+    config["torch_dtype"] = serde_json::json!(match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    });
+    config["hidden_act"] = serde_json::json!("silu");
+    let json = serde_json::to_vec_pretty(&config).expect("config serialises");
+    crate::formats::safetensors::write_atomic(&dir.join("config.json"), &json)?;
+    std::fs::copy(tokenizer, dir.join("tokenizer.json")).map_err(|e| Error::io(tokenizer, e))?;
+    Ok(())
+}
+
+/// An adapter for `cfg` with random, non-zero LoRA (q/k/v/o) and a small resampler.
+pub fn make_adapter(cfg: &Qwen3Config, base_name: &str, resampler: ResamplerConfig, seed: u64) -> Result<Adapter> {
+    let mut rng = Rng::new(seed);
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    let r = 4;
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+    let mut pairs = std::collections::BTreeMap::new();
+    for layer in 0..cfg.num_hidden_layers {
+        for m in targets {
+            let (out, inp) = match m {
+                "q_proj" => (cfg.num_attention_heads * hd, h),
+                "o_proj" => (h, cfg.num_attention_heads * hd),
+                _ => (cfg.num_key_value_heads * hd, h),
+            };
+            let a = Tensor::from_vec(rng.normal_vec(r * inp, 1.0 / (inp as f64).sqrt()), (r, inp), &Device::Cpu)?;
+            let b = Tensor::from_vec(rng.normal_vec(out * r, 0.05), (out, r), &Device::Cpu)?;
+            pairs.insert(Site { layer, module: m.to_string() }, LoraPair { a, b });
+        }
+    }
+    let lora = Lora {
+        config: LoraConfig::new(r, 8.0, &targets, Some(base_name.to_string())),
+        pairs,
+    };
+    let resampler = Resampler::init(resampler, &mut rng, &Device::Cpu)?;
+    Ok(Adapter {
+        dir: Default::default(),
+        manifest: Some(AdapterManifest::new(
+            BaseModelRef::of(base_name, cfg),
+            -1,
+            crate::tokenizer::DEFAULT_MAX_TOKENS,
+            Some(resampler.config().clone()),
+        )),
+        lora: Some(lora),
+        resampler: Some(resampler),
+    })
+}
+
+/// The tiny model + tiny adapter used by the tests and the README's smoke run:
+/// `<out>/model` and `<out>/adapter`.
+pub fn write_tiny(out: &Path, tokenizer: &Path, seed: u64) -> Result<()> {
+    let cfg = shape("tiny")?;
+    write_model(&cfg, &out.join("model"), tokenizer, DType::F32, seed)?;
+    let rcfg = ResamplerConfig {
+        width: 64,
+        heads: 4,
+        ff_mult: 2,
+        ..ResamplerConfig::for_input(cfg.hidden_size)
+    };
+    make_adapter(&cfg, "qwenclip-tiny", rcfg, seed.wrapping_add(1))?.save(&out.join("adapter"))
+}

@@ -51,7 +51,12 @@ pub struct AdapterManifest {
 }
 
 impl AdapterManifest {
-    pub fn new(base: BaseModelRef, hidden_layer: i32, max_tokens: usize, resampler: Option<ResamplerConfig>) -> Self {
+    pub fn new(
+        base: BaseModelRef,
+        hidden_layer: i32,
+        max_tokens: usize,
+        resampler: Option<ResamplerConfig>,
+    ) -> Self {
         Self {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
@@ -92,9 +97,17 @@ impl Adapter {
         } else {
             None
         };
-        let lora = if Lora::present(dir) { Some(Lora::load(dir, device)?) } else { None };
+        let lora = if Lora::present(dir) {
+            Some(Lora::load(dir, device)?)
+        } else {
+            None
+        };
         let resampler = match manifest.as_ref().and_then(|m| m.resampler.clone()) {
-            Some(cfg) => Some(Resampler::load(&dir.join(RESAMPLER_FILE), Some(cfg), device)?),
+            Some(cfg) => Some(Resampler::load(
+                &dir.join(RESAMPLER_FILE),
+                Some(cfg),
+                device,
+            )?),
             None => None,
         };
         if manifest.is_none() && lora.is_none() {

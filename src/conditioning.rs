@@ -71,9 +71,10 @@ impl Encoder {
     pub fn load(model_dir: &Path, adapter: Option<&Path>, opts: EncoderOptions) -> Result<Self> {
         let tokenizer = PromptTokenizer::load(&model_dir.join("tokenizer.json"))?;
         let llm = Qwen3::load(model_dir, opts.dtype, &opts.device)?;
-        let base_name = model_dir
-            .file_name()
-            .map_or_else(|| model_dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let base_name = model_dir.file_name().map_or_else(
+            || model_dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let mut enc = Self {
             tokenizer,
             llm,
@@ -190,9 +191,23 @@ impl Encoder {
         if tokens.ids.is_empty() {
             return Err(Error::Invalid("no prompts given".into()));
         }
+        let vocab = self.llm.config().vocab_size;
+        if let Some(&bad) = tokens
+            .ids
+            .iter()
+            .flatten()
+            .find(|&&id| id as usize >= vocab)
+        {
+            return Err(Error::Tokenizer {
+                path: self.tokenizer.path().to_path_buf(),
+                msg: format!("produced token id {bad} but the model's vocab_size is {vocab}: tokenizer and model do not belong together"),
+            });
+        }
         let device = self.llm.device();
         let ids = tokens.ids_tensor(device)?;
-        let states = self.llm.forward(&ids, &tokens.mask, self.hidden_layer, path)?;
+        let states = self
+            .llm
+            .forward(&ids, &tokens.mask, self.hidden_layer, path)?;
         let mask = tokens.mask_tensor(device)?;
         Ok(HiddenStates {
             states,
@@ -209,7 +224,9 @@ impl Encoder {
                     "{} has no resampler (a bare LoRA gives hidden states only: use --dump-hidden)",
                     d.display()
                 ),
-                None => "no adapter loaded: SDXL conditioning needs an adapter with a resampler".into(),
+                None => {
+                    "no adapter loaded: SDXL conditioning needs an adapter with a resampler".into()
+                }
             })
         })?;
         let h = self.hidden_states(prompts, OpPath::Fast)?;

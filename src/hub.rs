@@ -14,37 +14,51 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let local = Path::new(spec);
     if local.exists() {
         if !local.is_dir() {
-            return Err(Error::format(local, "expected a model folder (config.json, tokenizer.json, *.safetensors)"));
+            return Err(Error::format(
+                local,
+                "expected a model folder (config.json, tokenizer.json, *.safetensors)",
+            ));
         }
         return Ok(local.to_path_buf());
     }
     let is_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.contains('\\');
     if !is_hub_id {
-        return Err(Error::format(local, "no such folder (and not a hub id like Qwen/Qwen3-4B)"));
+        return Err(Error::format(
+            local,
+            "no such folder (and not a hub id like Qwen/Qwen3-4B)",
+        ));
     }
     if offline() {
         fetch_with(spec, |file| {
             hf_hub::Cache::from_env()
                 .model(spec.to_string())
                 .get(file)
-                .ok_or_else(|| format!("{file} is not in the local hub cache and HF_HUB_OFFLINE is set"))
+                .ok_or_else(|| {
+                    format!("{file} is not in the local hub cache and HF_HUB_OFFLINE is set")
+                })
         })
     } else {
         let api = hf_hub::api::sync::ApiBuilder::from_env()
             .build()
             .map_err(|e| Error::Hub(format!("cannot start the hub client: {e}")))?;
         let repo = api.model(spec.to_string());
-        fetch_with(spec, |file| repo.get(file).map_err(|e| format!("{file}: {e}")))
+        fetch_with(spec, |file| {
+            repo.get(file).map_err(|e| format!("{file}: {e}"))
+        })
     }
 }
 
 fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
 }
 
 /// Fetches config, tokenizer and weights (sharded or single) with `get`, returning the
 /// snapshot folder that holds them.
-fn fetch_with(spec: &str, get: impl Fn(&str) -> std::result::Result<PathBuf, String>) -> Result<PathBuf> {
+fn fetch_with(
+    spec: &str,
+    get: impl Fn(&str) -> std::result::Result<PathBuf, String>,
+) -> Result<PathBuf> {
     let err = |m: String| Error::Hub(format!("{spec}: {m}"));
     let mut dir = None;
     for f in REQUIRED {
@@ -58,7 +72,11 @@ fn fetch_with(spec: &str, get: impl Fn(&str) -> std::result::Result<PathBuf, Str
                 .map_err(|e| Error::format(&index, format!("invalid shard index: {e}")))?;
             let mut shards: Vec<String> = parsed["weight_map"]
                 .as_object()
-                .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();

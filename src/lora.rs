@@ -100,12 +100,16 @@ impl LoraConfig {
         let list = match &self.target_modules {
             serde_json::Value::Array(items) => items
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or("entries must be strings".to_string()))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or("entries must be strings".to_string())
+                })
                 .collect::<std::result::Result<Vec<_>, _>>()?,
             serde_json::Value::String(s) => {
                 return Err(format!(
-                    "target_modules is the regular expression \"{s}\"; list the module names instead"
-                ))
+                "target_modules is the regular expression \"{s}\"; list the module names instead"
+            ))
             }
             other => return Err(format!("target_modules must be a list, got {other}")),
         };
@@ -121,7 +125,10 @@ impl LoraConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         if self.peft_type != "LORA" {
-            return Err(format!("peft_type is \"{}\", expected \"LORA\"", self.peft_type));
+            return Err(format!(
+                "peft_type is \"{}\", expected \"LORA\"",
+                self.peft_type
+            ));
         }
         if self.r == 0 {
             return Err("r must be > 0".into());
@@ -220,12 +227,15 @@ impl Lora {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join(CONFIG_FILE);
         if !cfg_path.is_file() {
-            return Err(Error::format(dir, format!("no {CONFIG_FILE} in this folder")));
+            return Err(Error::format(
+                dir,
+                format!("no {CONFIG_FILE} in this folder"),
+            ));
         }
         let config: LoraConfig = read_json(&cfg_path, "PEFT adapter_config.json")?;
         config.validate().map_err(|m| Error::format(&cfg_path, m))?;
         let w_path = dir.join(WEIGHTS_FILE);
-        let weights = Weights::open(&[w_path.clone()], &w_path, DType::F32, device)?;
+        let weights = Weights::open(std::slice::from_ref(&w_path), &w_path, DType::F32, device)?;
         let mut halves: HashMap<Site, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
         for name in weights.names() {
             let (site, which) = Site::parse(&name).ok_or_else(|| {
@@ -237,13 +247,19 @@ impl Lora {
             let shape = weights.shape_of(&name)?;
             let t = weights.get(&name, &shape)?;
             if shape.len() != 2 {
-                return Err(Error::format(&w_path, format!("tensor `{name}` has rank {}, expected 2", shape.len())));
+                return Err(Error::format(
+                    &w_path,
+                    format!("tensor `{name}` has rank {}, expected 2", shape.len()),
+                ));
             }
             let rank_dim = if which == 'A' { shape[0] } else { shape[1] };
             if rank_dim != config.r {
                 return Err(Error::format(
                     &w_path,
-                    format!("tensor `{name}` has shape {shape:?} but r = {} in {CONFIG_FILE}", config.r),
+                    format!(
+                        "tensor `{name}` has shape {shape:?} but r = {} in {CONFIG_FILE}",
+                        config.r
+                    ),
                 ));
             }
             let slot = halves.entry(site).or_default();
@@ -326,7 +342,11 @@ impl LoraLinear {
 
     /// `W + s B A`, computed in f32 and cast back to the weight's dtype.
     pub fn merged_weight(&self, pair: &LoraPair, scale: f64) -> candle_core::Result<Tensor> {
-        let delta = (pair.b.to_dtype(DType::F32)?.matmul(&pair.a.to_dtype(DType::F32)?)? * scale)?;
+        let delta = (pair
+            .b
+            .to_dtype(DType::F32)?
+            .matmul(&pair.a.to_dtype(DType::F32)?)?
+            * scale)?;
         let dt = self.weight.dtype();
         (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dt)
     }

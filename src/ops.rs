@@ -33,7 +33,13 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Ten
     }
 }
 
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    path: Path,
+) -> Result<Tensor> {
     match path {
         Path::Fast => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32),
         Path::Differentiable => candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32),

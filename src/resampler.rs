@@ -80,8 +80,11 @@ impl ResamplerConfig {
     }
 
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.heads == 0 || self.width % self.heads != 0 {
-            return Err(format!("width {} is not divisible by heads {}", self.width, self.heads));
+        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
+            return Err(format!(
+                "width {} is not divisible by heads {}",
+                self.width, self.heads
+            ));
         }
         for (n, v) in [
             ("input_dim", self.input_dim),
@@ -133,11 +136,15 @@ impl ResamplerConfig {
     }
 
     pub fn parameter_count(&self) -> usize {
-        self.schema().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.schema()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
-/// Weights are f32 (small next to the LLM, and the trainer needs f32).
+/// Weights are f32 (small next to the LLM, and the trainer needs f32); f64 is kept as is for
+/// gradient checks.
 #[derive(Clone)]
 pub struct Resampler {
     cfg: ResamplerConfig,
@@ -152,7 +159,8 @@ impl Resampler {
         mut tensors: HashMap<String, Tensor>,
         origin: &Path,
     ) -> Result<Self> {
-        cfg.validate().map_err(|m| Error::format(origin, format!("resampler config: {m}")))?;
+        cfg.validate()
+            .map_err(|m| Error::format(origin, format!("resampler config: {m}")))?;
         let mut params = BTreeMap::new();
         for (name, shape) in cfg.schema() {
             let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor {
@@ -167,7 +175,12 @@ impl Resampler {
                     got: t.dims().to_vec(),
                 });
             }
-            params.insert(name, t.to_dtype(DType::F32)?);
+            let t = if t.dtype() == DType::F64 {
+                t
+            } else {
+                t.to_dtype(DType::F32)?
+            };
+            params.insert(name, t);
         }
         if let Some(extra) = tensors.keys().min() {
             return Err(Error::format(
@@ -203,7 +216,10 @@ impl Resampler {
             None => {
                 let meta = crate::formats::safetensors::read_metadata(path)?;
                 let text = meta.get(CONFIG_METADATA_KEY).ok_or_else(|| {
-                    Error::format(path, format!("no `{CONFIG_METADATA_KEY}` config in the metadata"))
+                    Error::format(
+                        path,
+                        format!("no `{CONFIG_METADATA_KEY}` config in the metadata"),
+                    )
                 })?;
                 serde_json::from_str(text).map_err(|e| {
                     Error::format(path, format!("metadata `{CONFIG_METADATA_KEY}`: {e}"))
@@ -221,8 +237,12 @@ impl Resampler {
             CONFIG_METADATA_KEY.to_string(),
             serde_json::to_string(&self.cfg).expect("config serialises"),
         );
-        meta.insert("format".to_string(), "pt".to_string());
-        let tensors = self.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        // One metadata key only: the header's map order is not stable, the file must be.
+        let tensors = self
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         save_atomic(&tensors, Some(meta), path)
     }
 
@@ -247,12 +267,16 @@ impl Resampler {
     }
 
     fn norm(&self, x: &Tensor, name: &str, path: OpPath) -> candle_core::Result<Tensor> {
-        let (w, b) = (self.p(&format!("{name}.weight")), self.p(&format!("{name}.bias")));
+        let (w, b) = (
+            self.p(&format!("{name}.weight")),
+            self.p(&format!("{name}.bias")),
+        );
         ops::layer_norm(x, w, b, self.cfg.norm_eps, path)
     }
 
     /// `h`: `[B,T,input_dim]` (any float dtype); `mask`: `[B,T]` f32, 1 = token.
-    /// Returns (`prompt_embeds` `[B,N,output_dim]`, `pooled` `[B,pooled_dim]`), f32.
+    /// Returns (`prompt_embeds` `[B,N,output_dim]`, `pooled` `[B,pooled_dim]`) in the weights'
+    /// dtype (f32).
     pub fn forward(&self, h: &Tensor, mask: &Tensor, path: OpPath) -> Result<(Tensor, Tensor)> {
         let (b, t, d) = h.dims3()?;
         if d != self.cfg.input_dim {
@@ -263,11 +287,12 @@ impl Resampler {
         }
         let (n, w, heads) = (self.cfg.num_latents, self.cfg.width, self.cfg.heads);
         let dh = w / heads;
-        let x = self.linear(&h.to_dtype(DType::F32)?, "proj_in")?;
+        let dt = self.p("latents").dtype();
+        let x = self.linear(&h.to_dtype(dt)?, "proj_in")?;
         let mut lat = self.p("latents").unsqueeze(0)?.broadcast_as((b, n, w))?;
         // Padded media keys get a large negative logit; latent keys are always visible.
-        let media_bias = ((mask.to_dtype(DType::F32)? - 1.0)? * -MASKED)?;
-        let bias = Tensor::cat(&[&media_bias, &Tensor::zeros((b, n), DType::F32, h.device())?], 1)?
+        let media_bias = ((mask.to_dtype(dt)? - 1.0)? * -MASKED)?;
+        let bias = Tensor::cat(&[&media_bias, &Tensor::zeros((b, n), dt, h.device())?], 1)?
             .reshape((b, 1, 1, t + n))?;
         for i in 0..self.cfg.layers {
             let p = format!("layers.{i}");
@@ -275,7 +300,9 @@ impl Resampler {
             let l = self.norm(&lat, &format!("{p}.norm_latents"), path)?;
             let kv = Tensor::cat(&[&m, &l], 1)?;
             let heads_of = |y: Tensor, len: usize| -> candle_core::Result<Tensor> {
-                y.reshape((b, len, heads, dh))?.transpose(1, 2)?.contiguous()
+                y.reshape((b, len, heads, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let q = heads_of(self.linear(&l, &format!("{p}.attn.to_q"))?, n)?;
             let k = heads_of(self.linear(&kv, &format!("{p}.attn.to_k"))?, t + n)?;
@@ -291,7 +318,10 @@ impl Resampler {
             lat = (lat + self.linear(&f, &format!("{p}.ff.fc2"))?)?;
         }
         let embeds = self.linear(&self.norm(&lat, "norm_out", path)?, "proj_out")?;
-        let pooled = self.linear(&self.norm(&lat.mean(1)?, "pooled_norm", path)?, "pooled_proj")?;
+        let pooled = self.linear(
+            &self.norm(&lat.mean(1)?, "pooled_norm", path)?,
+            "pooled_proj",
+        )?;
         Ok((embeds, pooled))
     }
 }

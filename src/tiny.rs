@@ -9,9 +9,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
 use crate::error::{Error, Result};
+use crate::formats::save_atomic;
 use crate::llm::Qwen3Config;
 use crate::lora::{Lora, LoraConfig, LoraPair, Site};
-use crate::formats::save_atomic;
 use crate::resampler::{Resampler, ResamplerConfig};
 use crate::rng::Rng;
 
@@ -47,33 +47,119 @@ pub fn shape(name: &str) -> Result<Qwen3Config> {
 
 /// Writes a Qwen3 with random weights in Hugging Face layout (`config.json`,
 /// `model.safetensors`, and `tokenizer.json` copied from `tokenizer`).
-pub fn write_model(cfg: &Qwen3Config, dir: &Path, tokenizer: &Path, dtype: DType, seed: u64) -> Result<()> {
+pub fn write_model(
+    cfg: &Qwen3Config,
+    dir: &Path,
+    tokenizer: &Path,
+    dtype: DType,
+    seed: u64,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut rng = Rng::new(seed);
     let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
     let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let mut tensors = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, std: f64, mean: f32, rng: &mut Rng| -> Result<()> {
-        let n = shape.iter().product();
-        let data: Vec<f32> = rng.normal_vec(n, std).into_iter().map(|x| x + mean).collect();
-        tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?);
-        Ok(())
-    };
-    put("model.embed_tokens.weight".into(), vec![cfg.vocab_size, h], 0.02, 0.0, &mut rng)?;
+    let mut put =
+        |name: String, shape: Vec<usize>, std: f64, mean: f32, rng: &mut Rng| -> Result<()> {
+            let n = shape.iter().product();
+            let data: Vec<f32> = rng
+                .normal_vec(n, std)
+                .into_iter()
+                .map(|x| x + mean)
+                .collect();
+            tensors.insert(
+                name,
+                Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?,
+            );
+            Ok(())
+        };
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        0.02,
+        0.0,
+        &mut rng,
+    )?;
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         let lin_std = 1.0 / (h as f64).sqrt();
-        put(format!("{p}.self_attn.q_proj.weight"), vec![nh * hd, h], lin_std, 0.0, &mut rng)?;
-        put(format!("{p}.self_attn.k_proj.weight"), vec![nkv * hd, h], lin_std, 0.0, &mut rng)?;
-        put(format!("{p}.self_attn.v_proj.weight"), vec![nkv * hd, h], lin_std, 0.0, &mut rng)?;
-        put(format!("{p}.self_attn.o_proj.weight"), vec![h, nh * hd], 1.0 / ((nh * hd) as f64).sqrt(), 0.0, &mut rng)?;
-        put(format!("{p}.self_attn.q_norm.weight"), vec![hd], 0.1, 1.0, &mut rng)?;
-        put(format!("{p}.self_attn.k_norm.weight"), vec![hd], 0.1, 1.0, &mut rng)?;
-        put(format!("{p}.mlp.gate_proj.weight"), vec![i, h], lin_std, 0.0, &mut rng)?;
-        put(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin_std, 0.0, &mut rng)?;
-        put(format!("{p}.mlp.down_proj.weight"), vec![h, i], 1.0 / (i as f64).sqrt(), 0.0, &mut rng)?;
-        put(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0, &mut rng)?;
-        put(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.1, 1.0, &mut rng)?;
+        put(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![nh * hd, h],
+            lin_std,
+            0.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![nkv * hd, h],
+            lin_std,
+            0.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![nkv * hd, h],
+            lin_std,
+            0.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, nh * hd],
+            1.0 / ((nh * hd) as f64).sqrt(),
+            0.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.self_attn.q_norm.weight"),
+            vec![hd],
+            0.1,
+            1.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.self_attn.k_norm.weight"),
+            vec![hd],
+            0.1,
+            1.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![i, h],
+            lin_std,
+            0.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![i, h],
+            lin_std,
+            0.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, i],
+            1.0 / (i as f64).sqrt(),
+            0.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            0.1,
+            1.0,
+            &mut rng,
+        )?;
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.1,
+            1.0,
+            &mut rng,
+        )?;
     }
     put("model.norm.weight".into(), vec![h], 0.1, 1.0, &mut rng)?;
     let mut meta = HashMap::new();
@@ -94,7 +180,12 @@ pub fn write_model(cfg: &Qwen3Config, dir: &Path, tokenizer: &Path, dtype: DType
 }
 
 /// An adapter for `cfg` with random, non-zero LoRA (q/k/v/o) and a small resampler.
-pub fn make_adapter(cfg: &Qwen3Config, base_name: &str, resampler: ResamplerConfig, seed: u64) -> Result<Adapter> {
+pub fn make_adapter(
+    cfg: &Qwen3Config,
+    base_name: &str,
+    resampler: ResamplerConfig,
+    seed: u64,
+) -> Result<Adapter> {
     let mut rng = Rng::new(seed);
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj"];
     let r = 4;
@@ -107,9 +198,19 @@ pub fn make_adapter(cfg: &Qwen3Config, base_name: &str, resampler: ResamplerConf
                 "o_proj" => (h, cfg.num_attention_heads * hd),
                 _ => (cfg.num_key_value_heads * hd, h),
             };
-            let a = Tensor::from_vec(rng.normal_vec(r * inp, 1.0 / (inp as f64).sqrt()), (r, inp), &Device::Cpu)?;
+            let a = Tensor::from_vec(
+                rng.normal_vec(r * inp, 1.0 / (inp as f64).sqrt()),
+                (r, inp),
+                &Device::Cpu,
+            )?;
             let b = Tensor::from_vec(rng.normal_vec(out * r, 0.05), (out, r), &Device::Cpu)?;
-            pairs.insert(Site { layer, module: m.to_string() }, LoraPair { a, b });
+            pairs.insert(
+                Site {
+                    layer,
+                    module: m.to_string(),
+                },
+                LoraPair { a, b },
+            );
         }
     }
     let lora = Lora {

@@ -58,10 +58,13 @@ impl PromptTokenizer {
 
     /// Ids of one prompt, without truncation.
     pub fn ids(&self, prompt: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(prompt, true).map_err(|e| Error::Tokenizer {
-            path: self.path.clone(),
-            msg: format!("cannot tokenize prompt: {e}"),
-        })?;
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("cannot tokenize prompt: {e}"),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 

@@ -64,11 +64,17 @@ pub fn run(a: EncodeArgs) -> Result<()> {
         out.insert("pooled_prompt_embeds".to_string(), pooled);
     }
     if a.dump_hidden {
-        out.insert("llm_hidden_states".to_string(), h.states.to_dtype(DType::F32)?);
+        out.insert(
+            "llm_hidden_states".to_string(),
+            h.states.to_dtype(DType::F32)?,
+        );
         out.insert("attention_mask".to_string(), h.mask.clone());
     }
     qwenclip::formats::save_atomic(&out, None, &a.out)?;
-    let mut names: Vec<String> = out.iter().map(|(k, v)| format!("{k} {:?}", v.dims())).collect();
+    let mut names: Vec<String> = out
+        .iter()
+        .map(|(k, v)| format!("{k} {:?}", v.dims()))
+        .collect();
     names.sort();
     println!("wrote {}: {}", a.out.display(), names.join(", "));
     Ok(())

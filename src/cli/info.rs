@@ -14,13 +14,30 @@ pub fn run(path: &Path) -> Result<()> {
         let cfg = Qwen3Config::load(&path.join("config.json"))?;
         let w = Weights::open_model_dir(path, DType::F32, &Device::Cpu)?;
         let names = w.names();
-        let params: usize = names.iter().map(|n| w.shape_of(n).map_or(0, |s| s.iter().product::<usize>())).sum();
+        let params: usize = names
+            .iter()
+            .map(|n| w.shape_of(n).map_or(0, |s| s.iter().product::<usize>()))
+            .sum();
         println!("Qwen3 model: {}", path.display());
         println!("  {}", cfg.shape_summary());
-        println!("  rope_theta {}, rms_norm_eps {}, tied embeddings: {}", cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings);
-        println!("  {} tensors, {:.1}M parameters", names.len(), params as f64 / 1e6);
+        println!(
+            "  rope_theta {}, rms_norm_eps {}, tied embeddings: {}",
+            cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings
+        );
+        println!(
+            "  {} tensors, {:.1}M parameters",
+            names.len(),
+            params as f64 / 1e6
+        );
         println!("  fingerprint {}", cfg.fingerprint());
-        println!("  tokenizer.json: {}", if path.join("tokenizer.json").is_file() { "present" } else { "MISSING" });
+        println!(
+            "  tokenizer.json: {}",
+            if path.join("tokenizer.json").is_file() {
+                "present"
+            } else {
+                "MISSING"
+            }
+        );
         return Ok(());
     }
     if path.join(MANIFEST_FILE).is_file() || Lora::present(path) {
@@ -28,13 +45,25 @@ pub fn run(path: &Path) -> Result<()> {
         println!("adapter: {}", path.display());
         match &a.manifest {
             Some(m) => {
-                println!("  base model: {} ({}, {})", m.base_model.name, m.base_model.shape, m.base_model.fingerprint);
-                println!("  hidden layer {}, token limit {}", m.hidden_layer, m.max_tokens);
+                println!(
+                    "  base model: {} ({}, {})",
+                    m.base_model.name, m.base_model.shape, m.base_model.fingerprint
+                );
+                println!(
+                    "  hidden layer {}, token limit {}",
+                    m.hidden_layer, m.max_tokens
+                );
             }
-            None => println!("  bare PEFT LoRA (no {MANIFEST_FILE}: hidden states only, no SDXL conditioning)"),
+            None => println!(
+                "  bare PEFT LoRA (no {MANIFEST_FILE}: hidden states only, no SDXL conditioning)"
+            ),
         }
         if let Some(l) = &a.lora {
-            let params: usize = l.pairs.values().map(|p| p.a.elem_count() + p.b.elem_count()).sum();
+            let params: usize = l
+                .pairs
+                .values()
+                .map(|p| p.a.elem_count() + p.b.elem_count())
+                .sum();
             println!(
                 "  LoRA: r {}, alpha {}, rslora {}, targets {}, {} sites, {:.2}M parameters",
                 l.config.r,

@@ -11,7 +11,11 @@ use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "qwenclip", version, about = "Qwen3 + LoRA + Perceiver Resampler text encoder for SDXL")]
+#[command(
+    name = "qwenclip",
+    version,
+    about = "Qwen3 + LoRA + Perceiver Resampler text encoder for SDXL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -102,12 +106,26 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Encode(a) => encode::run(a),
         Command::Info { path } => info::run(&path),
-        Command::Tiny { out, tokenizer, seed } => {
+        Command::Tiny {
+            out,
+            tokenizer,
+            seed,
+        } => {
             qwenclip::tiny::write_tiny(&out, &tokenizer, seed)?;
-            println!("tiny model: {}\ntiny adapter: {}", out.join("model").display(), out.join("adapter").display());
+            println!(
+                "tiny model: {}\ntiny adapter: {}",
+                out.join("model").display(),
+                out.join("adapter").display()
+            );
             Ok(())
         }
-        Command::RandomModel { shape, out, tokenizer, dtype, seed } => {
+        Command::RandomModel {
+            shape,
+            out,
+            tokenizer,
+            dtype,
+            seed,
+        } => {
             let cfg = qwenclip::tiny::shape(&shape)?;
             qwenclip::tiny::write_model(&cfg, &out, &tokenizer, dtype.dtype(), seed)?;
             println!("{shape} with random weights: {}", out.display());

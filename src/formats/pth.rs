@@ -30,7 +30,11 @@ impl KeyMap {
 
     pub fn apply(&self, key: &str) -> String {
         let mut k = key;
-        if let Some(p) = self.strip_prefixes.iter().find(|p| k.starts_with(p.as_str())) {
+        if let Some(p) = self
+            .strip_prefixes
+            .iter()
+            .find(|p| k.starts_with(p.as_str()))
+        {
             k = &k[p.len()..];
         }
         let mut out = k.to_string();
@@ -44,8 +48,11 @@ impl KeyMap {
 /// Reads the tensors of a zip-format `.pth`, renamed through `map`.
 pub fn read_pth(path: &Path, map: &KeyMap) -> Result<HashMap<String, Tensor>> {
     let mut head = [0u8; 4];
-    std::io::Read::read_exact(&mut std::fs::File::open(path).map_err(|e| Error::io(path, e))?, &mut head)
-        .map_err(|_| Error::format(path, "not a .pth file (too short)"))?;
+    std::io::Read::read_exact(
+        &mut std::fs::File::open(path).map_err(|e| Error::io(path, e))?,
+        &mut head,
+    )
+    .map_err(|_| Error::format(path, "not a .pth file (too short)"))?;
     if &head != b"PK\x03\x04" {
         return Err(Error::format(
             path,
@@ -55,7 +62,10 @@ pub fn read_pth(path: &Path, map: &KeyMap) -> Result<HashMap<String, Tensor>> {
     let pairs = candle_core::pickle::read_all_with_key(path, map.nested_key.as_deref())
         .map_err(|e| Error::format(path, format!("cannot read the pickled state dict: {e}")))?;
     if pairs.is_empty() {
-        let under = map.nested_key.as_deref().map_or(String::new(), |k| format!(" under key \"{k}\""));
+        let under = map
+            .nested_key
+            .as_deref()
+            .map_or(String::new(), |k| format!(" under key \"{k}\""));
         return Err(Error::format(path, format!("holds no tensors{under}")));
     }
     Ok(pairs.into_iter().map(|(k, t)| (map.apply(&k), t)).collect())
@@ -71,11 +81,17 @@ pub fn load_resampler(path: &Path, map: &KeyMap, device: &Device) -> Result<Resa
     Resampler::from_tensors(cfg, tensors, path)
 }
 
-fn infer_config(t: &HashMap<String, Tensor>, map: &KeyMap) -> std::result::Result<ResamplerConfig, String> {
+fn infer_config(
+    t: &HashMap<String, Tensor>,
+    map: &KeyMap,
+) -> std::result::Result<ResamplerConfig, String> {
     let dims = |name: &str| -> std::result::Result<Vec<usize>, String> {
-        t.get(name)
-            .map(|x| x.dims().to_vec())
-            .ok_or_else(|| format!("tensor `{name}` not found after applying the key map (keys seen: {})", sample_keys(t)))
+        t.get(name).map(|x| x.dims().to_vec()).ok_or_else(|| {
+            format!(
+                "tensor `{name}` not found after applying the key map (keys seen: {})",
+                sample_keys(t)
+            )
+        })
     };
     let proj_in = dims("proj_in.weight")?;
     let latents = dims("latents")?;
@@ -95,10 +111,14 @@ fn infer_config(t: &HashMap<String, Tensor>, map: &KeyMap) -> std::result::Resul
         ..ResamplerConfig::for_input(proj_in[1])
     };
     if let Some(h) = map.config.get("heads") {
-        cfg.heads = h.as_u64().ok_or("key map config.heads must be an integer")? as usize;
+        cfg.heads = h
+            .as_u64()
+            .ok_or("key map config.heads must be an integer")? as usize;
     }
     if let Some(e) = map.config.get("norm_eps") {
-        cfg.norm_eps = e.as_f64().ok_or("key map config.norm_eps must be a number")?;
+        cfg.norm_eps = e
+            .as_f64()
+            .ok_or("key map config.norm_eps must be a number")?;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -108,5 +128,9 @@ fn sample_keys(t: &HashMap<String, Tensor>) -> String {
     let mut keys: Vec<&String> = t.keys().collect();
     keys.sort();
     let shown: Vec<&str> = keys.iter().take(5).map(|s| s.as_str()).collect();
-    format!("{}{}", shown.join(", "), if keys.len() > 5 { ", ..." } else { "" })
+    format!(
+        "{}{}",
+        shown.join(", "),
+        if keys.len() > 5 { ", ..." } else { "" }
+    )
 }

@@ -151,12 +151,19 @@ pub fn save_atomic(
 /// Atomic replacement of a whole file (temp + fsync + rename).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp{}", file_name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(data)?;
@@ -199,7 +206,10 @@ impl safetensors::View for TensorRef<'_> {
 
 fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     fn bytes<T: candle_core::WithDType>(t: &Tensor) -> Vec<u8> {
-        let v = t.flatten_all().and_then(|f| f.to_vec1::<T>()).expect("cpu tensor");
+        let v = t
+            .flatten_all()
+            .and_then(|f| f.to_vec1::<T>())
+            .expect("cpu tensor");
         // Safety: plain-old-data element types, read as bytes in native (little) endianness.
         unsafe {
             std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(&v[..]))
@@ -227,7 +237,10 @@ pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
         .map_err(|_| Error::format(path, "not a safetensors file (shorter than its header)"))?;
     let n = u64::from_le_bytes(len);
     if n > 100 << 20 {
-        return Err(Error::format(path, format!("not a safetensors file (header claims {n} bytes)")));
+        return Err(Error::format(
+            path,
+            format!("not a safetensors file (header claims {n} bytes)"),
+        ));
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header)

@@ -82,7 +82,8 @@ impl Attention {
         })
     }
 
-    /// `x`: `[B,T,H]`; `bias`: `[B,1,1,T,T]` f32 additive mask; `cos`/`sin`: `[T, hd/2]`.
+    /// `x`: `[B,T,H]`; `bias`: `[B,1,1,T,T]` additive mask in the softmax dtype (f32, or f64
+    /// for an f64 model); `cos`/`sin`: `[T, hd/2]`.
     fn forward(
         &self,
         x: &Tensor,
@@ -107,12 +108,13 @@ impl Attention {
         let q = (q.reshape((b, nkv, groups * t, hd))? * (hd as f64).powf(-0.5))?;
         let scores = q.matmul(&k.t()?)?;
         let scores = scores
-            .to_dtype(DType::F32)?
+            .to_dtype(bias.dtype())?
             .reshape((b, nkv, groups, t, t))?
             .broadcast_add(bias)?;
-        let probs = ops::softmax(&scores, path)?
-            .to_dtype(v.dtype())?
-            .reshape((b, nkv, groups * t, t))?;
+        let probs =
+            ops::softmax(&scores, path)?
+                .to_dtype(v.dtype())?
+                .reshape((b, nkv, groups * t, t))?;
         let out = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?
@@ -162,7 +164,8 @@ impl DecoderLayer {
         let h = cfg.hidden_size;
         Ok(Self {
             input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_layernorm: w.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            post_attention_layernorm: w
+                .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
             self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
         })
@@ -199,7 +202,10 @@ impl Qwen3 {
     }
 
     pub fn from_weights(cfg: Qwen3Config, w: Arc<Weights>) -> Result<Self> {
-        let embed_tokens = w.get("model.embed_tokens.weight", &[cfg.vocab_size, cfg.hidden_size])?;
+        let embed_tokens = w.get(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+        )?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(&w, i, &cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -253,7 +259,8 @@ impl Qwen3 {
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.cfg.hidden_size))?;
-        let bias = causal_padding_bias(mask, self.device())?;
+        let bias =
+            causal_padding_bias(mask, self.device())?.to_dtype(ops::compute_dtype(self.dtype()))?;
         let (cos, sin) = rope_tables(&self.cfg, t, self.dtype(), self.device())?;
         for layer in &self.layers[..n_layers.min(self.cfg.num_hidden_layers)] {
             x = layer.forward(&x, &bias, &cos, &sin, self.cfg.rms_norm_eps, path)?;
@@ -303,7 +310,10 @@ impl Qwen3 {
         let w = self.weights.clone();
         for site in lora.pairs.keys() {
             let (out, inp) = self.linear_shape(site)?;
-            let name = format!("model.{}.weight", &site.peft_prefix()["base_model.model.model.".len()..]);
+            let name = format!(
+                "model.{}.weight",
+                &site.peft_prefix()["base_model.model.model.".len()..]
+            );
             let lin = self.linear_mut(site)?;
             lin.weight = w.get(&name, &[out, inp])?;
             lin.lora = None;

@@ -141,6 +141,11 @@ impl Encoder {
         Ok(())
     }
 
+    /// How the next adapter's LoRA is applied (merged for inference, unmerged to train it).
+    pub fn set_lora_mode(&mut self, mode: LoraMode) {
+        self.opts.lora_mode = mode;
+    }
+
     pub fn llm(&self) -> &Qwen3 {
         &self.llm
     }

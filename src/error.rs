@@ -48,6 +48,10 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     Invalid(String),
 
+    /// Training diverged (NaN/Inf in the loss or the gradients); nothing was updated.
+    #[error("training stopped: {0}")]
+    NonFinite(String),
+
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

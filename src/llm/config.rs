@@ -126,6 +126,19 @@ impl Qwen3Config {
         format!("sha256:{hex}")
     }
 
+    /// `[out, in]` of a decoder projection (`q_proj` ... `down_proj`).
+    pub fn projection_shape(&self, module: &str) -> Option<(usize, usize)> {
+        let (h, hd, i) = (self.hidden_size, self.head_dim(), self.intermediate_size);
+        Some(match module {
+            "q_proj" => (self.num_attention_heads * hd, h),
+            "k_proj" | "v_proj" => (self.num_key_value_heads * hd, h),
+            "o_proj" => (h, self.num_attention_heads * hd),
+            "gate_proj" | "up_proj" => (i, h),
+            "down_proj" => (h, i),
+            _ => return None,
+        })
+    }
+
     /// Resolves a `transformers`-style `hidden_states` index (negative counts from the end)
     /// to how many decoder layers to run; the final norm applies only at the last index.
     pub fn resolve_hidden_layer(&self, index: i32) -> Result<usize> {

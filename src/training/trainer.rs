@@ -1,0 +1,500 @@
+//! One distillation step at a time: the library API the CLI's training loop, the C ABI and
+//! the ComfyUI training node all drive. LoRA (unmerged, on the frozen LLM) and resampler are
+//! trained together against cached teacher outputs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use super::optim::{self, AdamW, AdamWConfig};
+use super::schedule::{self, Schedule};
+use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
+use crate::conditioning::Encoder;
+use crate::error::{Error, Result};
+use crate::formats::save_atomic;
+use crate::lora::{Lora, LoraConfig, LoraPair, Site};
+use crate::ops::Path as OpPath;
+use crate::resampler::{Resampler, ResamplerConfig};
+use crate::rng::Rng;
+use crate::LoraMode;
+
+const LORA_GROUP: usize = 0;
+const RESAMPLER_GROUP: usize = 1;
+const CHECKPOINT_KEY: &str = "qwenclip.trainer";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub lr_lora: f64,
+    /// Higher than the LoRA's: the resampler starts from scratch.
+    pub lr_resampler: f64,
+    pub adamw: AdamWConfig,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    /// Optimizer steps the schedule spans (cosine reaches 0 there).
+    pub total_steps: u64,
+    pub grad_accum: usize,
+    /// Global gradient-norm clip; 0 disables.
+    pub max_grad_norm: f64,
+    pub loss_weight_embeds: f64,
+    pub loss_weight_pooled: f64,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+    pub use_rslora: bool,
+    pub resampler_width: usize,
+    pub resampler_heads: usize,
+    pub resampler_ff_mult: usize,
+    pub resampler_layers: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            lr_lora: 1e-4,
+            lr_resampler: 5e-4,
+            adamw: AdamWConfig::default(),
+            schedule: Schedule::Cosine,
+            warmup_steps: 0,
+            total_steps: 1000,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            loss_weight_embeds: 1.0,
+            loss_weight_pooled: 1.0,
+            lora_r: 16,
+            lora_alpha: 16.0,
+            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            use_rslora: false,
+            resampler_width: 2048,
+            resampler_heads: 16,
+            resampler_ff_mult: 4,
+            resampler_layers: 4,
+            seed: 0,
+        }
+    }
+}
+
+/// What the teacher produces: sequence length, embedding width, pooled width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetDims {
+    pub seq: usize,
+    pub embed: usize,
+    pub pooled: usize,
+}
+
+impl TargetDims {
+    pub const SDXL: Self = Self { seq: 77, embed: 2048, pooled: 1280 };
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepReport {
+    pub loss: f64,
+    pub loss_embeds: f64,
+    pub loss_pooled: f64,
+    /// Global norm of the accumulated gradient, before clipping (set when the optimizer stepped).
+    pub grad_norm: Option<f64>,
+    pub optimizer_stepped: bool,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    pub lr_lora: f64,
+    pub lr_resampler: f64,
+}
+
+/// Held-out quality: MSE and cosine similarity per token and for the pooled vector.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub count: usize,
+    pub mse_embeds: f64,
+    pub mse_pooled: f64,
+    pub cos_tokens: f64,
+    pub cos_pooled: f64,
+}
+
+impl EvalMetrics {
+    /// Weighted merge of two partial results (batches of an evaluation).
+    pub fn merge(&self, other: &EvalMetrics) -> EvalMetrics {
+        let n = (self.count + other.count).max(1) as f64;
+        let (a, b) = (self.count as f64 / n, other.count as f64 / n);
+        EvalMetrics {
+            count: self.count + other.count,
+            mse_embeds: self.mse_embeds * a + other.mse_embeds * b,
+            mse_pooled: self.mse_pooled * a + other.mse_pooled * b,
+            cos_tokens: self.cos_tokens * a + other.cos_tokens * b,
+            cos_pooled: self.cos_pooled * a + other.cos_pooled * b,
+        }
+    }
+
+    /// Metrics of `pred` against `target` (`[B,S,D]` + `[B,P]` each).
+    pub fn of(pred: (&Tensor, &Tensor), target: (&Tensor, &Tensor)) -> Result<Self> {
+        let scalar = |t: Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        Ok(Self {
+            count: pred.1.dim(0)?,
+            mse_embeds: scalar(mse(pred.0, target.0)?)?,
+            mse_pooled: scalar(mse(pred.1, target.1)?)?,
+            cos_tokens: scalar(cosine(pred.0, target.0)?.mean_all()?)?,
+            cos_pooled: scalar(cosine(pred.1, target.1)?.mean_all()?)?,
+        })
+    }
+}
+
+fn mse(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    (a - b)?.sqr()?.mean_all()
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let dot = (a * b)?.sum(D::Minus1)?;
+    let na = a.sqr()?.sum(D::Minus1)?.sqrt()?;
+    let nb = b.sqr()?.sum(D::Minus1)?.sqrt()?;
+    dot / ((na * nb)? + 1e-12)?
+}
+
+/// A trainer owns the encoder it trains; [`Trainer::into_encoder`] hands it back.
+pub struct Trainer {
+    encoder: Encoder,
+    resampler: Resampler,
+    lora_config: LoraConfig,
+    sites: Vec<Site>,
+    opt: AdamW,
+    acc: BTreeMap<String, Tensor>,
+    micro: usize,
+    cfg: TrainConfig,
+    dims: TargetDims,
+}
+
+fn lora_name(site: &Site, which: char) -> String {
+    format!("lora.{}.lora_{which}.weight", site.peft_prefix())
+}
+
+impl Trainer {
+    /// Starts training on `encoder`. If it already carries an adapter made for these target
+    /// dims, training continues from it; otherwise LoRA (PEFT init: A uniform, B zero) and
+    /// resampler are initialised from `cfg.seed`.
+    pub fn new(mut encoder: Encoder, cfg: TrainConfig, dims: TargetDims) -> Result<Self> {
+        if cfg.grad_accum == 0 {
+            return Err(Error::Invalid("grad_accum must be at least 1".into()));
+        }
+        let device = encoder.llm().device().clone();
+        let llm_cfg = encoder.llm().config().clone();
+        let mut rng = Rng::new(cfg.seed);
+        let existing_lora = encoder.llm().lora().map(|(l, _)| l.clone());
+        let (lora_config, init_pairs) = match existing_lora {
+            Some(l) => (l.config.clone(), l.pairs.clone()),
+            None => {
+                let targets: Vec<&str> = cfg.lora_targets.iter().map(String::as_str).collect();
+                let mut lc = LoraConfig::new(cfg.lora_r, cfg.lora_alpha, &targets, Some(encoder.base_name().to_string()));
+                lc.use_rslora = cfg.use_rslora;
+                lc.targets().map_err(|m| Error::Invalid(format!("lora targets: {m}")))?;
+                let mut pairs = BTreeMap::new();
+                for layer in 0..llm_cfg.num_hidden_layers {
+                    for module in &cfg.lora_targets {
+                        let site = Site { layer, module: module.clone() };
+                        let (out, inp) = llm_cfg.projection_shape(module).ok_or_else(|| Error::Invalid(format!("lora targets: unknown module {module}")))?;
+                        let bound = 1.0 / (inp as f64).sqrt();
+                        let a = Tensor::from_vec(rng.uniform_vec(cfg.lora_r * inp, bound), (cfg.lora_r, inp), &device)?;
+                        let b = Tensor::zeros((out, cfg.lora_r), DType::F32, &device)?;
+                        pairs.insert(site, LoraPair { a, b });
+                    }
+                }
+                (lc, pairs)
+            }
+        };
+        let init_resampler = match encoder.resampler() {
+            Some(r) if r.config().num_latents == dims.seq && r.config().output_dim == dims.embed && r.config().pooled_dim == dims.pooled => r.clone(),
+            _ => {
+                let rc = ResamplerConfig {
+                    input_dim: llm_cfg.hidden_size,
+                    width: cfg.resampler_width,
+                    heads: cfg.resampler_heads,
+                    ff_mult: cfg.resampler_ff_mult,
+                    layers: cfg.resampler_layers,
+                    num_latents: dims.seq,
+                    output_dim: dims.embed,
+                    pooled_dim: dims.pooled,
+                    ..ResamplerConfig::for_input(llm_cfg.hidden_size)
+                };
+                Resampler::init(rc, &mut rng, &device)?
+            }
+        };
+
+        let mut opt = AdamW::new(cfg.adamw);
+        let mut pairs = BTreeMap::new();
+        for (site, pair) in init_pairs {
+            let a = Var::from_tensor(&pair.a.to_dtype(DType::F32)?.to_device(&device)?)?;
+            let b = Var::from_tensor(&pair.b.to_dtype(DType::F32)?.to_device(&device)?)?;
+            pairs.insert(site.clone(), LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone() });
+            opt.add(lora_name(&site, 'A'), a, LORA_GROUP, true)?;
+            opt.add(lora_name(&site, 'B'), b, LORA_GROUP, true)?;
+        }
+        let sites = pairs.keys().cloned().collect();
+        encoder.llm_mut().set_lora(Lora { config: lora_config.clone(), pairs }, LoraMode::Unmerged)?;
+
+        let mut r_tensors = HashMap::new();
+        for (name, t) in init_resampler.params() {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            r_tensors.insert(name.clone(), var.as_tensor().clone());
+            opt.add(format!("resampler.{name}"), var, RESAMPLER_GROUP, t.rank() >= 2 && name != "latents")?;
+        }
+        let resampler = Resampler::from_tensors(init_resampler.config().clone(), r_tensors, Path::new("<trainer>"))?;
+        Ok(Self { encoder, resampler, lora_config, sites, opt, acc: BTreeMap::new(), micro: 0, cfg, dims })
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn dims(&self) -> TargetDims {
+        self.dims
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.opt.t
+    }
+
+    /// Micro-batches accumulated toward the next optimizer step.
+    pub fn pending_micro_batches(&self) -> usize {
+        self.micro
+    }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.encoder
+    }
+
+    pub fn learning_rates(&self) -> (f64, f64) {
+        let f = schedule::factor(self.cfg.schedule, self.opt.t, self.cfg.warmup_steps, self.cfg.total_steps);
+        (self.cfg.lr_lora * f, self.cfg.lr_resampler * f)
+    }
+
+    fn check_targets(&self, n: usize, embeds: &Tensor, pooled: &Tensor) -> Result<()> {
+        let d = self.dims;
+        if embeds.dims() != [n, d.seq, d.embed] || pooled.dims() != [n, d.pooled] {
+            return Err(Error::Invalid(format!(
+                "teacher targets must be [{n}, {}, {}] and [{n}, {}] for {n} prompts, got {:?} and {:?}",
+                d.seq, d.embed, d.pooled, embeds.dims(), pooled.dims()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Student conditioning for a batch (training path when `path` is differentiable).
+    pub fn predict(&self, prompts: &[&str], path: OpPath) -> Result<(Tensor, Tensor)> {
+        let h = self.encoder.hidden_states(prompts, path)?;
+        self.resampler.forward(&h.states, &h.mask, path)
+    }
+
+    /// One micro-batch: forward, loss, backward, accumulate; every `grad_accum` calls, clip and
+    /// step the optimizers. A non-finite loss or gradient returns [`Error::NonFinite`] and leaves
+    /// weights, moments and the accumulated gradient as they were before the call.
+    pub fn step(&mut self, prompts: &[&str], teacher_embeds: &Tensor, teacher_pooled: &Tensor) -> Result<StepReport> {
+        self.check_targets(prompts.len(), teacher_embeds, teacher_pooled)?;
+        let device = self.encoder.llm().device().clone();
+        let te = teacher_embeds.to_device(&device)?.to_dtype(DType::F32)?;
+        let tp = teacher_pooled.to_device(&device)?.to_dtype(DType::F32)?;
+        let (e, p) = self.predict(prompts, OpPath::Differentiable)?;
+        let le = mse(&e, &te)?;
+        let lp = mse(&p, &tp)?;
+        let loss = ((&le * self.cfg.loss_weight_embeds)? + (&lp * self.cfg.loss_weight_pooled)?)?;
+        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let (lv, lev, lpv) = (scalar(&loss)?, scalar(&le)?, scalar(&lp)?);
+        if !lv.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "the loss is {lv} at step {} (embeds {lev}, pooled {lpv}); lower the learning rates or check the targets",
+                self.opt.t
+            )));
+        }
+        let grads = loss.backward()?;
+        let scale = 1.0 / self.cfg.grad_accum as f64;
+        let mut acc = self.acc.clone();
+        for (name, p) in &self.opt.params {
+            if let Some(g) = grads.get(p.var.as_tensor()) {
+                let g = (g * scale)?;
+                let sum = match acc.remove(name) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                acc.insert(name.clone(), sum);
+            }
+        }
+        drop(grads);
+        let (lr_lora, lr_resampler) = self.learning_rates();
+        let mut report = StepReport {
+            loss: lv,
+            loss_embeds: lev,
+            loss_pooled: lpv,
+            grad_norm: None,
+            optimizer_stepped: false,
+            step: self.opt.t,
+            lr_lora,
+            lr_resampler,
+        };
+        if self.micro + 1 < self.cfg.grad_accum {
+            self.acc = acc;
+            self.micro += 1;
+            return Ok(report);
+        }
+        let norm = optim::global_norm(&acc)?;
+        if !norm.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "the gradient norm is {norm} at step {}; lower the learning rates",
+                self.opt.t
+            )));
+        }
+        optim::clip(&mut acc, norm, self.cfg.max_grad_norm)?;
+        let mut lrs = [0.0; 2];
+        lrs[LORA_GROUP] = lr_lora;
+        lrs[RESAMPLER_GROUP] = lr_resampler;
+        self.opt.step(&acc, &lrs)?;
+        self.acc.clear();
+        self.micro = 0;
+        report.grad_norm = Some(norm);
+        report.optimizer_stepped = true;
+        report.step = self.opt.t;
+        Ok(report)
+    }
+
+    /// Held-out metrics for a batch (inference path, no gradients).
+    pub fn evaluate(&self, prompts: &[&str], teacher_embeds: &Tensor, teacher_pooled: &Tensor) -> Result<EvalMetrics> {
+        self.check_targets(prompts.len(), teacher_embeds, teacher_pooled)?;
+        let device = self.encoder.llm().device();
+        let (e, p) = self.predict(prompts, OpPath::Fast)?;
+        let (e, p) = (e.detach(), p.detach());
+        EvalMetrics::of((&e, &p), (&teacher_embeds.to_device(device)?.to_dtype(DType::F32)?, &teacher_pooled.to_device(device)?.to_dtype(DType::F32)?))
+    }
+
+    /// A snapshot of the current weights as an adapter bundle (copies, not views).
+    pub fn adapter(&self) -> Result<Adapter> {
+        let mut pairs = BTreeMap::new();
+        for site in &self.sites {
+            let get = |w| self.opt.params[&lora_name(site, w)].var.as_tensor().copy();
+            pairs.insert(site.clone(), LoraPair { a: get('A')?, b: get('B')? });
+        }
+        let mut r = HashMap::new();
+        for name in self.resampler.params().keys() {
+            r.insert(name.clone(), self.opt.params[&format!("resampler.{name}")].var.as_tensor().copy()?);
+        }
+        let resampler = Resampler::from_tensors(self.resampler.config().clone(), r, Path::new("<trainer>"))?;
+        let llm_cfg = self.encoder.llm().config();
+        let manifest = AdapterManifest::new(
+            BaseModelRef::of(self.encoder.base_name(), llm_cfg),
+            self.encoder.hidden_layer(),
+            self.encoder.max_tokens(),
+            Some(resampler.config().clone()),
+        );
+        Ok(Adapter {
+            dir: Default::default(),
+            manifest: Some(manifest),
+            lora: Some(Lora { config: self.lora_config.clone(), pairs }),
+            resampler: Some(resampler),
+        })
+    }
+
+    /// Writes the adapter bundle (each file atomically).
+    pub fn save_adapter(&self, dir: &Path) -> Result<()> {
+        self.adapter()?.save(dir)
+    }
+
+    /// Ends training and returns the encoder with the trained adapter installed (merged).
+    pub fn into_encoder(self) -> Result<Encoder> {
+        let adapter = self.adapter()?;
+        let mut enc = self.encoder;
+        enc.llm_mut().clear_lora()?;
+        enc.set_lora_mode(LoraMode::Merged);
+        enc.install(adapter)?;
+        Ok(enc)
+    }
+
+    /// Writes a checkpoint to `path` atomically: weights, AdamW moments, accumulated gradients,
+    /// step counters, config, and `extra` (the caller's loop state: RNG, data order, ...).
+    pub fn save(&self, path: &Path, extra: serde_json::Value) -> Result<()> {
+        let mut tensors = HashMap::new();
+        for (name, p) in &self.opt.params {
+            tensors.insert(format!("param.{name}"), p.var.as_tensor().clone());
+        }
+        for (name, t) in self.opt.moments() {
+            tensors.insert(name, t.clone());
+        }
+        for (name, t) in &self.acc {
+            tensors.insert(format!("acc.{name}"), t.clone());
+        }
+        let state = CheckpointState {
+            format_version: 1,
+            t: self.opt.t,
+            micro: self.micro,
+            config: self.cfg.clone(),
+            dims: self.dims,
+            lora: self.lora_config.clone(),
+            resampler: self.resampler.config().clone(),
+            base_fingerprint: self.encoder.llm().config().fingerprint(),
+            extra,
+        };
+        let mut meta = HashMap::new();
+        meta.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&state).expect("state serialises"));
+        save_atomic(&tensors, Some(meta), path)
+    }
+
+    /// Rebuilds a trainer from a checkpoint made by [`Trainer::save`] and returns it with the
+    /// `extra` the run saved. `encoder` must have the same base (and no adapter).
+    pub fn resume(encoder: Encoder, path: &Path) -> Result<(Self, serde_json::Value)> {
+        let state = read_state(path)?;
+        if state.base_fingerprint != encoder.llm().config().fingerprint() {
+            return Err(Error::Mismatch(format!(
+                "{} was trained on another base model ({}), this one is {}",
+                path.display(),
+                state.base_fingerprint,
+                encoder.llm().config().shape_summary()
+            )));
+        }
+        let device = encoder.llm().device().clone();
+        let mut cfg = state.config.clone();
+        cfg.lora_r = state.lora.r;
+        let mut trainer = Trainer::new(encoder, cfg, state.dims)?;
+        let weights = crate::formats::Weights::open(&[path.to_path_buf()], path, DType::F32, &device)?;
+        let get = |name: &str| -> Result<Tensor> {
+            let shape = weights.shape_of(name)?;
+            weights.get(name, &shape)
+        };
+        for (name, p) in &trainer.opt.params {
+            let t = get(&format!("param.{name}"))?;
+            if t.dims() != p.var.dims() {
+                return Err(Error::Shape { path: path.to_path_buf(), name: format!("param.{name}"), expected: p.var.dims().to_vec(), got: t.dims().to_vec() });
+            }
+            p.var.set(&t)?;
+        }
+        trainer.opt.set_moments(&get)?;
+        trainer.opt.t = state.t;
+        trainer.micro = state.micro;
+        trainer.acc = trainer
+            .opt
+            .params
+            .keys()
+            .filter(|n| weights.contains(&format!("acc.{n}")))
+            .map(|n| Ok((n.clone(), get(&format!("acc.{n}"))?)))
+            .collect::<Result<_>>()?;
+        Ok((trainer, state.extra))
+    }
+}
+
+/// The JSON half of a checkpoint (the tensors are the other half).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub format_version: u32,
+    pub t: u64,
+    pub micro: usize,
+    pub config: TrainConfig,
+    pub dims: TargetDims,
+    pub lora: LoraConfig,
+    pub resampler: ResamplerConfig,
+    pub base_fingerprint: String,
+    pub extra: serde_json::Value,
+}
+
+pub fn read_state(path: &Path) -> Result<CheckpointState> {
+    let meta = crate::formats::safetensors::read_metadata(path)?;
+    let text = meta
+        .get(CHECKPOINT_KEY)
+        .ok_or_else(|| Error::format(path, "not a qwenclip training checkpoint (no trainer state in the metadata)"))?;
+    serde_json::from_str(text).map_err(|e| Error::format(path, format!("trainer state: {e}")))
+}

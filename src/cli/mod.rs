@@ -3,6 +3,8 @@
 mod bench;
 mod encode;
 mod info;
+mod teacher;
+mod train;
 
 use std::path::PathBuf;
 
@@ -63,6 +65,12 @@ enum Command {
     },
     /// Time encoding (latency per batch size and length, peak memory) and print JSON.
     BenchEncode(bench::BenchArgs),
+    /// Encode prompts with SDXL's own text encoders (CLIP-L + CLIP-G): the distillation teacher.
+    Teacher(teacher::TeacherArgs),
+    /// Train LoRA + resampler to reproduce a target cache (distillation).
+    Train(Box<train::TrainArgs>),
+    /// Held-out metrics of an adapter against a target cache, as a table and JSON.
+    Eval(train::EvalArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -148,5 +156,26 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::BenchEncode(a) => bench::run(a),
+        Command::Teacher(a) => teacher::run(a),
+        Command::Train(a) => train::run_train(*a),
+        Command::Eval(a) => train::run_eval(a),
+    }
+}
+
+/// `[=====>    ]` for a fraction in 0..=1.
+pub fn bar(done: f64) -> String {
+    const WIDTH: usize = 20;
+    let filled = ((done.clamp(0.0, 1.0)) * WIDTH as f64).round() as usize;
+    let head = if filled < WIDTH { ">" } else { "" };
+    format!("[{}{}{}]", "=".repeat(filled.saturating_sub(head.len())), head, " ".repeat(WIDTH - filled.max(head.len())))
+}
+
+/// Seconds as `h:mm:ss` or `m:ss`.
+pub fn hms(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
     }
 }

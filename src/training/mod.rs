@@ -8,3 +8,5 @@ pub mod trainer;
 
 pub use schedule::Schedule;
 pub use trainer::{EvalMetrics, StepReport, TargetDims, TrainConfig, Trainer};
+pub mod plot;
+pub mod run;

@@ -55,6 +55,8 @@ pub struct Conditioning {
     pub warnings: Vec<String>,
 }
 
+/// Cloning is cheap: weights are shared (reference-counted), adapters are per clone.
+#[derive(Clone)]
 pub struct Encoder {
     tokenizer: PromptTokenizer,
     llm: Qwen3,
@@ -144,6 +146,17 @@ impl Encoder {
     /// How the next adapter's LoRA is applied (merged for inference, unmerged to train it).
     pub fn set_lora_mode(&mut self, mode: LoraMode) {
         self.opts.lora_mode = mode;
+    }
+
+    /// Bytes of weights this encoder holds (LLM, LoRA, resampler) on its device.
+    pub fn weight_bytes(&self) -> usize {
+        let r = self.resampler.as_ref().map_or(0, |r| {
+            r.params()
+                .values()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum()
+        });
+        self.llm.weight_bytes() + r
     }
 
     pub fn llm(&self) -> &Qwen3 {

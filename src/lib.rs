@@ -4,10 +4,12 @@
 //! The module tree follows the data: [`tokenizer`] -> [`llm`] (Qwen3) -> [`lora`] ->
 //! [`resampler`] -> [`conditioning`] (the [`Encoder`]); [`adapter`] bundles LoRA + resampler;
 //! [`formats`] reads and writes weight files; [`ops`] holds the kernels that differ between
-//! the fast and the differentiable path.
+//! the fast and the differentiable path. Distillation: [`teacher`] (SDXL's CLIP-L + CLIP-G)
+//! -> [`data`] (captions, target cache) -> [`training`].
 
 pub mod adapter;
 pub mod conditioning;
+pub mod data;
 pub mod error;
 pub mod formats;
 pub mod hub;
@@ -16,11 +18,14 @@ pub mod lora;
 pub mod ops;
 pub mod resampler;
 pub mod rng;
+pub mod teacher;
 pub mod tiny;
 pub mod tokenizer;
+pub mod training;
 
 pub use adapter::Adapter;
 pub use conditioning::{Conditioning, Encoder, EncoderOptions};
 pub use error::{Error, Result};
 pub use llm::qwen3::LoraMode;
 pub use ops::Path as ForwardPath;
+pub mod ffi;

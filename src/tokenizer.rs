@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 /// Prompts longer than this are cut unless the adapter or caller says otherwise.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
 
+#[derive(Clone)]
 pub struct PromptTokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,

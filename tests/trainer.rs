@@ -8,7 +8,11 @@ use qwenclip::resampler::ResamplerConfig;
 use qwenclip::training::{TargetDims, TrainConfig, Trainer};
 use qwenclip::{Encoder, EncoderOptions, Error, ForwardPath};
 
-const DIMS: TargetDims = TargetDims { seq: 77, embed: 24, pooled: 8 };
+const DIMS: TargetDims = TargetDims {
+    seq: 77,
+    embed: 24,
+    pooled: 8,
+};
 
 const CAPTIONS: [&str; 8] = [
     "a red cube left of a blue sphere",
@@ -45,7 +49,16 @@ fn config() -> TrainConfig {
 fn targets(prompts: &[&str]) -> (Tensor, Tensor) {
     let d = tiny();
     let cfg = qwenclip::llm::Qwen3Config::load(&d.join("model/config.json")).unwrap();
-    let rc = ResamplerConfig { width: 16, heads: 2, ff_mult: 2, layers: 1, num_latents: DIMS.seq, output_dim: DIMS.embed, pooled_dim: DIMS.pooled, ..ResamplerConfig::for_input(32) };
+    let rc = ResamplerConfig {
+        width: 16,
+        heads: 2,
+        ff_mult: 2,
+        layers: 1,
+        num_latents: DIMS.seq,
+        output_dim: DIMS.embed,
+        pooled_dim: DIMS.pooled,
+        ..ResamplerConfig::for_input(32)
+    };
     let adapter = qwenclip::tiny::make_adapter(&cfg, "qwenclip-tiny", rc, 1234).unwrap();
     let mut enc = encoder();
     enc.install(adapter).unwrap();
@@ -55,7 +68,13 @@ fn targets(prompts: &[&str]) -> (Tensor, Tensor) {
 
 fn weights(t: &Trainer) -> Vec<(String, Tensor)> {
     let a = t.adapter().unwrap();
-    let mut out: Vec<(String, Tensor)> = a.resampler.unwrap().params().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut out: Vec<(String, Tensor)> = a
+        .resampler
+        .unwrap()
+        .params()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     for (site, p) in a.lora.unwrap().pairs {
         out.push((format!("{}.A", site.peft_prefix()), p.a));
         out.push((format!("{}.B", site.peft_prefix()), p.b));
@@ -80,7 +99,12 @@ fn loss_falls_when_fitting_a_fixed_teacher() {
         last = t.step(&CAPTIONS, &te, &tp).unwrap();
     }
     assert!(last.optimizer_stepped && last.step == 31);
-    assert!(last.loss < 0.5 * first.loss, "loss {} -> {}", first.loss, last.loss);
+    assert!(
+        last.loss < 0.5 * first.loss,
+        "loss {} -> {}",
+        first.loss,
+        last.loss
+    );
 }
 
 #[test]
@@ -88,13 +112,33 @@ fn gradient_accumulation_equals_the_big_batch() {
     let p = &CAPTIONS[..4];
     let (te, tp) = targets(p);
     let mut big = Trainer::new(encoder(), config(), DIMS).unwrap();
-    let mut acc = Trainer::new(encoder(), TrainConfig { grad_accum: 2, ..config() }, DIMS).unwrap();
+    let mut acc = Trainer::new(
+        encoder(),
+        TrainConfig {
+            grad_accum: 2,
+            ..config()
+        },
+        DIMS,
+    )
+    .unwrap();
     for _ in 0..3 {
         let r = big.step(p, &te, &tp).unwrap();
         assert!(r.optimizer_stepped);
-        let r1 = acc.step(&p[..2], &te.narrow(0, 0, 2).unwrap(), &tp.narrow(0, 0, 2).unwrap()).unwrap();
+        let r1 = acc
+            .step(
+                &p[..2],
+                &te.narrow(0, 0, 2).unwrap(),
+                &tp.narrow(0, 0, 2).unwrap(),
+            )
+            .unwrap();
         assert!(!r1.optimizer_stepped && r1.grad_norm.is_none());
-        let r2 = acc.step(&p[2..], &te.narrow(0, 2, 2).unwrap(), &tp.narrow(0, 2, 2).unwrap()).unwrap();
+        let r2 = acc
+            .step(
+                &p[2..],
+                &te.narrow(0, 2, 2).unwrap(),
+                &tp.narrow(0, 2, 2).unwrap(),
+            )
+            .unwrap();
         assert!(r2.optimizer_stepped);
         let (g1, g2) = (r.grad_norm.unwrap(), r2.grad_norm.unwrap());
         assert!((g1 - g2).abs() <= 1e-4 * g1, "grad norms {g1} vs {g2}");
@@ -108,11 +152,20 @@ fn gradient_accumulation_equals_the_big_batch() {
 #[test]
 fn resume_from_a_checkpoint_continues_exactly() {
     let (te, tp) = targets(&CAPTIONS);
-    let cfg = TrainConfig { grad_accum: 2, warmup_steps: 2, ..config() };
+    let cfg = TrainConfig {
+        grad_accum: 2,
+        warmup_steps: 2,
+        ..config()
+    };
     let half = |t: &mut Trainer| {
         for i in 0..3 {
             let b = i % 2 * 4;
-            t.step(&CAPTIONS[b..b + 4], &te.narrow(0, b, 4).unwrap(), &tp.narrow(0, b, 4).unwrap()).unwrap();
+            t.step(
+                &CAPTIONS[b..b + 4],
+                &te.narrow(0, b, 4).unwrap(),
+                &tp.narrow(0, b, 4).unwrap(),
+            )
+            .unwrap();
         }
     };
     let mut straight = Trainer::new(encoder(), cfg.clone(), DIMS).unwrap();
@@ -122,8 +175,17 @@ fn resume_from_a_checkpoint_continues_exactly() {
     let dir = scratch("trainer-resume");
     let mut first = Trainer::new(encoder(), cfg, DIMS).unwrap();
     half(&mut first);
-    assert_eq!(first.pending_micro_batches(), 1, "the checkpoint is taken mid-accumulation");
-    first.save(&dir.join("ckpt.safetensors"), serde_json::json!({"note": "mine"})).unwrap();
+    assert_eq!(
+        first.pending_micro_batches(),
+        1,
+        "the checkpoint is taken mid-accumulation"
+    );
+    first
+        .save(
+            &dir.join("ckpt.safetensors"),
+            serde_json::json!({"note": "mine"}),
+        )
+        .unwrap();
     drop(first);
     let (mut resumed, extra) = Trainer::resume(encoder(), &dir.join("ckpt.safetensors")).unwrap();
     assert_eq!(extra["note"], "mine");
@@ -139,7 +201,7 @@ fn non_finite_targets_stop_without_touching_the_weights() {
     t.step(&CAPTIONS[..2], &te, &tp).unwrap();
     let before = weights(&t);
     let bad = (te.clone() * f64::NAN).unwrap();
-    let err = t.step(&CAPTIONS[..2], &bad, &tp).err().expect("must fail");
+    let err = t.step(&CAPTIONS[..2], &bad, &tp).expect_err("must fail");
     assert!(matches!(err, Error::NonFinite(_)), "{err}");
     assert!(err.to_string().contains("NaN"), "{err}");
     for ((n, x), (_, y)) in before.iter().zip(weights(&t).iter()) {
@@ -154,7 +216,10 @@ fn wrong_target_shapes_are_refused() {
     let e = Tensor::zeros((1, 77, 2048), candle_core::DType::F32, &Device::Cpu).unwrap();
     let p = Tensor::zeros((1, 1280), candle_core::DType::F32, &Device::Cpu).unwrap();
     let err = t.step(&["x"], &e, &p).err().unwrap().to_string();
-    assert!(err.contains("[1, 77, 24]") && err.contains("[1, 77, 2048]"), "{err}");
+    assert!(
+        err.contains("[1, 77, 24]") && err.contains("[1, 77, 2048]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -169,12 +234,33 @@ fn the_frozen_base_never_changes_and_the_result_loads_as_an_adapter() {
     let trained = t.predict(&CAPTIONS, ForwardPath::Fast).unwrap();
     let enc = Encoder::load(&tiny().join("model"), Some(&dir), EncoderOptions::default()).unwrap();
     let c = enc.encode(&CAPTIONS).unwrap();
-    assert_close("reloaded adapter (merged) vs trainer", &c.prompt_embeds, &trained.0, 1e-4);
+    assert_close(
+        "reloaded adapter (merged) vs trainer",
+        &c.prompt_embeds,
+        &trained.0,
+        1e-4,
+    );
     let via = t.into_encoder().unwrap().encode(&CAPTIONS).unwrap();
-    assert_close("into_encoder vs reloaded", &via.prompt_embeds, &c.prompt_embeds, 1e-5);
+    assert_close(
+        "into_encoder vs reloaded",
+        &via.prompt_embeds,
+        &c.prompt_embeds,
+        1e-5,
+    );
     // Base weights: a fresh encoder without adapter equals the trainer's base after clear.
-    let base = encoder().hidden_states(&CAPTIONS, ForwardPath::Fast).unwrap().states;
-    let mut e2 = Encoder::load(&tiny().join("model"), Some(&dir), EncoderOptions::default()).unwrap();
+    let base = encoder()
+        .hidden_states(&CAPTIONS, ForwardPath::Fast)
+        .unwrap()
+        .states;
+    let mut e2 =
+        Encoder::load(&tiny().join("model"), Some(&dir), EncoderOptions::default()).unwrap();
     e2.set_adapter(None).unwrap();
-    assert_close("base untouched", &e2.hidden_states(&CAPTIONS, ForwardPath::Fast).unwrap().states, &base, 0.0);
+    assert_close(
+        "base untouched",
+        &e2.hidden_states(&CAPTIONS, ForwardPath::Fast)
+            .unwrap()
+            .states,
+        &base,
+        0.0,
+    );
 }

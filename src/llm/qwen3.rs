@@ -26,6 +26,7 @@ pub enum LoraMode {
 }
 
 /// `Qwen3Attention`: q/k/v/o projections, per-head RMSNorm on q and k, RoPE, GQA.
+#[derive(Clone)]
 struct Attention {
     q_proj: LoraLinear,
     k_proj: LoraLinear,
@@ -40,6 +41,7 @@ struct Attention {
 }
 
 /// `Qwen3MLP`: `down(silu(gate(x)) * up(x))`.
+#[derive(Clone)]
 struct Mlp {
     gate_proj: LoraLinear,
     up_proj: LoraLinear,
@@ -47,6 +49,7 @@ struct Mlp {
 }
 
 /// `Qwen3DecoderLayer`: pre-norm attention and MLP with residuals.
+#[derive(Clone)]
 struct DecoderLayer {
     input_layernorm: Tensor,
     post_attention_layernorm: Tensor,
@@ -54,6 +57,7 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+#[derive(Clone)]
 pub struct Qwen3 {
     cfg: Qwen3Config,
     embed_tokens: Tensor,
@@ -230,6 +234,39 @@ impl Qwen3 {
 
     pub fn dtype(&self) -> DType {
         self.embed_tokens.dtype()
+    }
+
+    /// Bytes held by the weights (embedding, layers, norms) on the model's device.
+    pub fn weight_bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lin = |l: &LoraLinear| {
+            size(&l.weight) + l.lora.as_ref().map_or(0, |(p, _)| size(&p.a) + size(&p.b))
+        };
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .into_iter()
+                .map(lin)
+                .sum::<usize>()
+                    + size(&a.q_norm)
+                    + size(&a.k_norm)
+                    + size(&l.input_layernorm)
+                    + size(&l.post_attention_layernorm)
+            })
+            .sum();
+        size(&self.embed_tokens) + size(&self.norm) + layers
     }
 
     pub fn lora(&self) -> Option<&(Lora, LoraMode)> {

@@ -58,11 +58,23 @@ impl AdamW {
 
     pub fn add(&mut self, name: String, var: Var, group: usize, decay: bool) -> Result<()> {
         if var.dtype() != DType::F32 {
-            return Err(Error::Invalid(format!("trainable `{name}` must be f32, is {:?}", var.dtype())));
+            return Err(Error::Invalid(format!(
+                "trainable `{name}` must be f32, is {:?}",
+                var.dtype()
+            )));
         }
         let m = var.zeros_like()?;
         let v = var.zeros_like()?;
-        self.params.insert(name, Param { var, group, decay, m, v });
+        self.params.insert(
+            name,
+            Param {
+                var,
+                group,
+                decay,
+                m,
+                v,
+            },
+        );
         Ok(())
     }
 
@@ -79,7 +91,11 @@ impl AdamW {
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let w = p.var.as_tensor();
-            let w = if p.decay { (w * (1.0 - lr * c.weight_decay))? } else { w.clone() };
+            let w = if p.decay {
+                (w * (1.0 - lr * c.weight_decay))?
+            } else {
+                w.clone()
+            };
             let update = ((&p.m / bc1)? / ((&p.v / bc2)?.sqrt()? + c.eps)?)?;
             p.var.set(&(w - (update * lr)?)?)?;
         }
@@ -107,7 +123,11 @@ impl AdamW {
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
-        sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
     }
     Ok(sq.sqrt())
 }

@@ -33,25 +33,76 @@ fn render(series: &[Series]) -> Vec<u8> {
         .flat_map(|s| s.points.iter().copied())
         .filter(|(_, y)| y.is_finite() && *y > 0.0)
         .collect();
-    let (x0, x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
-    let (y0, y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1.ln()), b.max(p.1.ln())));
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), p| {
+        (a.min(p.1.ln()), b.max(p.1.ln()))
+    });
     let (pw, ph) = ((W - 2 * MARGIN) as f64, (H - 2 * MARGIN) as f64);
     let gray = [200, 200, 200];
     for i in 0..=4 {
         let y = MARGIN + (H - 2 * MARGIN) * i / 4;
-        line(&mut img, MARGIN as f64, y as f64, (W - MARGIN) as f64, y as f64, gray);
+        line(
+            &mut img,
+            MARGIN as f64,
+            y as f64,
+            (W - MARGIN) as f64,
+            y as f64,
+            gray,
+        );
     }
-    line(&mut img, MARGIN as f64, MARGIN as f64, MARGIN as f64, (H - MARGIN) as f64, [0, 0, 0]);
-    line(&mut img, MARGIN as f64, (H - MARGIN) as f64, (W - MARGIN) as f64, (H - MARGIN) as f64, [0, 0, 0]);
+    line(
+        &mut img,
+        MARGIN as f64,
+        MARGIN as f64,
+        MARGIN as f64,
+        (H - MARGIN) as f64,
+        [0, 0, 0],
+    );
+    line(
+        &mut img,
+        MARGIN as f64,
+        (H - MARGIN) as f64,
+        (W - MARGIN) as f64,
+        (H - MARGIN) as f64,
+        [0, 0, 0],
+    );
     if all.is_empty() {
         return img;
     }
-    let sx = |x: f64| MARGIN as f64 + if x1 > x0 { (x - x0) / (x1 - x0) * pw } else { pw / 2.0 };
-    let sy = |y: f64| (H - MARGIN) as f64 - if y1 > y0 { (y.ln() - y0) / (y1 - y0) * ph } else { ph / 2.0 };
+    let sx = |x: f64| {
+        MARGIN as f64
+            + if x1 > x0 {
+                (x - x0) / (x1 - x0) * pw
+            } else {
+                pw / 2.0
+            }
+    };
+    let sy = |y: f64| {
+        (H - MARGIN) as f64
+            - if y1 > y0 {
+                (y.ln() - y0) / (y1 - y0) * ph
+            } else {
+                ph / 2.0
+            }
+    };
     for s in series {
-        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|(_, y)| y.is_finite() && *y > 0.0).collect();
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(_, y)| y.is_finite() && *y > 0.0)
+            .collect();
         for w in pts.windows(2) {
-            line(&mut img, sx(w[0].0), sy(w[0].1), sx(w[1].0), sy(w[1].1), s.rgb);
+            line(
+                &mut img,
+                sx(w[0].0),
+                sy(w[0].1),
+                sx(w[1].0),
+                sy(w[1].1),
+                s.rgb,
+            );
         }
         if let [only] = pts[..] {
             dot(&mut img, sx(only.0), sy(only.1), s.rgb);
@@ -61,7 +112,12 @@ fn render(series: &[Series]) -> Vec<u8> {
     text(&mut img, 2, H - MARGIN - 4, &fmt_num(y0.exp()));
     text(&mut img, MARGIN, H - MARGIN + 8, &fmt_num(x0));
     let right = fmt_num(x1);
-    text(&mut img, W - MARGIN - right.len() * 4, H - MARGIN + 8, &right);
+    text(
+        &mut img,
+        W - MARGIN - right.len() * 4,
+        H - MARGIN + 8,
+        &right,
+    );
     img
 }
 
@@ -94,7 +150,12 @@ fn line(img: &mut [u8], x0: f64, y0: f64, x1: f64, y1: f64, rgb: [u8; 3]) {
     let n = (x1 - x0).abs().max((y1 - y0).abs()).ceil().max(1.0) as usize;
     for i in 0..=n {
         let t = i as f64 / n as f64;
-        put(img, (x0 + (x1 - x0) * t).round() as i64, (y0 + (y1 - y0) * t).round() as i64, rgb);
+        put(
+            img,
+            (x0 + (x1 - x0) * t).round() as i64,
+            (y0 + (y1 - y0) * t).round() as i64,
+            rgb,
+        );
     }
 }
 
@@ -176,7 +237,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &x in data {
         c ^= x as u32;
         for _ in 0..8 {
-            c = if c & 1 == 1 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 == 1 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c

@@ -53,9 +53,19 @@ struct LoopState {
 
 /// What a caller (the CLI) is told as the run goes.
 pub enum Event<'a> {
-    Step { report: &'a StepReport, samples_per_s: f64, total_steps: u64 },
-    Eval { step: u64, metrics: &'a EvalMetrics },
-    Saved { step: u64, path: &'a Path },
+    Step {
+        report: &'a StepReport,
+        samples_per_s: f64,
+        total_steps: u64,
+    },
+    Eval {
+        step: u64,
+        metrics: &'a EvalMetrics,
+    },
+    Saved {
+        step: u64,
+        path: &'a Path,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,19 +94,37 @@ pub fn train(
     }
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let dims = cache.dims();
-    let dims = TargetDims { seq: dims.seq, embed: dims.embed, pooled: dims.pooled };
+    let dims = TargetDims {
+        seq: dims.seq,
+        embed: dims.embed,
+        pooled: dims.pooled,
+    };
     let device = encoder.llm().device().clone();
     let (mut trainer, mut state) = match resume {
         Some(dir) => {
             let ckpt = checkpoint_path(dir);
             if !ckpt.is_file() {
-                return Err(Error::format(dir, format!("no {CHECKPOINT_FILE} to resume from")));
+                return Err(Error::format(
+                    dir,
+                    format!("no {CHECKPOINT_FILE} to resume from"),
+                ));
             }
             let (t, extra) = Trainer::resume(encoder, &ckpt)?;
             let state: LoopState = serde_json::from_value(extra)
                 .map_err(|e| Error::format(&ckpt, format!("loop state: {e}")))?;
-            if state.order.iter().chain(&state.held_out).any(|&i| i >= cache.len()) {
-                return Err(Error::format(&ckpt, format!("its data order does not fit this cache of {} captions", cache.len())));
+            if state
+                .order
+                .iter()
+                .chain(&state.held_out)
+                .any(|&i| i >= cache.len())
+            {
+                return Err(Error::format(
+                    &ckpt,
+                    format!(
+                        "its data order does not fit this cache of {} captions",
+                        cache.len()
+                    ),
+                ));
             }
             truncate_metrics(&opts.out.join(METRICS_FILE), t.step_count())?;
             (t, state)
@@ -104,14 +132,27 @@ pub fn train(
         None => {
             let (train_idx, held_out) = cache.split(opts.held_out, cfg.seed);
             if train_idx.is_empty() {
-                return Err(Error::Invalid(format!("the cache at {} has no captions left for training", cache.dir().display())));
+                return Err(Error::Invalid(format!(
+                    "the cache at {} has no captions left for training",
+                    cache.dir().display()
+                )));
             }
             let mut rng = Rng::new(cfg.seed ^ 0x5EED);
             let mut order = train_idx;
             rng.shuffle(&mut order);
             let t = Trainer::new(encoder, cfg, dims)?;
             let _ = std::fs::remove_file(opts.out.join(METRICS_FILE));
-            (t, LoopState { rng, order, pos: 0, epoch: 0, held_out, batch_size: opts.batch_size })
+            (
+                t,
+                LoopState {
+                    rng,
+                    order,
+                    pos: 0,
+                    epoch: 0,
+                    held_out,
+                    batch_size: opts.batch_size,
+                },
+            )
         }
     };
     let metrics_path = opts.out.join(METRICS_FILE);
@@ -125,11 +166,20 @@ pub fn train(
     };
 
     let baseline_mean = mean_baseline(cache, &state.order, &state.held_out, &device)?;
-    let first_eval = evaluate(&trainer, cache, &state.held_out, opts.eval_batch_size, &device)?;
+    let first_eval = evaluate(
+        &trainer,
+        cache,
+        &state.held_out,
+        opts.eval_batch_size,
+        &device,
+    )?;
     if trainer.step_count() == 0 {
         log(serde_json::json!({"baseline_mean": baseline_mean}))?;
         log(serde_json::json!({"step": 0, "eval": first_eval}))?;
-        on_event(Event::Eval { step: 0, metrics: &first_eval });
+        on_event(Event::Eval {
+            step: 0,
+            metrics: &first_eval,
+        });
     }
     let mut last_eval = first_eval.clone();
     let start = Instant::now();
@@ -141,7 +191,10 @@ pub fn train(
             break;
         }
         let batch = next_batch(&mut state, opts.batch_size);
-        let prompts: Vec<&str> = batch.iter().map(|&i| cache.captions()[i].as_str()).collect();
+        let prompts: Vec<&str> = batch
+            .iter()
+            .map(|&i| cache.captions()[i].as_str())
+            .collect();
         let (te, tp) = cache.get_batch(&batch, &device)?;
         let t0 = Instant::now();
         let report = match trainer.step(&prompts, &te, &tp) {
@@ -178,24 +231,45 @@ pub fn train(
             "lr_lora": step_report.lr_lora, "lr_resampler": step_report.lr_resampler,
             "samples_per_s": samples_per_s, "elapsed_s": start.elapsed().as_secs_f64(),
         }))?;
-        on_event(Event::Step { report: &step_report, samples_per_s, total_steps: opts.steps });
+        on_event(Event::Step {
+            report: &step_report,
+            samples_per_s,
+            total_steps: opts.steps,
+        });
         let step = trainer.step_count();
         let last = step >= opts.steps;
         if (opts.eval_every > 0 && step % opts.eval_every == 0) || last {
-            last_eval = evaluate(&trainer, cache, &state.held_out, opts.eval_batch_size, &device)?;
+            last_eval = evaluate(
+                &trainer,
+                cache,
+                &state.held_out,
+                opts.eval_batch_size,
+                &device,
+            )?;
             log(serde_json::json!({"step": step, "eval": last_eval}))?;
             refresh_plot(&opts.out)?;
-            on_event(Event::Eval { step, metrics: &last_eval });
+            on_event(Event::Eval {
+                step,
+                metrics: &last_eval,
+            });
         }
         if (opts.save_every > 0 && step % opts.save_every == 0) || last {
             save(&trainer, &state, &opts.out)?;
-            on_event(Event::Saved { step, path: &opts.out });
+            on_event(Event::Saved {
+                step,
+                path: &opts.out,
+            });
         }
     }
     if interrupted {
         save(&trainer, &state, &opts.out)?;
-        log(serde_json::json!({"step": trainer.step_count(), "event": "interrupted, checkpoint saved"}))?;
-        on_event(Event::Saved { step: trainer.step_count(), path: &opts.out });
+        log(
+            serde_json::json!({"step": trainer.step_count(), "event": "interrupted, checkpoint saved"}),
+        )?;
+        on_event(Event::Saved {
+            step: trainer.step_count(),
+            path: &opts.out,
+        });
     }
     Ok(RunSummary {
         steps: trainer.step_count(),
@@ -234,10 +308,19 @@ fn next_batch(state: &mut LoopState, batch_size: usize) -> Vec<usize> {
 }
 
 /// Held-out metrics over `indices` in batches.
-pub fn evaluate(trainer: &Trainer, cache: &TargetCache, indices: &[usize], batch: usize, device: &Device) -> Result<EvalMetrics> {
+pub fn evaluate(
+    trainer: &Trainer,
+    cache: &TargetCache,
+    indices: &[usize],
+    batch: usize,
+    device: &Device,
+) -> Result<EvalMetrics> {
     let mut total = EvalMetrics::default();
     for chunk in indices.chunks(batch.max(1)) {
-        let prompts: Vec<&str> = chunk.iter().map(|&i| cache.captions()[i].as_str()).collect();
+        let prompts: Vec<&str> = chunk
+            .iter()
+            .map(|&i| cache.captions()[i].as_str())
+            .collect();
         let (te, tp) = cache.get_batch(chunk, device)?;
         total = total.merge(&trainer.evaluate(&prompts, &te, &tp)?);
     }
@@ -245,14 +328,22 @@ pub fn evaluate(trainer: &Trainer, cache: &TargetCache, indices: &[usize], batch
 }
 
 /// The score of always predicting the training set's mean target: what a student must beat.
-fn mean_baseline(cache: &TargetCache, train: &[usize], held: &[usize], device: &Device) -> Result<EvalMetrics> {
+fn mean_baseline(
+    cache: &TargetCache,
+    train: &[usize],
+    held: &[usize],
+    device: &Device,
+) -> Result<EvalMetrics> {
     if held.is_empty() {
         return Ok(EvalMetrics::default());
     }
     let mut sum: Option<(Tensor, Tensor)> = None;
     for chunk in train.chunks(64) {
         let (e, p) = cache.get_batch(chunk, device)?;
-        let part = (e.to_dtype(DType::F64)?.sum_keepdim(0)?, p.to_dtype(DType::F64)?.sum_keepdim(0)?);
+        let part = (
+            e.to_dtype(DType::F64)?.sum_keepdim(0)?,
+            p.to_dtype(DType::F64)?.sum_keepdim(0)?,
+        );
         sum = Some(match sum {
             None => part,
             Some((a, b)) => ((a + part.0)?, (b + part.1)?),
@@ -260,12 +351,18 @@ fn mean_baseline(cache: &TargetCache, train: &[usize], held: &[usize], device: &
     }
     let (se, sp) = sum.expect("train set is not empty");
     let n = train.len() as f64;
-    let (me, mp) = ((se / n)?.to_dtype(DType::F32)?, (sp / n)?.to_dtype(DType::F32)?);
+    let (me, mp) = (
+        (se / n)?.to_dtype(DType::F32)?,
+        (sp / n)?.to_dtype(DType::F32)?,
+    );
     let mut total = EvalMetrics::default();
     for chunk in held.chunks(64) {
         let (te, tp) = cache.get_batch(chunk, device)?;
         let k = chunk.len();
-        let pred = (me.broadcast_as(te.shape())?.contiguous()?, mp.broadcast_as((k, mp.dim(1)?))?.contiguous()?);
+        let pred = (
+            me.broadcast_as(te.shape())?.contiguous()?,
+            mp.broadcast_as((k, mp.dim(1)?))?.contiguous()?,
+        );
         total = total.merge(&EvalMetrics::of((&pred.0, &pred.1), (&te, &tp))?);
     }
     Ok(total)
@@ -273,7 +370,9 @@ fn mean_baseline(cache: &TargetCache, train: &[usize], held: &[usize], device: &
 
 /// Drops metric lines past `step` so a resumed run does not repeat them.
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -290,8 +389,13 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 pub fn refresh_plot(out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(out.join(METRICS_FILE)).unwrap_or_default();
     let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for v in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
-        let Some(step) = v.get("step").and_then(|s| s.as_f64()) else { continue };
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        let Some(step) = v.get("step").and_then(|s| s.as_f64()) else {
+            continue;
+        };
         if let Some(l) = v.get("loss").and_then(|l| l.as_f64()) {
             train.push((step, l));
         }
@@ -302,6 +406,15 @@ pub fn refresh_plot(out: &Path) -> Result<()> {
     }
     write_loss_png(
         &out.join(LOSS_PNG),
-        &[Series { points: &train, rgb: [30, 90, 200] }, Series { points: &eval, rgb: [210, 40, 40] }],
+        &[
+            Series {
+                points: &train,
+                rgb: [30, 90, 200],
+            },
+            Series {
+                points: &eval,
+                rgb: [210, 40, 40],
+            },
+        ],
     )
 }

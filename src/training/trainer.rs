@@ -66,7 +66,9 @@ impl Default for TrainConfig {
             loss_weight_pooled: 1.0,
             lora_r: 16,
             lora_alpha: 16.0,
-            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
             use_rslora: false,
             resampler_width: 2048,
             resampler_heads: 16,
@@ -86,7 +88,11 @@ pub struct TargetDims {
 }
 
 impl TargetDims {
-    pub const SDXL: Self = Self { seq: 77, embed: 2048, pooled: 1280 };
+    pub const SDXL: Self = Self {
+        seq: 77,
+        embed: 2048,
+        pooled: 1280,
+    };
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -184,16 +190,31 @@ impl Trainer {
             Some(l) => (l.config.clone(), l.pairs.clone()),
             None => {
                 let targets: Vec<&str> = cfg.lora_targets.iter().map(String::as_str).collect();
-                let mut lc = LoraConfig::new(cfg.lora_r, cfg.lora_alpha, &targets, Some(encoder.base_name().to_string()));
+                let mut lc = LoraConfig::new(
+                    cfg.lora_r,
+                    cfg.lora_alpha,
+                    &targets,
+                    Some(encoder.base_name().to_string()),
+                );
                 lc.use_rslora = cfg.use_rslora;
-                lc.targets().map_err(|m| Error::Invalid(format!("lora targets: {m}")))?;
+                lc.targets()
+                    .map_err(|m| Error::Invalid(format!("lora targets: {m}")))?;
                 let mut pairs = BTreeMap::new();
                 for layer in 0..llm_cfg.num_hidden_layers {
                     for module in &cfg.lora_targets {
-                        let site = Site { layer, module: module.clone() };
-                        let (out, inp) = llm_cfg.projection_shape(module).ok_or_else(|| Error::Invalid(format!("lora targets: unknown module {module}")))?;
+                        let site = Site {
+                            layer,
+                            module: module.clone(),
+                        };
+                        let (out, inp) = llm_cfg.projection_shape(module).ok_or_else(|| {
+                            Error::Invalid(format!("lora targets: unknown module {module}"))
+                        })?;
                         let bound = 1.0 / (inp as f64).sqrt();
-                        let a = Tensor::from_vec(rng.uniform_vec(cfg.lora_r * inp, bound), (cfg.lora_r, inp), &device)?;
+                        let a = Tensor::from_vec(
+                            rng.uniform_vec(cfg.lora_r * inp, bound),
+                            (cfg.lora_r, inp),
+                            &device,
+                        )?;
                         let b = Tensor::zeros((out, cfg.lora_r), DType::F32, &device)?;
                         pairs.insert(site, LoraPair { a, b });
                     }
@@ -202,7 +223,13 @@ impl Trainer {
             }
         };
         let init_resampler = match encoder.resampler() {
-            Some(r) if r.config().num_latents == dims.seq && r.config().output_dim == dims.embed && r.config().pooled_dim == dims.pooled => r.clone(),
+            Some(r)
+                if r.config().num_latents == dims.seq
+                    && r.config().output_dim == dims.embed
+                    && r.config().pooled_dim == dims.pooled =>
+            {
+                r.clone()
+            }
             _ => {
                 let rc = ResamplerConfig {
                     input_dim: llm_cfg.hidden_size,
@@ -224,21 +251,52 @@ impl Trainer {
         for (site, pair) in init_pairs {
             let a = Var::from_tensor(&pair.a.to_dtype(DType::F32)?.to_device(&device)?)?;
             let b = Var::from_tensor(&pair.b.to_dtype(DType::F32)?.to_device(&device)?)?;
-            pairs.insert(site.clone(), LoraPair { a: a.as_tensor().clone(), b: b.as_tensor().clone() });
+            pairs.insert(
+                site.clone(),
+                LoraPair {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                },
+            );
             opt.add(lora_name(&site, 'A'), a, LORA_GROUP, true)?;
             opt.add(lora_name(&site, 'B'), b, LORA_GROUP, true)?;
         }
         let sites = pairs.keys().cloned().collect();
-        encoder.llm_mut().set_lora(Lora { config: lora_config.clone(), pairs }, LoraMode::Unmerged)?;
+        encoder.llm_mut().set_lora(
+            Lora {
+                config: lora_config.clone(),
+                pairs,
+            },
+            LoraMode::Unmerged,
+        )?;
 
         let mut r_tensors = HashMap::new();
         for (name, t) in init_resampler.params() {
             let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
             r_tensors.insert(name.clone(), var.as_tensor().clone());
-            opt.add(format!("resampler.{name}"), var, RESAMPLER_GROUP, t.rank() >= 2 && name != "latents")?;
+            opt.add(
+                format!("resampler.{name}"),
+                var,
+                RESAMPLER_GROUP,
+                t.rank() >= 2 && name != "latents",
+            )?;
         }
-        let resampler = Resampler::from_tensors(init_resampler.config().clone(), r_tensors, Path::new("<trainer>"))?;
-        Ok(Self { encoder, resampler, lora_config, sites, opt, acc: BTreeMap::new(), micro: 0, cfg, dims })
+        let resampler = Resampler::from_tensors(
+            init_resampler.config().clone(),
+            r_tensors,
+            Path::new("<trainer>"),
+        )?;
+        Ok(Self {
+            encoder,
+            resampler,
+            lora_config,
+            sites,
+            opt,
+            acc: BTreeMap::new(),
+            micro: 0,
+            cfg,
+            dims,
+        })
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -259,12 +317,30 @@ impl Trainer {
         self.micro
     }
 
+    /// Bytes of trainable weights, AdamW moments and accumulated gradients.
+    pub fn state_bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let params: usize = self
+            .opt
+            .params
+            .values()
+            .map(|p| size(p.var.as_tensor()))
+            .sum();
+        let moments: usize = self.opt.moments().map(|(_, t)| size(t)).sum();
+        params + moments + self.acc.values().map(size).sum::<usize>()
+    }
+
     pub fn encoder(&self) -> &Encoder {
         &self.encoder
     }
 
     pub fn learning_rates(&self) -> (f64, f64) {
-        let f = schedule::factor(self.cfg.schedule, self.opt.t, self.cfg.warmup_steps, self.cfg.total_steps);
+        let f = schedule::factor(
+            self.cfg.schedule,
+            self.opt.t,
+            self.cfg.warmup_steps,
+            self.cfg.total_steps,
+        );
         (self.cfg.lr_lora * f, self.cfg.lr_resampler * f)
     }
 
@@ -288,7 +364,12 @@ impl Trainer {
     /// One micro-batch: forward, loss, backward, accumulate; every `grad_accum` calls, clip and
     /// step the optimizers. A non-finite loss or gradient returns [`Error::NonFinite`] and leaves
     /// weights, moments and the accumulated gradient as they were before the call.
-    pub fn step(&mut self, prompts: &[&str], teacher_embeds: &Tensor, teacher_pooled: &Tensor) -> Result<StepReport> {
+    pub fn step(
+        &mut self,
+        prompts: &[&str],
+        teacher_embeds: &Tensor,
+        teacher_pooled: &Tensor,
+    ) -> Result<StepReport> {
         self.check_targets(prompts.len(), teacher_embeds, teacher_pooled)?;
         let device = self.encoder.llm().device().clone();
         let te = teacher_embeds.to_device(&device)?.to_dtype(DType::F32)?;
@@ -297,7 +378,8 @@ impl Trainer {
         let le = mse(&e, &te)?;
         let lp = mse(&p, &tp)?;
         let loss = ((&le * self.cfg.loss_weight_embeds)? + (&lp * self.cfg.loss_weight_pooled)?)?;
-        let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let scalar =
+            |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
         let (lv, lev, lpv) = (scalar(&loss)?, scalar(&le)?, scalar(&lp)?);
         if !lv.is_finite() {
             return Err(Error::NonFinite(format!(
@@ -356,12 +438,23 @@ impl Trainer {
     }
 
     /// Held-out metrics for a batch (inference path, no gradients).
-    pub fn evaluate(&self, prompts: &[&str], teacher_embeds: &Tensor, teacher_pooled: &Tensor) -> Result<EvalMetrics> {
+    pub fn evaluate(
+        &self,
+        prompts: &[&str],
+        teacher_embeds: &Tensor,
+        teacher_pooled: &Tensor,
+    ) -> Result<EvalMetrics> {
         self.check_targets(prompts.len(), teacher_embeds, teacher_pooled)?;
         let device = self.encoder.llm().device();
         let (e, p) = self.predict(prompts, OpPath::Fast)?;
         let (e, p) = (e.detach(), p.detach());
-        EvalMetrics::of((&e, &p), (&teacher_embeds.to_device(device)?.to_dtype(DType::F32)?, &teacher_pooled.to_device(device)?.to_dtype(DType::F32)?))
+        EvalMetrics::of(
+            (&e, &p),
+            (
+                &teacher_embeds.to_device(device)?.to_dtype(DType::F32)?,
+                &teacher_pooled.to_device(device)?.to_dtype(DType::F32)?,
+            ),
+        )
     }
 
     /// A snapshot of the current weights as an adapter bundle (copies, not views).
@@ -369,13 +462,26 @@ impl Trainer {
         let mut pairs = BTreeMap::new();
         for site in &self.sites {
             let get = |w| self.opt.params[&lora_name(site, w)].var.as_tensor().copy();
-            pairs.insert(site.clone(), LoraPair { a: get('A')?, b: get('B')? });
+            pairs.insert(
+                site.clone(),
+                LoraPair {
+                    a: get('A')?,
+                    b: get('B')?,
+                },
+            );
         }
         let mut r = HashMap::new();
         for name in self.resampler.params().keys() {
-            r.insert(name.clone(), self.opt.params[&format!("resampler.{name}")].var.as_tensor().copy()?);
+            r.insert(
+                name.clone(),
+                self.opt.params[&format!("resampler.{name}")]
+                    .var
+                    .as_tensor()
+                    .copy()?,
+            );
         }
-        let resampler = Resampler::from_tensors(self.resampler.config().clone(), r, Path::new("<trainer>"))?;
+        let resampler =
+            Resampler::from_tensors(self.resampler.config().clone(), r, Path::new("<trainer>"))?;
         let llm_cfg = self.encoder.llm().config();
         let manifest = AdapterManifest::new(
             BaseModelRef::of(self.encoder.base_name(), llm_cfg),
@@ -386,7 +492,10 @@ impl Trainer {
         Ok(Adapter {
             dir: Default::default(),
             manifest: Some(manifest),
-            lora: Some(Lora { config: self.lora_config.clone(), pairs }),
+            lora: Some(Lora {
+                config: self.lora_config.clone(),
+                pairs,
+            }),
             resampler: Some(resampler),
         })
     }
@@ -431,7 +540,10 @@ impl Trainer {
             extra,
         };
         let mut meta = HashMap::new();
-        meta.insert(CHECKPOINT_KEY.to_string(), serde_json::to_string(&state).expect("state serialises"));
+        meta.insert(
+            CHECKPOINT_KEY.to_string(),
+            serde_json::to_string(&state).expect("state serialises"),
+        );
         save_atomic(&tensors, Some(meta), path)
     }
 
@@ -451,7 +563,8 @@ impl Trainer {
         let mut cfg = state.config.clone();
         cfg.lora_r = state.lora.r;
         let mut trainer = Trainer::new(encoder, cfg, state.dims)?;
-        let weights = crate::formats::Weights::open(&[path.to_path_buf()], path, DType::F32, &device)?;
+        let weights =
+            crate::formats::Weights::open(&[path.to_path_buf()], path, DType::F32, &device)?;
         let get = |name: &str| -> Result<Tensor> {
             let shape = weights.shape_of(name)?;
             weights.get(name, &shape)
@@ -459,7 +572,12 @@ impl Trainer {
         for (name, p) in &trainer.opt.params {
             let t = get(&format!("param.{name}"))?;
             if t.dims() != p.var.dims() {
-                return Err(Error::Shape { path: path.to_path_buf(), name: format!("param.{name}"), expected: p.var.dims().to_vec(), got: t.dims().to_vec() });
+                return Err(Error::Shape {
+                    path: path.to_path_buf(),
+                    name: format!("param.{name}"),
+                    expected: p.var.dims().to_vec(),
+                    got: t.dims().to_vec(),
+                });
             }
             p.var.set(&t)?;
         }
@@ -493,8 +611,11 @@ pub struct CheckpointState {
 
 pub fn read_state(path: &Path) -> Result<CheckpointState> {
     let meta = crate::formats::safetensors::read_metadata(path)?;
-    let text = meta
-        .get(CHECKPOINT_KEY)
-        .ok_or_else(|| Error::format(path, "not a qwenclip training checkpoint (no trainer state in the metadata)"))?;
+    let text = meta.get(CHECKPOINT_KEY).ok_or_else(|| {
+        Error::format(
+            path,
+            "not a qwenclip training checkpoint (no trainer state in the metadata)",
+        )
+    })?;
     serde_json::from_str(text).map_err(|e| Error::format(path, format!("trainer state: {e}")))
 }

@@ -1,0 +1,14 @@
+//! Distillation data: caption sets ([`captions`]) and the cache of the teacher's outputs
+//! for them ([`cache`]), which the trainer reads.
+
+pub mod cache;
+pub mod captions;
+
+pub use cache::{
+    build_cache, progress_line, shard_file_name, split_indices, CacheDims, CacheOptions,
+    CacheProgress, Manifest, ShardEntry, TargetCache, TargetSource, CACHE_FORMAT, CACHE_VERSION,
+    MANIFEST_FILE,
+};
+pub use captions::{
+    caption_hash, fingerprint_of_hashes, load_captions, normalize, CaptionReport, CaptionSet,
+};

@@ -1,0 +1,307 @@
+//! Encoder exports: load from a JSON config, attach adapters, encode into caller buffers.
+
+use std::ffi::c_char;
+use std::path::PathBuf;
+use std::sync::RwLock;
+
+use candle_core::{DType, Device, Tensor};
+use once_cell::sync::Lazy;
+use serde::Deserialize;
+
+use super::boundary::{self, call, invalid, qwenclip_status, Failure, FfiResult};
+use super::registry::Registry;
+use crate::{Encoder, EncoderOptions};
+
+/// The JSON accepted by `qwenclip_encoder_load`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSpec {
+    /// Model folder or hub id.
+    pub model: String,
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+    /// "cpu" (default), "cuda" or "cuda:N".
+    #[serde(default = "cpu")]
+    pub device: String,
+    /// "f32" (default), "bf16" or "f16".
+    #[serde(default = "f32")]
+    pub dtype: String,
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    #[serde(default)]
+    pub hidden_layer: Option<i32>,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+fn f32() -> String {
+    "f32".into()
+}
+
+impl EncoderSpec {
+    fn options(&self) -> FfiResult<EncoderOptions> {
+        let device = parse_device(&self.device)?;
+        let dtype = match self.dtype.as_str() {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            o => {
+                return Err(invalid(format!(
+                    "config `dtype` is \"{o}\", expected \"f32\", \"bf16\" or \"f16\""
+                )))
+            }
+        };
+        Ok(EncoderOptions {
+            device,
+            dtype,
+            max_tokens: self.max_tokens,
+            hidden_layer: self.hidden_layer,
+            ..Default::default()
+        })
+    }
+
+    fn load(&self) -> FfiResult<Encoder> {
+        let dir = crate::hub::resolve_model(&self.model)?;
+        Ok(Encoder::load(
+            &dir,
+            self.adapter.as_deref(),
+            self.options()?,
+        )?)
+    }
+}
+
+pub fn parse_device(s: &str) -> FfiResult<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), str::parse::<usize>)
+                .map_err(|_| invalid(format!("config `device` \"{s}\" has a bad ordinal")))?;
+            if !candle_core::utils::cuda_is_available() {
+                return Err(invalid(
+                    "config `device` is cuda but this library was built without CUDA",
+                ));
+            }
+            Device::new_cuda(ordinal).map_err(|e| {
+                Failure::new(
+                    qwenclip_status::QWENCLIP_FAILED,
+                    format!("cannot open {s}: {e}"),
+                )
+            })
+        }
+        o => Err(invalid(format!(
+            "config `device` is \"{o}\", expected \"cpu\", \"cuda\" or \"cuda:N\""
+        ))),
+    }
+}
+
+/// An encoder behind a handle. `encoder` is `None` while offloaded (weights released); the
+/// next encode reloads it from `spec` with the same adapter.
+pub struct Slot {
+    spec: EncoderSpec,
+    state: RwLock<State>,
+}
+
+struct State {
+    encoder: Option<Encoder>,
+    adapter: Option<PathBuf>,
+}
+
+impl Slot {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the loaded encoder, reloading it first if it was offloaded.
+    pub fn with<R>(&self, f: impl FnOnce(&Encoder) -> FfiResult<R>) -> FfiResult<R> {
+        {
+            let s = self.read();
+            if let Some(e) = &s.encoder {
+                return f(e);
+            }
+        }
+        let mut s = self.write();
+        if s.encoder.is_none() {
+            let mut spec = self.spec.clone();
+            spec.adapter = s.adapter.clone();
+            s.encoder = Some(spec.load()?);
+        }
+        f(s.encoder.as_ref().expect("just loaded"))
+    }
+
+    pub fn with_mut<R>(&self, f: impl FnOnce(&mut Encoder) -> FfiResult<R>) -> FfiResult<R> {
+        self.with(|_| Ok(()))?;
+        let mut s = self.write();
+        let r = f(s.encoder.as_mut().expect("loaded above"))?;
+        s.adapter = s
+            .encoder
+            .as_ref()
+            .and_then(|e| e.adapter_dir().map(PathBuf::from));
+        Ok(r)
+    }
+
+    fn offload(&self) {
+        self.write().encoder = None;
+    }
+
+    fn held(&self) -> Option<(usize, bool)> {
+        self.read()
+            .encoder
+            .as_ref()
+            .map(|e| (e.weight_bytes(), e.llm().device().is_cuda()))
+    }
+}
+
+pub static ENCODERS: Lazy<Registry<Slot>> = Lazy::new(|| Registry::new("encoder", 0x0E1C));
+
+pub(crate) fn held_bytes() -> Vec<(usize, bool)> {
+    ENCODERS.all().iter().filter_map(|s| s.held()).collect()
+}
+
+pub(crate) fn offload_all() -> FfiResult<()> {
+    ENCODERS.all().iter().for_each(|s| s.offload());
+    Ok(())
+}
+
+/// Loads an encoder described by `config_json` and writes its handle to `*out_handle`.
+///
+/// `config_json`: `{"model": "<folder or hub id>", "adapter": "<folder>"|null,
+/// "device": "cpu"|"cuda"|"cuda:N", "dtype": "f32"|"bf16"|"f16", "max_tokens": N|null,
+/// "hidden_layer": N|null}`; only `model` is required; unknown keys are an error.
+/// The handle must be released with `qwenclip_encoder_free`.
+#[no_mangle]
+pub extern "C" fn qwenclip_encoder_load(
+    config_json: *const c_char,
+    out_handle: *mut u64,
+) -> qwenclip_status {
+    call(|| {
+        let text = boundary::str_arg(config_json, "config_json")?;
+        let out = boundary::out_ptr(out_handle, "out_handle")?;
+        let spec: EncoderSpec =
+            serde_json::from_str(text).map_err(|e| invalid(format!("encoder config JSON: {e}")))?;
+        let encoder = spec.load()?;
+        let adapter = encoder.adapter_dir().map(PathBuf::from);
+        *out = ENCODERS.insert(Slot {
+            spec,
+            state: RwLock::new(State {
+                encoder: Some(encoder),
+                adapter,
+            }),
+        });
+        Ok(())
+    })
+}
+
+/// Frees an encoder. Freeing twice, or a handle that was never issued, is an error.
+/// Waits for encodes running on it in other threads.
+#[no_mangle]
+pub extern "C" fn qwenclip_encoder_free(handle: u64) -> qwenclip_status {
+    call(|| ENCODERS.remove(handle).map(drop))
+}
+
+/// Attaches the adapter in folder `adapter_dir` (bundle or bare PEFT LoRA), replacing the
+/// current one without reloading the base model; NULL removes the adapter. On failure the
+/// previous adapter stays.
+#[no_mangle]
+pub extern "C" fn qwenclip_encoder_load_adapter(
+    handle: u64,
+    adapter_dir: *const c_char,
+) -> qwenclip_status {
+    call(|| {
+        let dir = boundary::opt_str_arg(adapter_dir, "adapter_dir")?;
+        let slot = ENCODERS.get(handle)?;
+        slot.with_mut(|e| Ok(e.set_adapter(dir.map(std::path::Path::new))?))
+    })
+}
+
+/// Releases the encoder's weights; the next call that needs them reloads them (same adapter).
+#[no_mangle]
+pub extern "C" fn qwenclip_encoder_offload(handle: u64) -> qwenclip_status {
+    call(|| {
+        ENCODERS.get(handle)?.offload();
+        Ok(())
+    })
+}
+
+/// Output shape per prompt: `*seq` x `*embed` floats of prompt embeddings (77 x 2048 for
+/// SDXL) and `*pooled` floats of pooled embedding (1280). Fails when the encoder has no
+/// resampler (no adapter, or a bare LoRA).
+#[no_mangle]
+pub extern "C" fn qwenclip_encoder_output_shape(
+    handle: u64,
+    seq: *mut usize,
+    embed: *mut usize,
+    pooled: *mut usize,
+) -> qwenclip_status {
+    call(|| {
+        let (s, e, p) = ENCODERS.get(handle)?.with(output_shape)?;
+        *boundary::out_ptr(seq, "seq")? = s;
+        *boundary::out_ptr(embed, "embed")? = e;
+        *boundary::out_ptr(pooled, "pooled")? = p;
+        Ok(())
+    })
+}
+
+fn output_shape(enc: &Encoder) -> FfiResult<(usize, usize, usize)> {
+    let r = enc.resampler().ok_or_else(|| {
+        invalid(
+            "this encoder has no resampler (load an adapter bundle): it cannot make conditioning",
+        )
+    })?;
+    let c = r.config();
+    Ok((c.num_latents, c.output_dim, c.pooled_dim))
+}
+
+/// Encodes `n_prompts` UTF-8 prompts in one batch. Writes `n * seq * embed` floats of prompt
+/// embeddings (row-major `[n, seq, embed]`) to `embeds` and `n * pooled` floats to `pooled`;
+/// `embeds_len` / `pooled_len` are the buffers' sizes in floats and must match exactly (see
+/// `qwenclip_encoder_output_shape`). The buffers are owned by the caller and written once,
+/// nothing else is allocated for them. Truncation warnings are not errors.
+#[no_mangle]
+pub extern "C" fn qwenclip_encode(
+    handle: u64,
+    prompts: *const *const c_char,
+    n_prompts: usize,
+    embeds: *mut f32,
+    embeds_len: usize,
+    pooled: *mut f32,
+    pooled_len: usize,
+) -> qwenclip_status {
+    call(|| {
+        let prompts = boundary::prompts_arg(prompts, n_prompts)?;
+        ENCODERS.get(handle)?.with(|enc| {
+            let (s, e, p) = output_shape(enc)?;
+            let n = prompts.len();
+            let embeds = boundary::buffer_mut(embeds, embeds_len, n * s * e, "embeds")?;
+            let pooled = boundary::buffer_mut(pooled, pooled_len, n * p, "pooled")?;
+            let c = enc.encode(&prompts)?;
+            copy_into(&c.prompt_embeds, embeds)?;
+            copy_into(&c.pooled, pooled)
+        })
+    })
+}
+
+/// Copies an f32 tensor straight from its storage into the caller's buffer.
+pub fn copy_into(t: &Tensor, dst: &mut [f32]) -> FfiResult<()> {
+    let t = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(Failure::new(
+            qwenclip_status::QWENCLIP_FAILED,
+            "output is not on the CPU after transfer",
+        ));
+    };
+    let src = cpu.as_slice::<f32>()?;
+    let start = layout.start_offset();
+    dst.copy_from_slice(&src[start..start + dst.len()]);
+    Ok(())
+}

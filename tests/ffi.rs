@@ -1,0 +1,756 @@
+//! The shared library as a host application uses it: loaded with `libloading`, every export
+//! exercised, outputs compared with the Rust API, each bad input answered with a status code.
+//! Also: the committed C header equals a fresh cbindgen run, a C program compiled against it
+//! encodes a prompt, and Python's ctypes does the same.
+
+mod common;
+
+use std::ffi::{c_char, CStr, CString};
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+use libloading::{Library, Symbol};
+
+const OK: i32 = 0;
+const NULL_ARGUMENT: i32 = 1;
+const INVALID_UTF8: i32 = 2;
+const INVALID_ARGUMENT: i32 = 3;
+const BUFFER_SIZE: i32 = 4;
+const INVALID_HANDLE: i32 = 5;
+const FILE_ERROR: i32 = 6;
+const MISMATCH: i32 = 7;
+const NON_FINITE: i32 = 8;
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+struct StepReport {
+    loss: f64,
+    loss_embeds: f64,
+    loss_pooled: f64,
+    grad_norm: f64,
+    optimizer_stepped: u8,
+    step: u64,
+    lr_lora: f64,
+    lr_resampler: f64,
+}
+
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+struct Memory {
+    cpu_bytes: u64,
+    cuda_bytes: u64,
+}
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn lib_path() -> PathBuf {
+    target_dir().join("libqwenclip.so")
+}
+
+struct Lib(Library);
+
+type Load = unsafe extern "C" fn(*const c_char, *mut u64) -> i32;
+type Free = unsafe extern "C" fn(u64) -> i32;
+type LoadAdapter = unsafe extern "C" fn(u64, *const c_char) -> i32;
+type Shape = unsafe extern "C" fn(u64, *mut usize, *mut usize, *mut usize) -> i32;
+type Encode =
+    unsafe extern "C" fn(u64, *const *const c_char, usize, *mut f32, usize, *mut f32, usize) -> i32;
+type TrainerNew = unsafe extern "C" fn(u64, *const c_char, *mut u64) -> i32;
+type TrainerLoad = unsafe extern "C" fn(u64, *const c_char, *mut u64) -> i32;
+type Step = unsafe extern "C" fn(
+    u64,
+    *const *const c_char,
+    usize,
+    *const f32,
+    usize,
+    *const f32,
+    usize,
+    *mut StepReport,
+) -> i32;
+type PathFn = unsafe extern "C" fn(u64, *const c_char) -> i32;
+
+impl Lib {
+    fn open() -> Self {
+        let p = lib_path();
+        assert!(p.is_file(), "{} not built", p.display());
+        Lib(unsafe { Library::new(&p) }.unwrap())
+    }
+    fn f<T>(&self, name: &str) -> Symbol<'_, T> {
+        unsafe { self.0.get(name.as_bytes()) }
+            .unwrap_or_else(|e| panic!("missing export {name}: {e}"))
+    }
+    fn last_error(&self) -> String {
+        let f: Symbol<unsafe extern "C" fn() -> *const c_char> = self.f("qwenclip_last_error");
+        unsafe { CStr::from_ptr(f()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+    fn load(&self, json: &str) -> Result<u64, (i32, String)> {
+        let mut h = 0u64;
+        let c = CString::new(json).unwrap();
+        let s = unsafe { self.f::<Load>("qwenclip_encoder_load")(c.as_ptr(), &mut h) };
+        if s == OK {
+            Ok(h)
+        } else {
+            Err((s, self.last_error()))
+        }
+    }
+    fn shape(&self, h: u64) -> Result<(usize, usize, usize), (i32, String)> {
+        let (mut a, mut b, mut c) = (0, 0, 0);
+        let s =
+            unsafe { self.f::<Shape>("qwenclip_encoder_output_shape")(h, &mut a, &mut b, &mut c) };
+        if s == OK {
+            Ok((a, b, c))
+        } else {
+            Err((s, self.last_error()))
+        }
+    }
+    fn encode(&self, h: u64, prompts: &[&str]) -> Result<(Vec<f32>, Vec<f32>), (i32, String)> {
+        let (s, e, p) = self.shape(h)?;
+        let cs: Vec<CString> = prompts.iter().map(|p| CString::new(*p).unwrap()).collect();
+        let ptrs: Vec<*const c_char> = cs.iter().map(|c| c.as_ptr()).collect();
+        let n = prompts.len();
+        let mut emb = vec![0f32; n * s * e];
+        let mut pooled = vec![0f32; n * p];
+        let st = unsafe {
+            self.f::<Encode>("qwenclip_encode")(
+                h,
+                ptrs.as_ptr(),
+                n,
+                emb.as_mut_ptr(),
+                emb.len(),
+                pooled.as_mut_ptr(),
+                pooled.len(),
+            )
+        };
+        if st == OK {
+            Ok((emb, pooled))
+        } else {
+            Err((st, self.last_error()))
+        }
+    }
+    fn free(&self, h: u64) -> i32 {
+        unsafe { self.f::<Free>("qwenclip_encoder_free")(h) }
+    }
+}
+
+fn tiny_json() -> String {
+    let d = tiny();
+    serde_json::json!({"model": d.join("model"), "adapter": d.join("adapter")}).to_string()
+}
+
+fn rust_encode(prompts: &[&str]) -> (Vec<f32>, Vec<f32>) {
+    let d = tiny();
+    let enc = qwenclip::Encoder::load(
+        &d.join("model"),
+        Some(&d.join("adapter")),
+        Default::default(),
+    )
+    .unwrap();
+    let c = enc.encode(prompts).unwrap();
+    (
+        c.prompt_embeds.flatten_all().unwrap().to_vec1().unwrap(),
+        c.pooled.flatten_all().unwrap().to_vec1().unwrap(),
+    )
+}
+
+#[test]
+fn version_capabilities_and_abi() {
+    let lib = Lib::open();
+    let v: Symbol<unsafe extern "C" fn() -> *const c_char> = lib.f("qwenclip_version");
+    assert_eq!(
+        unsafe { CStr::from_ptr(v()) }.to_str().unwrap(),
+        env!("CARGO_PKG_VERSION")
+    );
+    let abi: Symbol<unsafe extern "C" fn() -> u32> = lib.f("qwenclip_abi_version");
+    assert_eq!(unsafe { abi() }, 1);
+    let caps: Symbol<unsafe extern "C" fn() -> u32> = lib.f("qwenclip_capabilities");
+    let c = unsafe { caps() };
+    assert_eq!(c & 1, 1, "cpu bit");
+    assert_eq!(c & 2 != 0, cfg!(feature = "cuda"), "cuda bit");
+}
+
+#[test]
+fn encode_through_the_c_abi_equals_the_rust_api() {
+    let lib = Lib::open();
+    let h = lib.load(&tiny_json()).unwrap();
+    assert_eq!(lib.shape(h).unwrap(), (77, 2048, 1280));
+    let prompts = ["a cat under a table", "", "the moon left of a lighthouse"];
+    let (e, p) = lib.encode(h, &prompts).unwrap();
+    let (re, rp) = rust_encode(&prompts);
+    assert_eq!(e, re, "prompt embeds differ from the Rust API");
+    assert_eq!(p, rp);
+    assert_eq!(lib.free(h), OK);
+}
+
+#[test]
+fn load_adapter_replaces_and_removes_without_reloading() {
+    let lib = Lib::open();
+    let d = tiny();
+    let base = serde_json::json!({"model": d.join("model")}).to_string();
+    let h = lib.load(&base).unwrap();
+    let (s, msg) = lib.encode(h, &["x"]).unwrap_err();
+    assert_eq!(s, INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("no resampler"), "{msg}");
+    let la: Symbol<LoadAdapter> = lib.f("qwenclip_encoder_load_adapter");
+    let dir = CString::new(d.join("adapter").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { la(h, dir.as_ptr()) }, OK);
+    assert_eq!(lib.encode(h, &["x"]).unwrap(), rust_encode(&["x"]));
+    // An adapter for another base is refused, and the current one stays.
+    let other = CString::new(parity("models/mha_tied/lora").to_str().unwrap()).unwrap();
+    assert_eq!(
+        unsafe { la(h, other.as_ptr()) },
+        MISMATCH,
+        "{}",
+        lib.last_error()
+    );
+    assert_eq!(lib.encode(h, &["x"]).unwrap(), rust_encode(&["x"]));
+    assert_eq!(unsafe { la(h, std::ptr::null()) }, OK);
+    assert_eq!(lib.shape(h).unwrap_err().0, INVALID_ARGUMENT);
+    lib.free(h);
+}
+
+#[test]
+fn offload_and_memory_report() {
+    let lib = Lib::open();
+    let h = lib.load(&tiny_json()).unwrap();
+    let report: Symbol<unsafe extern "C" fn(*mut Memory) -> i32> = lib.f("qwenclip_memory_report");
+    let mut m = Memory::default();
+    assert_eq!(unsafe { report(&mut m) }, OK);
+    assert!(
+        m.cpu_bytes >= 4_900_000 * 4,
+        "tiny model weights are counted: {m:?}"
+    );
+    let off: Symbol<Free> = lib.f("qwenclip_encoder_offload");
+    assert_eq!(unsafe { off(h) }, OK);
+    let mut after = Memory::default();
+    unsafe { report(&mut after) };
+    assert!(
+        after.cpu_bytes + 4_900_000 * 4 <= m.cpu_bytes,
+        "offloaded weights are released: {m:?} -> {after:?}"
+    );
+    // The next encode reloads, with the same adapter.
+    assert_eq!(lib.encode(h, &["y"]).unwrap(), rust_encode(&["y"]));
+    let release: Symbol<unsafe extern "C" fn() -> i32> = lib.f("qwenclip_release_memory");
+    assert_eq!(unsafe { release() }, OK);
+    assert_eq!(unsafe { report(std::ptr::null_mut()) }, NULL_ARGUMENT);
+    lib.free(h);
+}
+
+#[test]
+fn bad_inputs_return_codes_never_crash() {
+    let lib = Lib::open();
+    let mut h = 0u64;
+    let load: Symbol<Load> = lib.f("qwenclip_encoder_load");
+    assert_eq!(unsafe { load(std::ptr::null(), &mut h) }, NULL_ARGUMENT);
+    let json = CString::new(tiny_json()).unwrap();
+    assert_eq!(
+        unsafe { load(json.as_ptr(), std::ptr::null_mut()) },
+        NULL_ARGUMENT
+    );
+    let bad_utf8 = [0xffu8, 0xfe, 0];
+    assert_eq!(
+        unsafe { load(bad_utf8.as_ptr() as *const c_char, &mut h) },
+        INVALID_UTF8
+    );
+    assert_eq!(lib.load("{not json").unwrap_err().0, INVALID_ARGUMENT);
+    let (s, msg) = lib.load(r#"{"model": "x", "devise": "cpu"}"#).unwrap_err();
+    assert!(s == INVALID_ARGUMENT && msg.contains("devise"), "{msg}");
+    let (s, msg) = lib.load(r#"{"model": "/nonexistent/model"}"#).unwrap_err();
+    assert!(
+        s == FILE_ERROR && msg.contains("/nonexistent/model"),
+        "{msg}"
+    );
+    let (s, msg) = lib
+        .load(&serde_json::json!({"model": tiny().join("model"), "dtype": "f8"}).to_string())
+        .unwrap_err();
+    assert!(s == INVALID_ARGUMENT && msg.contains("dtype"), "{msg}");
+    let (s, msg) = lib.load(&serde_json::json!({"model": tiny().join("model"), "adapter": parity("models/mha_tied/lora")}).to_string()).unwrap_err();
+    assert!(s == MISMATCH, "{msg}");
+
+    let h = lib.load(&tiny_json()).unwrap();
+    let encode: Symbol<Encode> = lib.f("qwenclip_encode");
+    let p = CString::new("hi").unwrap();
+    let ptrs = [p.as_ptr()];
+    let mut e = vec![0f32; 77 * 2048];
+    let mut pooled = vec![0f32; 1280];
+    unsafe {
+        assert_eq!(
+            encode(
+                h,
+                ptrs.as_ptr(),
+                1,
+                e.as_mut_ptr(),
+                e.len() - 1,
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            BUFFER_SIZE
+        );
+        assert!(
+            lib.last_error()
+                .contains("157695 floats, 157696 are needed"),
+            "{}",
+            lib.last_error()
+        );
+        assert_eq!(
+            encode(
+                h,
+                ptrs.as_ptr(),
+                1,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len() + 1
+            ),
+            BUFFER_SIZE
+        );
+        assert_eq!(
+            encode(
+                h,
+                ptrs.as_ptr(),
+                1,
+                std::ptr::null_mut(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            encode(
+                h,
+                std::ptr::null(),
+                1,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            NULL_ARGUMENT
+        );
+        assert_eq!(
+            encode(
+                h,
+                ptrs.as_ptr(),
+                0,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            INVALID_ARGUMENT
+        );
+        let nul_prompt = [std::ptr::null::<c_char>()];
+        assert_eq!(
+            encode(
+                h,
+                nul_prompt.as_ptr(),
+                1,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            NULL_ARGUMENT
+        );
+        let bad = [bad_utf8.as_ptr() as *const c_char];
+        assert_eq!(
+            encode(
+                h,
+                bad.as_ptr(),
+                1,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            INVALID_UTF8
+        );
+        assert!(
+            lib.last_error().contains("prompts[0]"),
+            "{}",
+            lib.last_error()
+        );
+        // Handles: unknown, zero, wrong kind, freed, double-freed.
+        assert_eq!(
+            encode(
+                h + 1000,
+                ptrs.as_ptr(),
+                1,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            INVALID_HANDLE
+        );
+        assert!(
+            lib.last_error().contains("never issued"),
+            "{}",
+            lib.last_error()
+        );
+        assert_eq!(
+            encode(
+                0,
+                ptrs.as_ptr(),
+                1,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            INVALID_HANDLE
+        );
+        let tfree: Symbol<Free> = lib.f("qwenclip_trainer_free");
+        assert_eq!(
+            tfree(h),
+            INVALID_HANDLE,
+            "an encoder handle is not a trainer handle"
+        );
+        assert!(
+            lib.last_error().contains("not a handle of this kind"),
+            "{}",
+            lib.last_error()
+        );
+        assert_eq!(lib.free(h), OK);
+        assert_eq!(
+            encode(
+                h,
+                ptrs.as_ptr(),
+                1,
+                e.as_mut_ptr(),
+                e.len(),
+                pooled.as_mut_ptr(),
+                pooled.len()
+            ),
+            INVALID_HANDLE
+        );
+        assert!(
+            lib.last_error().contains("already freed"),
+            "{}",
+            lib.last_error()
+        );
+        assert_eq!(lib.free(h), INVALID_HANDLE);
+    }
+    // A success clears the message.
+    let h = lib.load(&tiny_json()).unwrap();
+    assert_eq!(lib.last_error(), "");
+    lib.free(h);
+}
+
+#[test]
+fn concurrent_encodes_equal_serial_ones() {
+    let lib = Lib::open();
+    let h = lib.load(&tiny_json()).unwrap();
+    let prompts: Vec<String> = (0..6)
+        .map(|i| {
+            format!(
+                "prompt number {i}: a {} bird",
+                ["red", "blue", "green"][i % 3]
+            )
+        })
+        .collect();
+    let serial: Vec<_> = prompts
+        .iter()
+        .map(|p| lib.encode(h, &[p.as_str()]).unwrap())
+        .collect();
+    let lib = &lib;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let prompts = &prompts;
+                let serial = &serial;
+                s.spawn(move || {
+                    for m in 0..3 {
+                        let i = (t + m) % prompts.len();
+                        assert_eq!(
+                            &lib.encode(h, &[prompts[i].as_str()]).unwrap(),
+                            &serial[i],
+                            "thread {t} encode {m}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for j in handles {
+            j.join().unwrap();
+        }
+    });
+    lib.free(h);
+}
+
+#[test]
+fn training_through_the_c_abi_matches_the_rust_trainer_and_resumes() {
+    let lib = Lib::open();
+    let d = tiny();
+    let h = lib
+        .load(&serde_json::json!({"model": d.join("model")}).to_string())
+        .unwrap();
+    let cfg = r#"{"lora_r": 4, "lora_alpha": 8, "resampler_width": 32, "resampler_heads": 4, "resampler_layers": 1, "resampler_ff_mult": 2, "grad_accum": 2, "dims": {"seq": 77, "embed": 24, "pooled": 8}}"#;
+    let new: Symbol<TrainerNew> = lib.f("qwenclip_trainer_new");
+    let step: Symbol<Step> = lib.f("qwenclip_trainer_step");
+    let save: Symbol<PathFn> = lib.f("qwenclip_trainer_save");
+    let save_adapter: Symbol<PathFn> = lib.f("qwenclip_trainer_save_adapter");
+    let load: Symbol<TrainerLoad> = lib.f("qwenclip_trainer_load");
+    let free: Symbol<Free> = lib.f("qwenclip_trainer_free");
+    let c = CString::new(cfg).unwrap();
+    let mut t = 0u64;
+    assert_eq!(
+        unsafe { new(h, c.as_ptr(), &mut t) },
+        OK,
+        "{}",
+        lib.last_error()
+    );
+    let bad_cfg = CString::new(r#"{"lora_rank": 4}"#).unwrap();
+    let mut t2 = 0u64;
+    assert_eq!(
+        unsafe { new(h, bad_cfg.as_ptr(), &mut t2) },
+        INVALID_ARGUMENT
+    );
+    assert!(
+        lib.last_error().contains("lora_rank"),
+        "{}",
+        lib.last_error()
+    );
+
+    let prompts = ["a cat", "a dog"];
+    let cs: Vec<CString> = prompts.iter().map(|p| CString::new(*p).unwrap()).collect();
+    let ptrs: Vec<*const c_char> = cs.iter().map(|c| c.as_ptr()).collect();
+    let mut rng = qwenclip::rng::Rng::new(3);
+    let e = rng.normal_vec(2 * 77 * 24, 1.0);
+    let p = rng.normal_vec(2 * 8, 1.0);
+    let run = |t: u64, n: usize| -> Vec<StepReport> {
+        (0..n)
+            .map(|_| {
+                let mut r = StepReport::default();
+                let s = unsafe {
+                    step(
+                        t,
+                        ptrs.as_ptr(),
+                        2,
+                        e.as_ptr(),
+                        e.len(),
+                        p.as_ptr(),
+                        p.len(),
+                        &mut r,
+                    )
+                };
+                assert_eq!(s, OK, "{}", lib.last_error());
+                r
+            })
+            .collect()
+    };
+    let first = run(t, 2);
+    assert_eq!(first[0].optimizer_stepped, 0);
+    assert!(first[0].grad_norm.is_nan());
+    assert_eq!((first[1].optimizer_stepped, first[1].step), (1, 1));
+
+    // The same steps through the Rust API give the same losses.
+    let mut rt = {
+        let enc = qwenclip::Encoder::load(&d.join("model"), None, Default::default()).unwrap();
+        let cfg = qwenclip::training::TrainConfig {
+            lora_r: 4,
+            lora_alpha: 8.0,
+            resampler_width: 32,
+            resampler_heads: 4,
+            resampler_layers: 1,
+            resampler_ff_mult: 2,
+            grad_accum: 2,
+            ..Default::default()
+        };
+        qwenclip::training::Trainer::new(
+            enc,
+            cfg,
+            qwenclip::training::TargetDims {
+                seq: 77,
+                embed: 24,
+                pooled: 8,
+            },
+        )
+        .unwrap()
+    };
+    let et = candle_core::Tensor::from_slice(&e, (2, 77, 24), &candle_core::Device::Cpu).unwrap();
+    let pt = candle_core::Tensor::from_slice(&p, (2, 8), &candle_core::Device::Cpu).unwrap();
+    for r in &first {
+        let rr = rt.step(&prompts, &et, &pt).unwrap();
+        assert_eq!(rr.loss, r.loss);
+    }
+
+    let dir = scratch("ffi-train");
+    let ckpt = CString::new(dir.join("c.safetensors").to_str().unwrap()).unwrap();
+    assert_eq!(
+        unsafe { save(t, ckpt.as_ptr()) },
+        OK,
+        "{}",
+        lib.last_error()
+    );
+    let straight = run(t, 4);
+    let mut t3 = 0u64;
+    assert_eq!(
+        unsafe { load(h, ckpt.as_ptr(), &mut t3) },
+        OK,
+        "{}",
+        lib.last_error()
+    );
+    let resumed = run(t3, 4);
+    for (a, b) in straight.iter().zip(&resumed) {
+        assert_eq!(
+            a.loss, b.loss,
+            "resumed trainer follows the same trajectory"
+        );
+    }
+    let adir = CString::new(dir.join("adapter").to_str().unwrap()).unwrap();
+    assert_eq!(
+        unsafe { save_adapter(t3, adir.as_ptr()) },
+        OK,
+        "{}",
+        lib.last_error()
+    );
+    // NaN targets: a clear code, nothing changed.
+    let nan = vec![f32::NAN; e.len()];
+    let mut r = StepReport::default();
+    assert_eq!(
+        unsafe {
+            step(
+                t3,
+                ptrs.as_ptr(),
+                2,
+                nan.as_ptr(),
+                nan.len(),
+                p.as_ptr(),
+                p.len(),
+                &mut r,
+            )
+        },
+        NON_FINITE
+    );
+    assert_eq!(
+        unsafe {
+            step(
+                t3,
+                ptrs.as_ptr(),
+                2,
+                e.as_ptr(),
+                e.len() - 1,
+                p.as_ptr(),
+                p.len(),
+                &mut r,
+            )
+        },
+        BUFFER_SIZE
+    );
+    let missing = CString::new("/nonexistent/ckpt.safetensors").unwrap();
+    assert_eq!(unsafe { load(h, missing.as_ptr(), &mut t2) }, FILE_ERROR);
+    assert_eq!(unsafe { free(t) }, OK);
+    assert_eq!(unsafe { free(t3) }, OK);
+    assert_eq!(unsafe { free(t3) }, INVALID_HANDLE);
+    // The saved adapter loads into the encoder.
+    let la: Symbol<LoadAdapter> = lib.f("qwenclip_encoder_load_adapter");
+    assert_eq!(unsafe { la(h, adir.as_ptr()) }, OK, "{}", lib.last_error());
+    assert_eq!(lib.shape(h).unwrap(), (77, 24, 8));
+    lib.free(h);
+}
+
+#[test]
+fn committed_header_equals_a_fresh_cbindgen_run() {
+    let root = root();
+    let config = cbindgen::Config::from_file(root.join("cbindgen.toml")).unwrap();
+    // cbindgen follows the `mod` declarations of src/ffi/mod.rs.
+    let builder = cbindgen::Builder::new()
+        .with_config(config)
+        .with_src(root.join("src/ffi/mod.rs"));
+    let mut fresh = Vec::new();
+    builder.generate().unwrap().write(&mut fresh);
+    let path = root.join("include/qwenclip.h");
+    if std::env::var_os("QWENCLIP_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let committed = std::fs::read(&path).unwrap_or_default();
+    assert!(committed == fresh, "include/qwenclip.h differs from what cbindgen generates: run `QWENCLIP_BLESS=1 cargo test --test ffi` and commit it");
+    let text = String::from_utf8(fresh).unwrap();
+    for f in [
+        "qwenclip_encode(",
+        "qwenclip_trainer_step(",
+        "qwenclip_encoder_load_adapter(",
+        "qwenclip_last_error(",
+        "qwenclip_memory_report(",
+    ] {
+        assert!(text.contains(f), "header lacks {f}");
+    }
+}
+
+#[test]
+fn a_c_program_compiled_against_the_header_encodes_a_prompt() {
+    let out = scratch("ffi-c");
+    let exe = out.join("encode_c");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&cc)
+        .args(["-std=c99", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(root().join("tests/ffi/encode.c"))
+        .arg("-I")
+        .arg(root().join("include"))
+        .arg("-L")
+        .arg(target_dir())
+        .args(["-lqwenclip", "-Wl,-rpath"])
+        .arg(target_dir())
+        .status()
+        .expect("a C compiler (cc) is needed for this test");
+    assert!(
+        status.success(),
+        "the C program does not compile against include/qwenclip.h"
+    );
+    let d = tiny();
+    let o = Command::new(&exe)
+        .arg(d.join("model"))
+        .arg(d.join("adapter"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (e, p) = rust_encode(&["a lighthouse under the stars"]);
+    let want = format!(
+        "shape 77 2048 1280 first {:.6} last {:.6} pooled0 {:.6}",
+        e[0],
+        e[e.len() - 1],
+        p[0]
+    );
+    assert!(
+        stdout.contains(&want),
+        "C output {stdout:?} does not contain {want:?}"
+    );
+}
+
+#[test]
+fn python_ctypes_encodes_a_prompt() {
+    let d = tiny();
+    let o = Command::new("python3")
+        .arg(root().join("tests/ffi/ctypes_smoke.py"))
+        .arg(lib_path())
+        .arg(d.join("model"))
+        .arg(d.join("adapter"))
+        .output()
+        .expect("python3 is needed for this test");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (e, p) = rust_encode(&["a lighthouse under the stars", ""]);
+    let want = format!("ok 2 {:.6} {:.6}", e[77 * 2048], p[1280 + 5]);
+    assert!(
+        stdout.contains(&want),
+        "python output {stdout:?} does not contain {want:?}"
+    );
+}

@@ -244,3 +244,99 @@ pub fn write_tiny(out: &Path, tokenizer: &Path, seed: u64) -> Result<()> {
     };
     make_adapter(&cfg, "qwenclip-tiny", rcfg, seed.wrapping_add(1))?.save(&out.join("adapter"))
 }
+
+/// A tiny SDXL teacher in diffusers layout under `dir`, with the real CLIP vocabulary (49,408)
+/// so the real tokenizer works: `text_encoder/` (CLIP-L stand-in: hidden 24, 2 heads, 2 layers,
+/// ffn 48, quick_gelu), `text_encoder_2/` (CLIP-G stand-in: hidden 40, 2 heads, 2 layers, ffn
+/// 80, gelu, projection 16), and `tokenizer/` + `tokenizer_2/` with the CLIP `tokenizer.json`.
+/// Configs carry SDXL's own token ids (bos 0, eos 2, pad 1). Outputs: `[B,77,64]`, `[B,16]`.
+pub fn write_tiny_teacher(dir: &Path, seed: u64) -> Result<()> {
+    // (folder, hidden, ffn, act, projection)
+    let encoders = [
+        ("text_encoder", 24, 48, "quick_gelu", None),
+        ("text_encoder_2", 40, 80, "gelu", Some(16)),
+    ];
+    let (vocab, max_pos, layers, heads) = (49_408usize, 77usize, 2usize, 2usize);
+    let mut rng = Rng::new(seed);
+    for (name, h, ffn, act, proj) in encoders {
+        let sub = dir.join(name);
+        let mut tensors = HashMap::new();
+        let mut put = |key: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
+            let n = shape.iter().product();
+            let data: Vec<f32> = rng
+                .normal_vec(n, std)
+                .into_iter()
+                .map(|x| x + mean)
+                .collect();
+            tensors.insert(key, Tensor::from_vec(data, shape, &Device::Cpu)?);
+            Ok(())
+        };
+        let t = "text_model";
+        put(
+            format!("{t}.embeddings.token_embedding.weight"),
+            vec![vocab, h],
+            0.5,
+            0.0,
+        )?;
+        put(
+            format!("{t}.embeddings.position_embedding.weight"),
+            vec![max_pos, h],
+            0.1,
+            0.0,
+        )?;
+        let lin = |out: usize, inp: usize| (vec![out, inp], 1.0 / (inp as f64).sqrt());
+        for l in 0..layers {
+            let p = format!("{t}.encoder.layers.{l}");
+            for (m, out, inp) in [
+                ("self_attn.q_proj", h, h),
+                ("self_attn.k_proj", h, h),
+                ("self_attn.v_proj", h, h),
+                ("self_attn.out_proj", h, h),
+                ("mlp.fc1", ffn, h),
+                ("mlp.fc2", h, ffn),
+            ] {
+                let (shape, std) = lin(out, inp);
+                put(format!("{p}.{m}.weight"), shape, std, 0.0)?;
+                put(format!("{p}.{m}.bias"), vec![out], 0.02, 0.0)?;
+            }
+            for ln in ["layer_norm1", "layer_norm2"] {
+                put(format!("{p}.{ln}.weight"), vec![h], 0.1, 1.0)?;
+                put(format!("{p}.{ln}.bias"), vec![h], 0.1, 0.0)?;
+            }
+        }
+        put(format!("{t}.final_layer_norm.weight"), vec![h], 0.1, 1.0)?;
+        put(format!("{t}.final_layer_norm.bias"), vec![h], 0.1, 0.0)?;
+        if let Some(p) = proj {
+            let (shape, std) = lin(p, h);
+            put("text_projection.weight".into(), shape, std, 0.0)?;
+        }
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        save_atomic(&tensors, Some(meta), &sub.join("model.safetensors"))?;
+        let config = serde_json::json!({
+            "architectures": [if proj.is_some() { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
+            "model_type": "clip_text_model",
+            "vocab_size": vocab,
+            "hidden_size": h,
+            "intermediate_size": ffn,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "max_position_embeddings": max_pos,
+            "hidden_act": act,
+            "layer_norm_eps": 1e-5,
+            "projection_dim": proj.unwrap_or(h),
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "pad_token_id": 1,
+            "torch_dtype": "float32",
+        });
+        let json = serde_json::to_vec_pretty(&config).expect("config serialises");
+        crate::formats::safetensors::write_atomic(&sub.join("config.json"), &json)?;
+    }
+    for tok in ["tokenizer", "tokenizer_2"] {
+        crate::formats::safetensors::write_atomic(
+            &dir.join(tok).join("tokenizer.json"),
+            crate::teacher::EMBEDDED_CLIP_TOKENIZER,
+        )?;
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! Subcommands. Each parses its flags into library calls and prints what a user needs.
 
 mod bench;
+mod cache;
 mod encode;
 mod info;
 mod teacher;
@@ -29,7 +30,7 @@ enum Command {
     Encode(encode::EncodeArgs),
     /// Describe a model folder, an adapter folder, or a weights file.
     Info { path: PathBuf },
-    /// Write the seeded tiny Qwen3 (`OUT/model`) and tiny adapter (`OUT/adapter`) for smoke runs and tests.
+    /// Write the seeded tiny Qwen3 (`OUT/model`), adapter (`OUT/adapter`) and SDXL teacher (`OUT/teacher`) for smoke runs and tests.
     Tiny {
         #[arg(long)]
         out: PathBuf,
@@ -67,6 +68,8 @@ enum Command {
     BenchEncode(bench::BenchArgs),
     /// Encode prompts with SDXL's own text encoders (CLIP-L + CLIP-G): the distillation teacher.
     Teacher(teacher::TeacherArgs),
+    /// Cache the teacher's outputs for a caption set (stage 1 of distillation).
+    CacheTargets(cache::CacheArgs),
     /// Train LoRA + resampler to reproduce a target cache (distillation).
     Train(Box<train::TrainArgs>),
     /// Held-out metrics of an adapter against a target cache, as a table and JSON.
@@ -120,10 +123,12 @@ pub fn run(cli: Cli) -> Result<()> {
             seed,
         } => {
             qwenclip::tiny::write_tiny(&out, &tokenizer, seed)?;
+            qwenclip::tiny::write_tiny_teacher(&out.join("teacher"), seed)?;
             println!(
-                "tiny model: {}\ntiny adapter: {}",
+                "tiny model: {}\ntiny adapter: {}\ntiny SDXL teacher: {}",
                 out.join("model").display(),
-                out.join("adapter").display()
+                out.join("adapter").display(),
+                out.join("teacher").display()
             );
             Ok(())
         }
@@ -157,6 +162,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::BenchEncode(a) => bench::run(a),
         Command::Teacher(a) => teacher::run(a),
+        Command::CacheTargets(a) => cache::run(a),
         Command::Train(a) => train::run_train(*a),
         Command::Eval(a) => train::run_eval(a),
     }
@@ -167,7 +173,12 @@ pub fn bar(done: f64) -> String {
     const WIDTH: usize = 20;
     let filled = ((done.clamp(0.0, 1.0)) * WIDTH as f64).round() as usize;
     let head = if filled < WIDTH { ">" } else { "" };
-    format!("[{}{}{}]", "=".repeat(filled.saturating_sub(head.len())), head, " ".repeat(WIDTH - filled.max(head.len())))
+    format!(
+        "[{}{}{}]",
+        "=".repeat(filled.saturating_sub(head.len())),
+        head,
+        " ".repeat(WIDTH - filled.max(head.len()))
+    )
 }
 
 /// Seconds as `h:mm:ss` or `m:ss`.

@@ -67,7 +67,11 @@ pub struct TrainArgs {
     lora_r: usize,
     #[arg(long, default_value_t = 16.0)]
     lora_alpha: f64,
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj"
+    )]
     targets: Vec<String>,
     #[arg(long, default_value_t = 2048)]
     resampler_width: usize,
@@ -127,7 +131,10 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     let cfg = TrainConfig {
         lr_lora: a.lr_lora,
         lr_resampler: a.lr_resampler,
-        adamw: qwenclip::training::optim::AdamWConfig { weight_decay: a.weight_decay, ..Default::default() },
+        adamw: qwenclip::training::optim::AdamWConfig {
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
         schedule,
         warmup_steps: a.warmup,
         total_steps: a.steps,
@@ -162,7 +169,9 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 eprintln!("\nsecond Ctrl-C: exiting without saving");
                 std::process::exit(130);
             }
-            eprintln!("\nCtrl-C: saving a checkpoint after the current step (press again to quit now)");
+            eprintln!(
+                "\nCtrl-C: saving a checkpoint after the current step (press again to quit now)"
+            );
         })
         .context("cannot install the Ctrl-C handler")?;
     }
@@ -173,12 +182,27 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         a.out.display()
     );
     let started = Instant::now();
-    let summary = run::train(encoder, &cache, cfg, &run_opts, a.resume.as_deref(), &stop, &mut |ev| match ev {
-        Event::Step { report, samples_per_s, total_steps } => {
-            let done = report.step as f64 / total_steps.max(1) as f64;
-            let elapsed = started.elapsed().as_secs_f64();
-            let eta = if done > 0.0 { elapsed / done * (1.0 - done) } else { 0.0 };
-            eprint!(
+    let summary = run::train(
+        encoder,
+        &cache,
+        cfg,
+        &run_opts,
+        a.resume.as_deref(),
+        &stop,
+        &mut |ev| match ev {
+            Event::Step {
+                report,
+                samples_per_s,
+                total_steps,
+            } => {
+                let done = report.step as f64 / total_steps.max(1) as f64;
+                let elapsed = started.elapsed().as_secs_f64();
+                let eta = if done > 0.0 {
+                    elapsed / done * (1.0 - done)
+                } else {
+                    0.0
+                };
+                eprint!(
                 "\r{} {}/{} loss {:.5} (embeds {:.5}, pooled {:.5}) |g| {:.3} {:.1} samples/s ETA {}   ",
                 super::bar(done),
                 report.step,
@@ -190,10 +214,16 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 samples_per_s,
                 super::hms(eta)
             );
-        }
-        Event::Eval { step, metrics } => eprintln!("\nstep {step} held-out: {}", one_line(metrics)),
-        Event::Saved { step, path } => eprintln!("\nstep {step}: checkpoint and adapter saved in {}", path.display()),
-    })?;
+            }
+            Event::Eval { step, metrics } => {
+                eprintln!("\nstep {step} held-out: {}", one_line(metrics))
+            }
+            Event::Saved { step, path } => eprintln!(
+                "\nstep {step}: checkpoint and adapter saved in {}",
+                path.display()
+            ),
+        },
+    )?;
     eprintln!();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     if summary.interrupted {
@@ -213,25 +243,51 @@ fn one_line(m: &EvalMetrics) -> String {
 
 pub fn run_eval(a: EvalArgs) -> Result<()> {
     let cache = TargetCache::open(&a.cache)?;
-    let opts = EncoderOptions { device: a.device.device()?, dtype: a.dtype.dtype(), ..Default::default() };
+    let opts = EncoderOptions {
+        device: a.device.device()?,
+        dtype: a.dtype.dtype(),
+        ..Default::default()
+    };
     let model_dir = qwenclip::hub::resolve_model(&a.model)?;
     let encoder = Encoder::load(&model_dir, Some(&a.adapter), opts)?;
     let Some(r) = encoder.resampler() else {
-        bail!("{}: no resampler in this adapter, nothing to evaluate", a.adapter.display());
+        bail!(
+            "{}: no resampler in this adapter, nothing to evaluate",
+            a.adapter.display()
+        );
     };
     let d = cache.dims();
     let rc = r.config();
     if (rc.num_latents, rc.output_dim, rc.pooled_dim) != (d.seq, d.embed, d.pooled) {
         bail!(
             "the adapter outputs [{}, {}] + [{}] but the cache holds [{}, {}] + [{}]",
-            rc.num_latents, rc.output_dim, rc.pooled_dim, d.seq, d.embed, d.pooled
+            rc.num_latents,
+            rc.output_dim,
+            rc.pooled_dim,
+            d.seq,
+            d.embed,
+            d.pooled
         );
     }
-    let indices = if a.held_out > 0.0 { cache.split(a.held_out, a.seed).1 } else { (0..cache.len()).collect() };
-    let dims = TargetDims { seq: d.seq, embed: d.embed, pooled: d.pooled };
+    let indices = if a.held_out > 0.0 {
+        cache.split(a.held_out, a.seed).1
+    } else {
+        (0..cache.len()).collect()
+    };
+    let dims = TargetDims {
+        seq: d.seq,
+        embed: d.embed,
+        pooled: d.pooled,
+    };
     // A trainer with no steps is the adapter as it is; it reuses the evaluation code.
     let trainer = Trainer::new(encoder, TrainConfig::default(), dims)?;
-    let m = run::evaluate(&trainer, &cache, &indices, a.batch_size, trainer.encoder().llm().device())?;
+    let m = run::evaluate(
+        &trainer,
+        &cache,
+        &indices,
+        a.batch_size,
+        trainer.encoder().llm().device(),
+    )?;
     println!("| metric | value |\n|---|---|");
     println!("| captions | {} |", m.count);
     println!("| MSE prompt_embeds | {:.6} |", m.mse_embeds);

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod captions;
+mod source;
 
 pub use cache::{
     build_cache, progress_line, shard_file_name, split_indices, CacheDims, CacheOptions,

@@ -227,3 +227,227 @@ fn import_resampler_from_pth() {
         assert_close(k, &a[k], v, 0.0);
     }
 }
+
+#[test]
+fn distillation_pipeline_from_the_command_line() {
+    let d = scratch("cli-distill");
+    assert!(qwenclip(&["tiny", "--out", s(&d)], &[]).0);
+    let captions: String = (0..24)
+        .map(|i| {
+            format!(
+                "a {} box number {i} on a table\n",
+                ["red", "blue", "green"][i % 3]
+            )
+        })
+        .collect();
+    std::fs::write(d.join("captions.txt"), captions).unwrap();
+    let cache = d.join("cache");
+    let (ok, out, err) = qwenclip(
+        &[
+            "cache-targets",
+            "--teacher",
+            s(&d.join("teacher")),
+            "--captions",
+            s(&d.join("captions.txt")),
+            "--out",
+            s(&cache),
+            "--shard-size",
+            "8",
+        ],
+        &[],
+    );
+    assert!(ok && out.contains("24 captions in 3 shards"), "{out}{err}");
+    let run = d.join("run");
+    let small = [
+        "--resampler-width",
+        "32",
+        "--resampler-heads",
+        "4",
+        "--resampler-layers",
+        "1",
+        "--lora-r",
+        "4",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--held-out",
+        "0.25",
+    ];
+    let model = d.join("model");
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&model),
+        "--cache",
+        s(&cache),
+        "--out",
+        s(&run),
+        "--steps",
+        "4",
+    ];
+    args.extend(small);
+    let (ok, out, err) = qwenclip(&args, &[]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        err.contains("held-out: mse embeds") && err.contains("checkpoint and adapter saved"),
+        "{err}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["steps"], 4);
+    let (ok, out, err) = qwenclip(
+        &[
+            "eval",
+            "--model",
+            s(&d.join("model")),
+            "--adapter",
+            s(&run.join("adapter")),
+            "--cache",
+            s(&cache),
+            "--held-out",
+            "0.25",
+        ],
+        &[],
+    );
+    assert!(ok && out.contains("| MSE prompt_embeds |"), "{out}{err}");
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(json["count"], 6);
+    assert!(
+        (json["mse_embeds"].as_f64().unwrap()
+            - summary["final_eval"]["mse_embeds"].as_f64().unwrap())
+        .abs()
+            < 1e-6,
+        "eval agrees with the run's last evaluation"
+    );
+    let (ok, _, err) = qwenclip(
+        &[
+            "encode",
+            "--model",
+            s(&d.join("model")),
+            "--adapter",
+            s(&run.join("adapter")),
+            "--prompt",
+            "a red box",
+            "--out",
+            s(&d.join("c.safetensors")),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        load(&d.join("c.safetensors"))["prompt_embeds"].dims(),
+        &[1, 77, 64]
+    );
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_run_resumes() {
+    let d = scratch("cli-ctrlc");
+    assert!(qwenclip(&["tiny", "--out", s(&d)], &[]).0);
+    let captions: String = (0..16).map(|i| format!("caption {i}\n")).collect();
+    std::fs::write(d.join("captions.txt"), captions).unwrap();
+    let cache = d.join("cache");
+    assert!(
+        qwenclip(
+            &[
+                "cache-targets",
+                "--teacher",
+                s(&d.join("teacher")),
+                "--captions",
+                s(&d.join("captions.txt")),
+                "--out",
+                s(&cache)
+            ],
+            &[]
+        )
+        .0
+    );
+    let run = d.join("run");
+    let small = [
+        "--resampler-width",
+        "32",
+        "--resampler-heads",
+        "4",
+        "--resampler-layers",
+        "1",
+        "--lora-r",
+        "4",
+        "--batch-size",
+        "2",
+        "--save-every",
+        "0",
+        "--eval-every",
+        "0",
+    ];
+    let model = d.join("model");
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&model),
+        "--cache",
+        s(&cache),
+        "--out",
+        s(&run),
+        "--steps",
+        "100000",
+    ];
+    args.extend(small);
+    let child = Command::new(env!("CARGO_BIN_EXE_qwenclip"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until a few steps are logged, then interrupt.
+    let metrics = run.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.matches("grad_norm").count()) < 3 {
+        assert!(started.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted: resume with --resume"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["interrupted"], true);
+    let done = summary["steps"].as_u64().unwrap();
+    let state =
+        qwenclip::training::trainer::read_state(&run.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(
+        state.t, done,
+        "the checkpoint holds the step reached at Ctrl-C"
+    );
+    let target = (done + 2).to_string();
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&model),
+        "--cache",
+        s(&cache),
+        "--out",
+        s(&run),
+        "--steps",
+        &target,
+        "--resume",
+        s(&run),
+    ];
+    args.extend(small);
+    let (ok, out, err) = qwenclip(&args, &[]);
+    assert!(ok, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["steps"].as_u64().unwrap(), done + 2);
+}

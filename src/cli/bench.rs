@@ -79,3 +79,82 @@ fn peak_rss_bytes() -> u64 {
         })
         .map_or(0, |kb| kb * 1024)
 }
+
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    #[arg(long, default_value_t = 77)]
+    tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 1024)]
+    resampler_width: usize,
+    #[arg(long, default_value_t = 16)]
+    resampler_heads: usize,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+}
+
+/// One training step (LLM + LoRA forward/backward, resampler, AdamW) per rep on random
+/// targets; prompts of exactly `tokens` tokens (" a" repeated: one Qwen token each).
+pub fn run_train(a: BenchTrainArgs) -> Result<()> {
+    use qwenclip::training::{TargetDims, TrainConfig, Trainer};
+    let device = a.device.device()?;
+    let opts = qwenclip::EncoderOptions {
+        device: device.clone(),
+        max_tokens: Some(a.tokens),
+        ..Default::default()
+    };
+    let encoder = qwenclip::Encoder::load(&a.model, None, opts)?;
+    let cfg = TrainConfig {
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_r as f64,
+        resampler_width: a.resampler_width,
+        resampler_heads: a.resampler_heads,
+        ..Default::default()
+    };
+    let dims = TargetDims::SDXL;
+    let mut trainer = Trainer::new(encoder, cfg, dims)?;
+    let prompt = format!("a{}", " a".repeat(a.tokens - 1));
+    let n = trainer.encoder().tokenize(&[prompt.as_str()])?.lengths[0];
+    anyhow::ensure!(
+        n == a.tokens,
+        "the bench prompt has {n} tokens, wanted {}",
+        a.tokens
+    );
+    let prompts = vec![prompt.as_str(); a.batch];
+    let mut rng = Rng::new(1);
+    let te = candle_core::Tensor::from_vec(
+        rng.normal_vec(a.batch * dims.seq * dims.embed, 1.0),
+        (a.batch, dims.seq, dims.embed),
+        &device,
+    )?;
+    let tp = candle_core::Tensor::from_vec(
+        rng.normal_vec(a.batch * dims.pooled, 1.0),
+        (a.batch, dims.pooled),
+        &device,
+    )?;
+    let mut times = Vec::new();
+    for rep in 0..=a.reps {
+        let s = Instant::now();
+        trainer.step(&prompts, &te, &tp)?;
+        device.synchronize()?;
+        if rep > 0 {
+            times.push(s.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let report = serde_json::json!({
+        "impl": "qwenclip", "batch": a.batch, "tokens": a.tokens, "median_step_s": median,
+        "samples_per_s": a.batch as f64 / median, "peak_rss_bytes": peak_rss_bytes(),
+        "trainable_params": trainer.trainable_params(),
+    });
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

@@ -66,6 +66,8 @@ enum Command {
     },
     /// Time encoding (latency per batch size and length, peak memory) and print JSON.
     BenchEncode(bench::BenchArgs),
+    /// Time training steps (samples/s, peak memory) and print JSON.
+    BenchTrain(bench::BenchTrainArgs),
     /// Encode prompts with SDXL's own text encoders (CLIP-L + CLIP-G): the distillation teacher.
     Teacher(teacher::TeacherArgs),
     /// Cache the teacher's outputs for a caption set (stage 1 of distillation).
@@ -161,6 +163,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::BenchEncode(a) => bench::run(a),
+        Command::BenchTrain(a) => bench::run_train(a),
         Command::Teacher(a) => teacher::run(a),
         Command::CacheTargets(a) => cache::run(a),
         Command::Train(a) => train::run_train(*a),

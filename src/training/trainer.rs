@@ -317,6 +317,11 @@ impl Trainer {
         self.micro
     }
 
+    /// Number of trainable values (LoRA + resampler).
+    pub fn trainable_params(&self) -> usize {
+        self.opt.params.values().map(|p| p.var.elem_count()).sum()
+    }
+
     /// Bytes of trainable weights, AdamW moments and accumulated gradients.
     pub fn state_bytes(&self) -> usize {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();

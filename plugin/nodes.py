@@ -1,0 +1,452 @@
+"""The node classes (ComfyUI V1 API). Thin: validate inputs, call the library, shape outputs.
+
+The library is loaded on first use (library.get()), never at import, so the pack imports in
+milliseconds and a missing library shows one clear message when a node runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import folder_paths
+
+from . import encoder as enc
+from . import library, training
+
+log = logging.getLogger("qwenclip")
+
+MODELS_KEY = "qwenclip"
+BASE_KEY = "text_encoders"
+MAX_RESOLUTION = 16384
+NO_ADAPTER = "none"
+NO_FOLDER = "none (use captions_text)"
+HUB_IDS = ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B"]
+ENCODER = "QWEN_ENCODER"
+
+
+def register_models_folder() -> None:
+    """`models/qwenclip` (adapters, and training output) as a ComfyUI model folder; an
+    extra_model_paths.yaml entry `qwenclip: PATH` adds more places (the first one listed is
+    where training writes)."""
+    folder_paths.add_model_folder_path(MODELS_KEY, os.path.join(folder_paths.models_dir, MODELS_KEY))
+
+
+# -- listing model folders ----------------------------------------------------------------------
+
+
+def _subfolders(roots: list[str], marker) -> dict[str, str]:
+    """name -> path for folders up to two levels below each root that pass `marker`."""
+    found: dict[str, str] = {}
+
+    def dirs(p: Path) -> list[Path]:
+        try:
+            return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+        except OSError:  # unreadable or gone: list what can be listed
+            return []
+
+    for root in roots:
+        for d1 in dirs(Path(root)):
+            if marker(d1):
+                found.setdefault(d1.name, str(d1))
+                continue
+            for d2 in dirs(d1):
+                if marker(d2):
+                    found.setdefault(f"{d1.name}/{d2.name}", str(d2))
+    return found
+
+
+def _is_model(d: Path) -> bool:
+    return (d / "config.json").is_file()
+
+
+def _is_adapter(d: Path) -> bool:
+    return (d / "qwenclip.json").is_file() or (d / "adapter_config.json").is_file()
+
+
+def _paths(key: str) -> list[str]:
+    try:
+        return folder_paths.get_folder_paths(key)
+    except KeyError:
+        return []
+
+
+def base_models() -> dict[str, str]:
+    """Model folders under `text_encoders` (and `qwenclip`) that hold a config.json."""
+    found = _subfolders(_paths(BASE_KEY), _is_model)
+    for name, path in _subfolders(_paths(MODELS_KEY), _is_model).items():
+        found.setdefault(name, path)
+    return found
+
+
+def adapters() -> dict[str, str]:
+    return _subfolders(_paths(MODELS_KEY), _is_adapter)
+
+
+def adapter_choices() -> list[str]:
+    return [NO_ADAPTER] + sorted(adapters())
+
+
+def resolve_adapter(name: str) -> str | None:
+    if not name or name == NO_ADAPTER:
+        return None
+    found = adapters()
+    if name in found:
+        return found[name]
+    raise ValueError(
+        f"qwenclip: adapter '{name}' was not found in the qwenclip models folder "
+        f"({', '.join(_paths(MODELS_KEY)) or 'none registered'}); an adapter is a folder "
+        "holding qwenclip.json (or a PEFT adapter_config.json)"
+    )
+
+
+def resolve_base(name: str, hub_id: str = "") -> str:
+    """A model folder path, or a hub id the library resolves (Hugging Face cache)."""
+    hub_id = (hub_id or "").strip()
+    if hub_id:
+        return hub_id
+    found = base_models()
+    if name in found:
+        return found[name]
+    if name in HUB_IDS:
+        return name
+    raise ValueError(
+        f"qwenclip: base model '{name}' was not found: put a Qwen3 model folder (config.json, "
+        f"*.safetensors, tokenizer.json) under {', '.join(_paths(BASE_KEY)) or 'models/text_encoders'}, "
+        "or pick a hub id (e.g. Qwen/Qwen3-4B, from the Hugging Face cache)"
+    )
+
+
+def _estimate_bytes(model: str, dtype: str) -> int:
+    """Rough size of the model's weights in `dtype`, to ask ComfyUI for room first."""
+    p = Path(model)
+    if not p.is_dir():
+        hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+        snaps = sorted((hub / f"models--{model.replace('/', '--')}" / "snapshots").glob("*"))
+        if not snaps:
+            return 0
+        p = snaps[-1]
+    size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    stored = 2
+    try:
+        stored = 4 if json.loads((p / "config.json").read_text()).get("torch_dtype") == "float32" else 2
+    except (OSError, ValueError):
+        pass
+    want = 4 if dtype == "f32" else 2
+    return size * want // stored
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+
+def pick_device(device: str, lib: library.Library) -> str:
+    if device == "auto":
+        try:
+            import comfy.model_management as mm
+
+            cpu_only = mm.cpu_state == mm.CPUState.CPU
+        except Exception:
+            cpu_only = False
+        import torch
+
+        return "cuda" if lib.has_cuda and torch.cuda.is_available() and not cpu_only else "cpu"
+    if device.startswith("cuda") and not lib.has_cuda:
+        raise ValueError(
+            f"qwenclip: device {device} needs the CUDA build of the library, and "
+            f"{lib.path} is the CPU build. " + library.install_hint()
+        )
+    return device
+
+
+def pick_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "bf16" if device.startswith("cuda") else "f32"
+    return dtype
+
+
+def _torch_device(device: str):
+    import torch
+
+    return torch.device(device)
+
+
+# -- nodes ------------------------------------------------------------------------------------
+
+
+class QwenEncoderLoader:
+    """Qwen3 base model (+ adapter) -> QWEN_ENCODER."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        bases = sorted(base_models()) + HUB_IDS
+        return {
+            "required": {
+                "base_model": (bases, {"tooltip": "A Qwen3 model folder in models/text_encoders, or a Hugging Face hub id (read from the Hugging Face cache)."}),
+                "adapter": (adapter_choices(), {"tooltip": "An adapter folder in models/qwenclip (LoRA + resampler). Without one there is no SDXL conditioning."}),
+                "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
+                "dtype": (["auto", "f32", "bf16", "f16"], {"default": "auto", "tooltip": "auto: bf16 on CUDA, f32 on the CPU."}),
+            },
+            "optional": {
+                "hub_id": ("STRING", {"default": "", "tooltip": "Any hub id or model folder path; overrides base_model when set."}),
+                "max_tokens": ("INT", {"default": 0, "min": 0, "max": 32768, "tooltip": "Prompt token limit; 0 = the adapter's (256 by default)."}),
+            },
+        }
+
+    RETURN_TYPES = (ENCODER,)
+    RETURN_NAMES = ("encoder",)
+    FUNCTION = "load"
+    CATEGORY = "qwenclip"
+    DESCRIPTION = "Loads a Qwen3 text encoder and a qwenclip adapter (LoRA + Perceiver Resampler) that turns it into an SDXL text encoder."
+
+    @classmethod
+    def IS_CHANGED(cls, adapter=NO_ADAPTER, **_inputs):
+        # A retrained adapter folder must reload: its files' sizes and times are the key.
+        try:
+            return repr(enc.adapter_fingerprint(resolve_adapter(adapter)))
+        except ValueError:
+            return ""
+
+    def load(self, base_model, adapter, device, dtype, hub_id="", max_tokens=0):
+        lib = library.get()
+        model = resolve_base(base_model, hub_id)
+        adapter_dir = resolve_adapter(adapter)
+        dev = pick_device(device, lib)
+        dt = pick_dtype(dtype, dev)
+        config = {"model": model, "device": dev, "dtype": dt}
+        if max_tokens:
+            config["max_tokens"] = int(max_tokens)
+        try:
+            import comfy.model_management as mm
+
+            need = _estimate_bytes(model, dt)
+            if need:
+                with enc.loading():
+                    mm.free_memory(need, _torch_device(dev))
+        except ImportError:
+            pass
+        t0 = time.perf_counter()
+        base = enc.base_for(config, adapter_dir)
+        log.info("qwenclip: encoder %s (%s, %s) adapter %s ready in %.2f s", model, dev, dt,
+                 adapter_dir, time.perf_counter() - t0)
+        return (enc.QwenEncoder(base, adapter_dir, label=adapter if adapter_dir else base_model),)
+
+
+class QwenAdapterSelect:
+    """Same base model, another adapter (no reload of the base)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"encoder": (ENCODER,), "adapter": (adapter_choices(),)}}
+
+    RETURN_TYPES = (ENCODER,)
+    RETURN_NAMES = ("encoder",)
+    FUNCTION = "select"
+    CATEGORY = "qwenclip"
+    DESCRIPTION = "Gives the encoder another adapter from models/qwenclip, sharing the loaded base model."
+
+    @classmethod
+    def IS_CHANGED(cls, adapter=NO_ADAPTER, **_inputs):
+        try:
+            return repr(enc.adapter_fingerprint(resolve_adapter(adapter)))
+        except ValueError:
+            return ""
+
+    def select(self, encoder, adapter):
+        library.get()
+        path = resolve_adapter(adapter)
+        return (encoder.with_adapter(path, label=adapter),)
+
+
+class QwenTextEncodeSDXL:
+    """Text -> SDXL CONDITIONING, in CLIPTextEncodeSDXL's exact format."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        res = {"default": 1024, "min": 0, "max": MAX_RESOLUTION}
+        zero = {"default": 0, "min": 0, "max": MAX_RESOLUTION}
+        return {
+            "required": {
+                "encoder": (ENCODER,),
+                "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "Plain text: (word:1.2) weights are not parsed, the LLM reads the prompt as written."}),
+                "width": ("INT", res),
+                "height": ("INT", res),
+                "crop_w": ("INT", zero),
+                "crop_h": ("INT", zero),
+                "target_width": ("INT", res),
+                "target_height": ("INT", res),
+            }
+        }
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "qwenclip"
+    DESCRIPTION = "Encodes a prompt into SDXL conditioning ([1,77,2048] + pooled [1,1280] + size conditioning), a drop-in for CLIPTextEncodeSDXL."
+
+    def encode(self, encoder, text, width, height, crop_w, crop_h, target_width, target_height):
+        library.get()
+        cond, pooled = encoder.encode([text])
+        return ([[cond, {
+            "pooled_output": pooled,
+            "width": width,
+            "height": height,
+            "crop_w": crop_w,
+            "crop_h": crop_h,
+            "target_width": target_width,
+            "target_height": target_height,
+        }]],)
+
+
+class _ComfyHooks:
+    """What the training loop needs from ComfyUI: progress (raises on Cancel), text, previews."""
+
+    def __init__(self, total: int, node_id):
+        import comfy.model_management
+        import comfy.utils
+
+        self.mm = comfy.model_management
+        try:
+            self.pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+        except TypeError:  # ComfyUI before node_id was added
+            self.pbar = comfy.utils.ProgressBar(total)
+        self.node_id = node_id
+        self.last_preview = 0.0
+        self.last_log = 0.0
+        self.every = max(1, total // 20)
+
+    def progress(self, value, total, preview_rgb):
+        preview = None
+        if preview_rgb is not None:
+            from PIL import Image
+
+            preview = ("PNG", Image.fromarray(preview_rgb), 640)
+        self.pbar.update_absolute(value, total, preview)
+
+    def check_interrupt(self):
+        self.mm.throw_exception_if_processing_interrupted()
+
+    def wants_preview(self, step, total):
+        now = time.monotonic()
+        if step >= total or now - self.last_preview > 2.0:
+            self.last_preview = now
+            return True
+        return False
+
+    def text(self, step, message):
+        if step % self.every == 0 or step == 1:
+            log.info("qwenclip: %s", message)
+        try:
+            from server import PromptServer
+
+            if self.node_id is not None and hasattr(PromptServer.instance, "send_progress_text"):
+                PromptServer.instance.send_progress_text(message, self.node_id)
+        except Exception:
+            pass
+
+
+def caption_folders() -> list[str]:
+    root = Path(folder_paths.get_input_directory())
+    out = []
+    if root.is_dir():
+        for d in sorted(root.rglob("*")):
+            if d.is_dir() and not any(part.startswith(".") for part in d.relative_to(root).parts):
+                if any(f.suffix.lower() in training.CAPTION_SUFFIXES for f in d.iterdir() if f.is_file()):
+                    out.append(d.relative_to(root).as_posix())
+    return [NO_FOLDER] + out
+
+
+def _adapter_name_ok(name: str) -> str:
+    name = name.strip()
+    if not name or name.startswith(".") or any(c in name for c in "\\:*?\"<>|") or ".." in Path(name).parts:
+        raise ValueError(f"qwenclip: adapter_name '{name}' is not a usable folder name")
+    return name
+
+
+class QwenAdapterTrain:
+    """Distils the connected SDXL CLIP into a qwenclip adapter, step by step."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "encoder": (ENCODER, {"tooltip": "The Qwen3 base model to train on (its adapter is the starting point when init is 'encoder adapter')."}),
+                "clip": ("CLIP", {"tooltip": "The SDXL checkpoint's CLIP: the teacher whose conditioning the adapter learns to reproduce."}),
+                "adapter_name": ("STRING", {"default": "my_adapter", "tooltip": "Folder under models/qwenclip; training resumes when it holds a checkpoint."}),
+                "captions_folder": (caption_folders(), {"tooltip": "A folder under ComfyUI's input directory: every line of every .txt/.caption file is a caption."}),
+                "captions_text": ("STRING", {"multiline": True, "default": "", "tooltip": "More captions, one per line."}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 1_000_000, "tooltip": "Optimizer steps in total (a resumed run continues up to this)."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 256}),
+                "grad_accum": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Micro-batches per optimizer step."}),
+                "lr_lora": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False}),
+                "lr_resampler": ("FLOAT", {"default": 5e-4, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False}),
+                "save_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000, "tooltip": "Checkpoint + adapter every N optimizer steps (and on Cancel, and at the end)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False, "tooltip": "Caption order and initial weights. Fixed: a new seed would start another run."}),
+            },
+            "optional": {
+                "init": (["encoder adapter", "scratch"], {"default": "encoder adapter", "tooltip": "A new adapter starts from the encoder's adapter (when it has one) or from scratch."}),
+                "lora_r": ("INT", {"default": 16, "min": 1, "max": 1024}),
+                "lora_alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 4096.0, "step": 1.0}),
+                "resampler_width": ("INT", {"default": 2048, "min": 8, "max": 8192, "step": 8}),
+                "resampler_heads": ("INT", {"default": 16, "min": 1, "max": 128}),
+                "resampler_layers": ("INT", {"default": 4, "min": 1, "max": 64}),
+                "resampler_ff_mult": ("INT", {"default": 4, "min": 1, "max": 16}),
+                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000}),
+                "schedule": (["cosine", "constant"], {"default": "cosine"}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (ENCODER, "IMAGE")
+    RETURN_NAMES = ("encoder", "loss_curve")
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    CATEGORY = "qwenclip"
+    DESCRIPTION = "Trains a qwenclip adapter so the Qwen encoder reproduces the connected SDXL CLIP's conditioning. Saves into models/qwenclip/<adapter_name>, resumes from there, stops cleanly on Cancel."
+
+    def train(self, encoder, clip, adapter_name, captions_folder, captions_text, steps, batch_size,
+              grad_accum, lr_lora, lr_resampler, save_every, seed, init="encoder adapter",
+              lora_r=16, lora_alpha=16.0, resampler_width=2048, resampler_heads=16,
+              resampler_layers=4, resampler_ff_mult=4, warmup_steps=0, schedule="cosine",
+              unique_id=None):
+        library.get()
+        name = _adapter_name_ok(adapter_name)
+        folder = None
+        if captions_folder and captions_folder != NO_FOLDER:
+            folder = os.path.join(folder_paths.get_input_directory(), captions_folder)
+        captions = training.read_captions(folder, captions_text)
+        out_dir = Path(_paths(MODELS_KEY)[0]) / name
+        config = {
+            "lr_lora": float(lr_lora),
+            "lr_resampler": float(lr_resampler),
+            "lora_r": int(lora_r),
+            "lora_alpha": float(lora_alpha),
+            "resampler_width": int(resampler_width),
+            "resampler_heads": int(resampler_heads),
+            "resampler_layers": int(resampler_layers),
+            "resampler_ff_mult": int(resampler_ff_mult),
+            "warmup_steps": int(warmup_steps),
+            "schedule": schedule,
+        }
+        run = training.Run(
+            encoder, clip, captions, out_dir, steps=int(steps), batch_size=int(batch_size),
+            grad_accum=int(grad_accum), save_every=int(save_every), seed=int(seed), config=config,
+            init_from_encoder_adapter=(init == "encoder adapter"), hooks=_ComfyHooks(int(steps), unique_id),
+        )
+        return run.run()
+
+
+NODE_CLASS_MAPPINGS = {
+    "QwenEncoderLoader": QwenEncoderLoader,
+    "QwenTextEncodeSDXL": QwenTextEncodeSDXL,
+    "QwenAdapterTrain": QwenAdapterTrain,
+    "QwenAdapterSelect": QwenAdapterSelect,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QwenEncoderLoader": "Qwen Encoder Loader",
+    "QwenTextEncodeSDXL": "Qwen Text Encode (SDXL)",
+    "QwenAdapterTrain": "Qwen Adapter Train",
+    "QwenAdapterSelect": "Qwen Adapter Select",
+}

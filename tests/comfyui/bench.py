@@ -1,0 +1,172 @@
+"""Benchmark (not a test): the node pack's cost over the library.
+
+1. Qwen Text Encode (SDXL), the node function as ComfyUI calls it, against the library's
+   encode called directly through ctypes into preallocated buffers, on the same handle,
+   interleaved. Run on the tiny model (the Python layer's cost in absolute terms) and on a
+   Qwen3-0.6B-shaped model with random weights (a realistic encode; overhead in %).
+2. The pack's import time: in a fresh process that has imported what ComfyUI has at that
+   point (median of 7), and ComfyUI's own import-time line for the pack at server start-up.
+
+Run: bash .ci/comfyui.sh bench   (or with the variables that script sets: QWENCLIP_COMFYUI,
+QWENCLIP_LIB, QWENCLIP_BIN; run from the repository root). --quick skips the 0.6B model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+COMFY = os.environ["QWENCLIP_COMFYUI"]
+sys.path.insert(0, COMFY)
+sys.path.insert(0, str(HERE))
+
+import comfy.cli_args  # noqa: E402
+
+comfy.cli_args.args.cpu = True
+
+import torch  # noqa: E402
+from conftest import PLUGIN, plugin_package  # noqa: E402
+
+PROMPT = "a photo of a red fox sitting in fresh snow, soft morning light, detailed fur, shallow depth of field"
+
+
+def bench_encode(pack, model_dir: Path, adapter_dir: Path, rounds: int, warmup: int = 3) -> dict:
+    import folder_paths
+
+    te = model_dir.parent
+    folder_paths.add_model_folder_path("text_encoders", str(te), is_default=True)
+    folder_paths.add_model_folder_path("qwenclip", str(adapter_dir.parent), is_default=True)
+    lib = pack.library.get()
+    t0 = time.perf_counter()
+    enc = pack.nodes.QwenEncoderLoader().load(model_dir.name, adapter_dir.name, "cpu", "f32")[0]
+    load_s = time.perf_counter() - t0
+    node = pack.nodes.QwenTextEncodeSDXL()
+    s, e, p = enc.shape()
+    cond = torch.empty((1, s, e))
+    pooled = torch.empty((1, p))
+    handle = enc.base.handle
+
+    def direct():
+        lib.encode_into(handle, [PROMPT], cond.data_ptr(), cond.numel(), pooled.data_ptr(), pooled.numel())
+
+    def via_node():
+        node.encode(enc, PROMPT, 1024, 1024, 0, 0, 1024, 1024)
+
+    torch.set_grad_enabled(False)
+    for _ in range(warmup):
+        direct()
+        via_node()
+    d, n = [], []
+    for _ in range(rounds):
+        for f, acc in ((direct, d), (via_node, n)):
+            t = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - t)
+    out = node.encode(enc, PROMPT, 1024, 1024, 0, 0, 1024, 1024)[0]
+    direct()
+    assert torch.equal(out[0][0], cond), "node and library agree"
+    md, mn = statistics.median(d), statistics.median(n)
+    paired = statistics.median(b - a for a, b in zip(d, n))  # drift-free: each pair back to back
+    return {
+        "model": model_dir.name, "load_s": round(load_s, 3), "rounds": rounds,
+        "direct_ms_median": round(md * 1e3, 3), "node_ms_median": round(mn * 1e3, 3),
+        "direct_ms_mean": round(statistics.mean(d) * 1e3, 3), "node_ms_mean": round(statistics.mean(n) * 1e3, 3),
+        "overhead_ms_median": round((mn - md) * 1e3, 3), "overhead_pct_median": round((mn - md) / md * 100, 2),
+        "overhead_ms_paired_median": round(paired * 1e3, 3), "overhead_pct_paired": round(paired / md * 100, 2),
+    }
+
+
+def import_time_fresh(repeats: int = 7) -> dict:
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {COMFY!r})
+        import comfy.cli_args; comfy.cli_args.args.cpu = True
+        import torch, folder_paths, comfy.model_management, comfy.utils, comfy.sd, nodes
+        import importlib.util
+        t = time.perf_counter()
+        spec = importlib.util.spec_from_file_location('comfyui_qwenclip', {str(PLUGIN / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(PLUGIN)!r}])
+        m = importlib.util.module_from_spec(spec); sys.modules['comfyui_qwenclip'] = m; spec.loader.exec_module(m)
+        print(time.perf_counter() - t)
+    """)
+    times = []
+    for _ in range(repeats):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        times.append(float(r.stdout.split()[-1]))
+    return {"repeats": repeats, "median_ms": round(statistics.median(times) * 1e3, 2), "max_ms": round(max(times) * 1e3, 2)}
+
+
+def import_time_server() -> dict:
+    from comfy_server import ComfyServer
+
+    with tempfile.TemporaryDirectory() as d:
+        s = ComfyServer(Path(d))
+        s.prepare()
+        try:
+            s.start()
+            log = s.log()
+        finally:
+            s.stop()
+    m = re.search(r"^\s*([\d.]+) seconds: .*comfyui-qwenclip\s*$", log, re.M)
+    return {"comfyui_reported_s": float(m.group(1)) if m else None, "server_ready_s": round(s.startup_s, 1)}
+
+
+def adapter_for(pack, model_dir: Path, out: Path) -> Path:
+    """An untrained adapter bundle for `model_dir` (LoRA + a default-size resampler), written
+    by the library's trainer: what a trained adapter costs to run."""
+    if (out / "qwenclip.json").is_file():
+        return out
+    lib = pack.library.get()
+    h = lib.encoder_load({"model": str(model_dir)})
+    t = lib.trainer_new(h, {})
+    lib.trainer_save_adapter(t, str(out))
+    lib.trainer_free(t)
+    lib.encoder_free(h)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny model only")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qwenclip-bench")
+    a = ap.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    pack = plugin_package()
+    results = {"library": str(pack.library.get().path), "threads": torch.get_num_threads()}
+
+    tiny = a.work / "tiny"
+    if not (tiny / "adapter" / "qwenclip.json").is_file():
+        subprocess.run([os.environ["QWENCLIP_BIN"], "tiny", "--out", str(tiny)], check=True, cwd=ROOT, capture_output=True)
+    results["encode_tiny"] = bench_encode(pack, tiny / "model", tiny / "adapter", a.rounds * 5)
+    print(json.dumps(results["encode_tiny"]), flush=True)
+
+    if not a.quick:
+        big = a.work / "qwen3-0.6b" / "qwen3-0.6b"
+        if not (big / "config.json").is_file():
+            subprocess.run([os.environ["QWENCLIP_BIN"], "random-model", "--shape", "qwen3-0.6b", "--out", str(big)],
+                           check=True, cwd=ROOT, capture_output=True)
+        adapter = adapter_for(pack, big, a.work / "adapters" / "qwen3-0.6b-untrained")
+        results["encode_qwen3_0.6b"] = bench_encode(pack, big, adapter, max(5, a.rounds // 3))
+        print(json.dumps(results["encode_qwen3_0.6b"]), flush=True)
+
+    results["import_fresh_process"] = import_time_fresh()
+    print(json.dumps(results["import_fresh_process"]), flush=True)
+    results["import_comfyui_startup"] = import_time_server()
+    print(json.dumps(results["import_comfyui_startup"]), flush=True)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Writes the example workflows in workflows/: each as a UI-format file (what people share and
+drag into ComfyUI) and its API-format twin (what /prompt and scripts take), from one
+description here. Edit this file and run it (`python tests/comfyui/make_workflows.py`)
+rather than editing the JSON by hand; the browser test checks that the frontend turns each UI
+file into exactly its API twin.
+
+Widget order per node is the frontend's (required inputs then optional ones, a
+`control_after_generate` value after seeds that have one)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "workflows"
+
+CKPT = "sd_xl_base_1.0.safetensors"
+BASE = "Qwen/Qwen3-4B"
+ADAPTER = "my_adapter"
+PROMPT = "a photo of a red fox sitting in fresh snow, soft morning light, detailed fur, shallow depth of field"
+NEGATIVE = "blurry, low quality, watermark"
+CAPTIONS = "\n".join([
+    "a photo of a red fox sitting in fresh snow, soft morning light",
+    "an oil painting of a lighthouse on a cliff at sunset",
+    "a bowl of ramen on a wooden table, top view, food photography",
+    "portrait of an old fisherman with a grey beard, dramatic lighting",
+    "a red cube to the left of a blue sphere on a white floor, 3d render",
+    "a cozy reading nook with a window, rain outside, warm lamp light",
+    "a watercolor of cherry blossoms over a river in spring",
+    "a futuristic city street at night, neon signs, wet asphalt",
+])
+
+OUTPUT_TYPES = {
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "QwenEncoderLoader": [("encoder", "QWEN_ENCODER")],
+    "QwenAdapterSelect": [("encoder", "QWEN_ENCODER")],
+    "QwenTextEncodeSDXL": [("CONDITIONING", "CONDITIONING")],
+    "CLIPTextEncodeSDXL": [("CONDITIONING", "CONDITIONING")],
+    "QwenAdapterTrain": [("encoder", "QWEN_ENCODER"), ("loss_curve", "IMAGE")],
+    "EmptyLatentImage": [("LATENT", "LATENT")],
+    "KSampler": [("LATENT", "LATENT")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
+    "SaveImage": [],
+    "PreviewImage": [],
+    "Note": [],
+}
+
+
+class Graph:
+    def __init__(self):
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(self, type_, pos, size, widgets=(), inputs=(), title=None, api=True, color=None):
+        """widgets: [(name, value)]; inputs: [(name, type, (node, slot))]."""
+        nid = len(self.nodes) + 1
+        n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "widgets": list(widgets),
+             "inputs": list(inputs), "title": title, "api": api, "color": color}
+        self.nodes.append(n)
+        return nid
+
+    def ui(self) -> dict:
+        links = []
+        out_links: dict[tuple[int, int], list[int]] = {}
+        ui_nodes = []
+        for n in self.nodes:
+            inputs = []
+            for slot, (name, typ, (src, src_slot)) in enumerate(n["inputs"]):
+                lid = len(links) + 1
+                links.append([lid, src, src_slot, n["id"], slot, typ])
+                out_links.setdefault((src, src_slot), []).append(lid)
+                inputs.append({"name": name, "type": typ, "link": lid})
+            n["_inputs"] = inputs
+        for order, n in enumerate(self.nodes):
+            outputs = [
+                {"name": name, "type": typ, "links": out_links.get((n["id"], i), []), "slot_index": i}
+                for i, (name, typ) in enumerate(OUTPUT_TYPES[n["type"]])
+            ]
+            u = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"], "flags": {},
+                 "order": order, "mode": 0, "inputs": n["_inputs"], "outputs": outputs,
+                 "properties": {"Node name for S&R": n["type"]},
+                 "widgets_values": [v for _, v in n["widgets"]]}
+            if n["title"]:
+                u["title"] = n["title"]
+            if n["color"]:
+                u["color"], u["bgcolor"] = n["color"]
+            ui_nodes.append(u)
+        return {"last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes,
+                "links": links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.8, "offset": [480, 60]}}, "version": 0.4}
+
+    def api(self) -> dict:
+        out = {}
+        for n in self.nodes:
+            if not n["api"]:
+                continue
+            inputs = {name: v for name, v in n["widgets"] if name != "control_after_generate"}
+            for name, _typ, (src, slot) in n["inputs"]:
+                inputs[name] = [str(src), slot]
+            entry = {"inputs": inputs, "class_type": n["type"]}
+            if n["title"]:
+                entry["_meta"] = {"title": n["title"]}
+            out[str(n["id"])] = entry
+        return out
+
+
+NOTE_COLOR = ("#432", "#653")
+
+
+def note(g: Graph, text: str, pos=(-480, 0), size=(440, 520)):
+    g.node("Note", pos, size, [("text", text.strip() + "\n")], api=False, color=NOTE_COLOR)
+
+
+def loader(g, pos, adapter=ADAPTER):
+    return g.node("QwenEncoderLoader", pos, (320, 180), [
+        ("base_model", BASE), ("adapter", adapter), ("device", "auto"), ("dtype", "auto"),
+        ("hub_id", ""), ("max_tokens", 0)])
+
+
+def qwen_encode(g, pos, encoder, text, title):
+    return g.node("QwenTextEncodeSDXL", pos, (400, 260), [
+        ("text", text), ("width", 1024), ("height", 1024), ("crop_w", 0), ("crop_h", 0),
+        ("target_width", 1024), ("target_height", 1024)],
+        [("encoder", "QWEN_ENCODER", (encoder, 0))], title=title)
+
+
+def clip_encode(g, pos, ckpt, text, title):
+    return g.node("CLIPTextEncodeSDXL", pos, (400, 290), [
+        ("width", 1024), ("height", 1024), ("crop_w", 0), ("crop_h", 0), ("target_width", 1024),
+        ("target_height", 1024), ("text_g", text), ("text_l", text)],
+        [("clip", "CLIP", (ckpt, 1))], title=title)
+
+
+def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None):
+    k = g.node("KSampler", (x, y), (320, 262), [
+        ("seed", seed), ("control_after_generate", "fixed"), ("steps", 25), ("cfg", 7.0),
+        ("sampler_name", "euler"), ("scheduler", "normal"), ("denoise", 1.0)],
+        [("model", "MODEL", (ckpt, 0)), ("positive", "CONDITIONING", (pos, 0)),
+         ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))], title=title)
+    d = g.node("VAEDecode", (x + 350, y), (210, 46), [], [("samples", "LATENT", (k, 0)), ("vae", "VAE", (ckpt, 2))])
+    g.node("SaveImage", (x + 590, y), (400, 420), [("filename_prefix", prefix)], [("images", "IMAGE", (d, 0))])
+
+
+def text_to_image() -> Graph:
+    g = Graph()
+    note(g, f"""
+SDXL text-to-image with Qwen Text Encode (SDXL) for both prompts.
+
+What to set:
+1. Load Checkpoint: your SDXL checkpoint (models/checkpoints). Its CLIP is not used here.
+2. Qwen Encoder Loader:
+   - base_model: the Qwen3 model the adapter was trained on: a folder in
+     models/text_encoders (config.json + *.safetensors + tokenizer.json) or a hub id
+     (read from the Hugging Face cache).
+   - adapter: your adapter folder in models/qwenclip ("{ADAPTER}" is what the
+     training workflow writes). Without an adapter there is no conditioning.
+   - device / dtype: auto = CUDA + bf16 when the CUDA build and a GPU are there.
+3. The prompts are plain text: (word:1.2) weights are not parsed.
+4. width/height (and target_*) are SDXL's size conditioning: keep them equal to the image
+   size set in Empty Latent Image.
+""")
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
+    enc = loader(g, (0, 160))
+    pos = qwen_encode(g, (360, 0), enc, PROMPT, "Positive (Qwen)")
+    neg = qwen_encode(g, (360, 300), enc, NEGATIVE, "Negative (Qwen)")
+    lat = g.node("EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)])
+    sample(g, 800, 0, ckpt, pos, neg, lat, "qwenclip/text_to_image")
+    return g
+
+
+def train_then_generate() -> Graph:
+    g = Graph()
+    note(g, """
+Train a qwenclip adapter on your own captions, then generate with it.
+
+Qwen Adapter Train distils your checkpoint's own CLIP (the teacher) into the Qwen encoder:
+for every caption, ComfyUI's CLIP encode computes the target conditioning.
+
+What to set:
+1. Load Checkpoint: the SDXL checkpoint whose CLIP the adapter should match
+   (fine-tuned checkpoints included).
+2. Qwen Encoder Loader: the Qwen3 base model; adapter "none" starts a new adapter
+   (an adapter here is the starting point when init = "encoder adapter").
+3. Qwen Adapter Train:
+   - adapter_name: the folder models/qwenclip/<adapter_name>. If it holds a checkpoint,
+     training RESUMES from it up to `steps`.
+   - captions_folder: a folder in ComfyUI's input directory with .txt files (one caption
+     per line), and/or captions_text (one caption per line). Use thousands of varied
+     captions for a useful adapter; the ones below only show the format.
+   - steps, batch_size, grad_accum, lr_lora, lr_resampler, save_every: the defaults suit
+     a GPU run; a checkpoint + the adapter are written every save_every steps.
+   - Cancel stops cleanly after saving; queue again to resume.
+4. The loss curve goes to the preview; the trained encoder feeds the prompts below.
+""", size=(460, 640))
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
+    enc = loader(g, (0, 160), adapter="none")
+    train = g.node("QwenAdapterTrain", (360, 0), (420, 640), [
+        ("adapter_name", ADAPTER), ("captions_folder", "none (use captions_text)"),
+        ("captions_text", CAPTIONS), ("steps", 1000), ("batch_size", 4), ("grad_accum", 1),
+        ("lr_lora", 1e-4), ("lr_resampler", 5e-4), ("save_every", 100), ("seed", 0),
+        ("init", "encoder adapter"), ("lora_r", 16), ("lora_alpha", 16.0),
+        ("resampler_width", 2048), ("resampler_heads", 16), ("resampler_layers", 4),
+        ("resampler_ff_mult", 4), ("warmup_steps", 0), ("schedule", "cosine")],
+        [("encoder", "QWEN_ENCODER", (enc, 0)), ("clip", "CLIP", (ckpt, 1))])
+    g.node("PreviewImage", (820, 700), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
+    pos = qwen_encode(g, (820, 0), train, PROMPT, "Positive (trained adapter)")
+    neg = qwen_encode(g, (820, 300), train, NEGATIVE, "Negative (trained adapter)")
+    lat = g.node("EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)])
+    sample(g, 1260, 0, ckpt, pos, neg, lat, "qwenclip/trained_adapter")
+    return g
+
+
+def clip_vs_qwen() -> Graph:
+    g = Graph()
+    note(g, f"""
+CLIP vs Qwen, side by side: the same checkpoint, prompt, seed and sampler, conditioned
+once by the checkpoint's own CLIP (CLIP Text Encode SDXL, top) and once by Qwen Text
+Encode (SDXL) with your adapter (bottom). Both images are saved under qwenclip/compare_*.
+
+What to set:
+1. Load Checkpoint: your SDXL checkpoint.
+2. Qwen Encoder Loader: the Qwen3 base model and the adapter trained for this checkpoint
+   ("{ADAPTER}" is what the training workflow writes).
+3. Write the same prompt in both positive nodes (and both negatives). Both KSamplers use
+   seed 42 ("fixed"): change both together.
+""")
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
+    cpos = clip_encode(g, (360, 0), ckpt, PROMPT, "Positive (CLIP)")
+    cneg = clip_encode(g, (360, 320), ckpt, NEGATIVE, "Negative (CLIP)")
+    enc = loader(g, (0, 700))
+    qpos = qwen_encode(g, (360, 700), enc, PROMPT, "Positive (Qwen)")
+    qneg = qwen_encode(g, (360, 990), enc, NEGATIVE, "Negative (Qwen)")
+    lat = g.node("EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)])
+    sample(g, 800, 0, ckpt, cpos, cneg, lat, "qwenclip/compare_clip", title="KSampler (CLIP)")
+    sample(g, 800, 700, ckpt, qpos, qneg, lat, "qwenclip/compare_qwen", title="KSampler (Qwen)")
+    return g
+
+
+WORKFLOWS = {
+    "sdxl_qwen_text_to_image": text_to_image,
+    "sdxl_qwen_train_then_generate": train_then_generate,
+    "sdxl_clip_vs_qwen": clip_vs_qwen,
+}
+
+# What the shipped workflows name; tests create empty placeholders with these names so
+# /prompt's validation (which checks names only) accepts the files as they are.
+PLACEHOLDERS = {"checkpoints": [CKPT], "adapters": [ADAPTER]}
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        g = build()
+        (OUT / f"{name}.json").write_text(json.dumps(g.ui(), indent=2) + "\n")
+        (OUT / f"{name}.api.json").write_text(json.dumps(g.api(), indent=2) + "\n")
+        print(f"workflows/{name}.json, workflows/{name}.api.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""End to end in a real ComfyUI 0.3.75 server: the pack imports cleanly and fast, every node is
+listed, and the shipped workflows run through /prompt on tiny models (the checkpoint loader
+swapped for the test node that builds a tiny SDXL: real KSampler, real CLIP, real VAE):
+text-to-image, CLIP vs Qwen, training then generating, Cancel then resume, and /free."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+OURS = {
+    "QwenEncoderLoader": "Qwen Encoder Loader",
+    "QwenTextEncodeSDXL": "Qwen Text Encode (SDXL)",
+    "QwenAdapterTrain": "Qwen Adapter Train",
+    "QwenAdapterSelect": "Qwen Adapter Select",
+}
+SMALL_TRAIN = {"batch_size": 2, "grad_accum": 1, "init": "scratch", "lora_r": 4, "lora_alpha": 4.0,
+               "resampler_width": 64, "resampler_heads": 4, "resampler_layers": 1, "resampler_ff_mult": 2,
+               "lr_lora": 1e-3, "lr_resampler": 1e-3}
+
+
+def workflow(name: str) -> dict:
+    return json.loads((ROOT / "workflows" / f"{name}.api.json").read_text())
+
+
+def tiny(prompt: dict, adapter: str = "tiny", prefix: str = "e2e", **train) -> dict:
+    """The shipped workflow on tiny models: same graph, small sizes."""
+    for node in prompt.values():
+        t, i = node["class_type"], node["inputs"]
+        if t == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = "QwenclipTestTinySDXL", {"seed": 0}
+        elif t == "QwenEncoderLoader":
+            i.update(base_model="qwen3-tiny", device="cpu", dtype="f32")
+            if i["adapter"] != "none":
+                i["adapter"] = adapter
+        elif t == "EmptyLatentImage":
+            i.update(width=64, height=64)
+        elif t == "KSampler":
+            i.update(steps=2)
+        elif t in ("QwenTextEncodeSDXL", "CLIPTextEncodeSDXL"):
+            i.update(width=64, height=64, target_width=64, target_height=64)
+        elif t == "QwenAdapterTrain":
+            i.update(SMALL_TRAIN)
+            i.update(train)
+        elif t == "SaveImage":
+            i["filename_prefix"] = f"{prefix}/{i['filename_prefix'].split('/')[-1]}"
+    return prompt
+
+
+def saved_images(server, entry: dict) -> list[Path]:
+    out = []
+    for node_out in entry["outputs"].values():
+        for img in node_out.get("images", []):
+            if img["type"] == "output":
+                out.append(server.base / "output" / img["subfolder"] / img["filename"])
+    return out
+
+
+def test_object_info_lists_every_node(server):
+    info = server.get("/object_info")
+    for name, display in OURS.items():
+        assert name in info, f"{name} missing from /object_info"
+        assert info[name]["display_name"] == display
+        assert info[name]["category"] == "qwenclip"
+        assert "comfyui-qwenclip" in info[name]["python_module"]
+    assert info["QwenEncoderLoader"]["output"] == ["QWEN_ENCODER"]
+    assert info["QwenTextEncodeSDXL"]["output"] == ["CONDITIONING"]
+    assert info["QwenAdapterTrain"]["output"] == ["QWEN_ENCODER", "IMAGE"]
+    assert info["QwenAdapterTrain"]["output_node"] is True
+    loader = info["QwenEncoderLoader"]["input"]["required"]
+    assert "qwen3-tiny" in loader["base_model"][0] and "tiny" in loader["adapter"][0]
+
+
+def test_server_log_has_no_import_error_and_the_pack_imports_fast(server):
+    log = server.log()
+    bad = [line for line in log.splitlines() if "IMPORT FAILED" in line or "Cannot import" in line]
+    assert not bad, "\n".join(bad)
+    m = re.search(r"^\s*([\d.]+) seconds: .*comfyui-qwenclip\s*$", log, re.M)
+    assert m, "the pack is in ComfyUI's import-time summary"
+    assert float(m.group(1)) < 0.5
+    assert "qwenclip: using" not in log, "the library loads on first use, not at start-up"
+
+
+def test_node_help_pages_are_served_for_the_frontend(server):
+    for name in OURS:
+        status, body = server.request("GET", f"/extensions/comfyui-qwenclip/docs/{name}.md")
+        assert status == 200, name
+
+
+def test_status_route_reports_the_library(server):
+    s = server.get("/qwenclip/status")
+    assert s["error"] is None and Path(s["library"]) == Path(os.environ["QWENCLIP_LIB"])
+    assert s["cuda"] is False or s["cuda"] is True
+
+
+def test_text_to_image_workflow(server):
+    entry = server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_t2i"))
+    images = saved_images(server, entry)
+    assert len(images) == 1 and images[0].is_file()
+    from PIL import Image
+
+    assert Image.open(images[0]).size == (64, 64)
+
+
+def test_clip_vs_qwen_workflow(server):
+    entry = server.run(tiny(workflow("sdxl_clip_vs_qwen"), prefix="e2e_cmp"))
+    images = saved_images(server, entry)
+    assert sorted(p.name.split("_0")[0] for p in images) == ["compare_clip", "compare_qwen"]
+    assert all(p.is_file() for p in images)
+
+
+def test_train_then_generate_then_load_the_saved_adapter(server):
+    prompt = tiny(workflow("sdxl_qwen_train_then_generate"), prefix="e2e_train",
+                  adapter_name="e2e_adapter", steps=4, save_every=2)
+    entry = server.run(prompt)
+    folder = server.base / "models" / "qwenclip" / "e2e_adapter"
+    for f in ("qwenclip.json", "resampler.safetensors", "adapter_model.safetensors", "checkpoint.safetensors"):
+        assert (folder / f).is_file(), f
+    state = json.loads((folder / "train_state.json").read_text())
+    assert state["step"] == 4 and len(state["losses"]) == 4
+    assert len(saved_images(server, entry)) == 1
+    previews = [img for o in entry["outputs"].values() for img in o.get("images", []) if img["type"] == "temp"]
+    assert previews, "the loss curve reached the Preview Image node"
+    assert "qwenclip: trained" in server.log()
+
+    # The new adapter is listed, and the text-to-image workflow runs with it.
+    info = server.get("/object_info/QwenEncoderLoader")
+    assert "e2e_adapter" in info["QwenEncoderLoader"]["input"]["required"]["adapter"][0]
+    entry = server.run(tiny(workflow("sdxl_qwen_text_to_image"), adapter="e2e_adapter", prefix="e2e_trained"))
+    assert len(saved_images(server, entry)) == 1
+    assert f"adapter {folder}" in server.log()
+
+
+def test_cancel_saves_then_queueing_again_resumes(server):
+    prompt = tiny(workflow("sdxl_qwen_train_then_generate"), prefix="e2e_cancel",
+                  adapter_name="e2e_cancel", steps=100000, save_every=100000)
+    pid = server.queue(prompt)
+    t0 = time.time()
+    while "qwenclip: step 1/100000" not in server.log():
+        assert time.time() - t0 < 120, server.log()[-3000:]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    entry = server.wait(pid, timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    folder = server.base / "models" / "qwenclip" / "e2e_cancel"
+    state = json.loads((folder / "train_state.json").read_text())
+    stopped = state["step"]
+    assert stopped >= 1 and (folder / "checkpoint.safetensors").is_file() and (folder / "qwenclip.json").is_file()
+    assert "saved" in server.log() and "stopped: InterruptProcessingException" in server.log()
+
+    prompt = tiny(workflow("sdxl_qwen_train_then_generate"), prefix="e2e_resume",
+                  adapter_name="e2e_cancel", steps=stopped + 3, save_every=100000)
+    server.run(prompt)
+    state = json.loads((folder / "train_state.json").read_text())
+    assert state["step"] == stopped + 3
+    assert [s for s, _ in state["losses"]] == list(range(1, stopped + 4))
+    assert f"resuming {folder} from step {stopped}" in server.log()
+
+
+def test_free_releases_our_memory(server):
+    server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_free"))
+    s = server.get("/qwenclip/status")
+    assert s["memory"]["cpu_bytes"] > 0 and s["live_encoders"] >= 1
+
+    def until(cond, what):
+        t0 = time.time()
+        while time.time() - t0 < 60:
+            s = server.get("/qwenclip/status")
+            if cond(s):
+                return s
+            time.sleep(0.3)
+        raise AssertionError(f"{what}: {s}")
+
+    assert server.post("/free", {"unload_models": True})[0] == 200
+    until(lambda s: s["memory"]["cpu_bytes"] == 0, "unload_models released the weights")
+    assert "qwenclip: released encoder weights (unload_all_models)" in server.log()
+    assert server.post("/free", {"free_memory": True})[0] == 200
+    until(lambda s: s["live_encoders"] == 0, "free_memory dropped ComfyUI's caches and our handles")
+    assert "qwenclip: freed encoder" in server.log()
+    # and everything still works afterwards
+    server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_after_free"))

@@ -1,0 +1,524 @@
+"""The node functions called directly, with real torch and ComfyUI's own modules (no server):
+conditioning format, loader listings and error messages, library discovery, memory release,
+and the training node's progress, saves, cancel and resume."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COMFY, PACKAGE, PLUGIN
+
+CAPTIONS = "\n".join([
+    "a red cube left of a blue sphere",
+    "a lighthouse under the stars",
+    "portrait of an old fisherman, oil painting",
+    "a bowl of ramen, top view, photo",
+    "(a cat) sitting under a wooden table",
+])
+
+SMALL = dict(lora_r=4, lora_alpha=4.0, resampler_width=64, resampler_heads=4, resampler_layers=1,
+             resampler_ff_mult=2, init="scratch")
+
+
+def _sdxl_text_encode(clip, text, w=1024, h=1024):
+    """ComfyUI's own CLIPTextEncodeSDXL (a V3 node in 0.3.75)."""
+    from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+
+    out = CLIPTextEncodeSDXL.execute(clip, w, h, 0, 0, w, h, text, text)
+    return out.result[0] if hasattr(out, "result") else out[0]
+
+
+# -- the pack itself ------------------------------------------------------------------------------
+
+
+def test_display_names_and_v1_api(pack):
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {
+        "QwenEncoderLoader": "Qwen Encoder Loader",
+        "QwenTextEncodeSDXL": "Qwen Text Encode (SDXL)",
+        "QwenAdapterTrain": "Qwen Adapter Train",
+        "QwenAdapterSelect": "Qwen Adapter Select",
+    }
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        assert "required" in spec, name
+        assert isinstance(cls.RETURN_TYPES, tuple) and cls.FUNCTION and cls.CATEGORY == "qwenclip"
+        assert callable(getattr(cls(), cls.FUNCTION))
+    assert (PLUGIN / "web" / "docs").is_dir()
+    for name in pack.NODE_CLASS_MAPPINGS:
+        assert (PLUGIN / "web" / "docs" / f"{name}.md").is_file(), f"help page for {name}"
+
+
+def test_import_is_fast_and_loads_no_library():
+    """In a fresh process that has what ComfyUI has already imported at that point, the pack
+    imports in well under 0.5 s and does not load the library."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {COMFY!r})
+        import comfy.cli_args; comfy.cli_args.args.cpu = True
+        import torch, folder_paths, comfy.model_management, comfy.utils
+        import importlib.util
+        t = time.perf_counter()
+        spec = importlib.util.spec_from_file_location({PACKAGE!r}, {str(PLUGIN / '__init__.py')!r},
+                                                      submodule_search_locations=[{str(PLUGIN)!r}])
+        m = importlib.util.module_from_spec(spec); sys.modules[{PACKAGE!r}] = m; spec.loader.exec_module(m)
+        dt = time.perf_counter() - t
+        maps = open('/proc/self/maps').read()
+        print(dt, 'libqwenclip' in maps, m.library.loaded() is None)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    dt, mapped, lazy = out.stdout.split()[-3:]
+    assert float(dt) < 0.5, out.stdout
+    assert mapped == "False" and lazy == "True"
+
+
+# -- Qwen Encoder Loader --------------------------------------------------------------------------
+
+
+def test_loader_lists_model_and_adapter_folders(pack):
+    spec = pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]
+    assert "qwen3-tiny" in spec["base_model"][0]
+    assert "Qwen/Qwen3-4B" in spec["base_model"][0]
+    assert spec["adapter"][0][0] == "none" and "tiny" in spec["adapter"][0]
+    assert spec["device"][0] == ["auto", "cpu", "cuda"]
+    assert {"f32", "bf16"} <= set(spec["dtype"][0])
+
+
+def test_loader_missing_model_says_where_to_put_it(pack, comfy_dirs):
+    with pytest.raises(ValueError) as e:
+        pack.nodes.QwenEncoderLoader().load("no-such-model", "none", "cpu", "f32")
+    msg = str(e.value)
+    assert "no-such-model" in msg and str(comfy_dirs["text_encoders"]) in msg and "hub id" in msg
+
+
+def test_loader_missing_adapter_says_where_to_put_it(pack, comfy_dirs):
+    with pytest.raises(ValueError) as e:
+        pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "gone", "cpu", "f32")
+    assert "gone" in str(e.value) and str(comfy_dirs["qwenclip"]) in str(e.value)
+
+
+def test_loader_broken_model_folder_names_the_file(pack, comfy_dirs, tiny):
+    bad = comfy_dirs["text_encoders"] / "broken"
+    shutil.copytree(tiny["model"], bad, dirs_exist_ok=True)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    try:
+        with pytest.raises(pack.library.QwenclipError) as e:
+            pack.nodes.QwenEncoderLoader().load("broken", "none", "cpu", "f32")
+        assert "model.safetensors" in str(e.value)
+    finally:
+        shutil.rmtree(bad)
+
+
+def test_cuda_device_on_a_cpu_build_is_a_clear_error(pack):
+    lib = pack.library.get()
+    if lib.has_cuda:
+        pytest.skip("CUDA build")
+    with pytest.raises(ValueError, match="CUDA build"):
+        pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cuda", "f32")
+
+
+def test_missing_library_every_node_says_how_to_install(pack, monkeypatch, tmp_path, encoder, teacher_clip):
+    lib_mod = pack.library
+    monkeypatch.setenv("QWENCLIP_LIB", str(tmp_path / "nowhere" / "libqwenclip.so"))
+    lib_mod.reset()
+    try:
+        calls = [
+            lambda: pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32"),
+            lambda: pack.nodes.QwenTextEncodeSDXL().encode(encoder, "x", 1024, 1024, 0, 0, 1024, 1024),
+            lambda: pack.nodes.QwenAdapterSelect().select(encoder, "tiny"),
+            lambda: pack.nodes.QwenAdapterTrain().train(encoder, teacher_clip, "x", "none (use captions_text)", "a", 1, 1, 1, 1e-4, 5e-4, 1, 0),
+        ]
+        messages = set()
+        for call in calls:
+            with pytest.raises(lib_mod.LibraryMissing) as e:
+                call()
+            messages.add(str(e.value))
+        assert len(messages) == 1, messages  # one message, the same everywhere
+        msg = messages.pop()
+        assert "install.py" in msg and "--custom-nodes" in msg and "QWENCLIP_LIB" in msg
+    finally:
+        monkeypatch.undo()
+        lib_mod.reset()
+        lib_mod.get()
+
+
+def test_library_search_order_and_cuda_preference(pack, monkeypatch, tmp_path):
+    """Without QWENCLIP_LIB: the package's lib/ first; a CUDA build only when it loads, has
+    CUDA and torch sees a GPU; a file that does not load falls back to the CPU build."""
+    lib_mod = pack.library
+    real = Path(os.environ["QWENCLIP_LIB"])
+    here = tmp_path / "lib"
+    here.mkdir()
+    os.symlink(real, here / "libqwenclip.so")
+    (here / "libqwenclip_cuda.so").write_bytes(b"\x7fELF broken")
+    monkeypatch.delenv("QWENCLIP_LIB")
+    monkeypatch.setattr(lib_mod, "search_places", lambda: [here, tmp_path / "release"])
+    monkeypatch.setattr(lib_mod, "_cuda_wanted", lambda: True)
+    lib = lib_mod.find()
+    assert lib.path == here / "libqwenclip.so"
+
+    # A loadable CUDA build wins when a GPU is there.
+    class Fake:
+        def __init__(self, path):
+            if b"broken" in Path(path).read_bytes()[:16]:
+                raise OSError("bad ELF")
+            self.path, self.has_cuda = Path(path), "cuda" in Path(path).name
+
+    (here / "libqwenclip_cuda.so").unlink()
+    os.symlink(real, here / "libqwenclip_cuda.so")
+    monkeypatch.setattr(lib_mod, "Library", Fake)
+    assert lib_mod.find().path.name == "libqwenclip_cuda.so"
+    monkeypatch.setattr(lib_mod, "_cuda_wanted", lambda: False)
+    assert lib_mod.find().path.name == "libqwenclip.so"
+    # Nothing anywhere: the message lists every place looked at.
+    monkeypatch.setattr(lib_mod, "search_places", lambda: [tmp_path / "empty"])
+    with pytest.raises(lib_mod.LibraryMissing) as e:
+        lib_mod.find()
+    assert str(tmp_path / "empty" / "libqwenclip.so") in str(e.value)
+
+
+def test_library_refuses_another_abi(pack, monkeypatch):
+    lib = pack.library.get()
+    monkeypatch.setattr(pack.library, "ABI_VERSION", 999)
+    with pytest.raises(OSError, match="interface version"):
+        pack.library.Library(lib.path)
+
+
+# -- Qwen Text Encode (SDXL) ----------------------------------------------------------------------
+
+
+def _check_same_format(ours, theirs):
+    assert isinstance(ours, list) and len(ours) == len(theirs) == 1
+    (c, d), (tc, td) = ours[0], theirs[0]
+    assert isinstance(c, torch.Tensor) and c.shape == tc.shape and c.dtype == tc.dtype and c.device == tc.device
+    assert set(d) == set(td), (set(d) ^ set(td))
+    for k, v in td.items():
+        if isinstance(v, torch.Tensor):
+            assert d[k].shape == v.shape and d[k].dtype == v.dtype and d[k].device == v.device, k
+        else:
+            assert type(d[k]) is type(v) and d[k] == v, k
+
+
+def test_conditioning_is_exactly_clip_text_encode_sdxl_format(pack, encoder, teacher_clip):
+    ours = pack.nodes.QwenTextEncodeSDXL().encode(encoder, "a lighthouse under the stars", 832, 1216, 16, 32, 832, 1216)[0]
+    theirs = _sdxl_text_encode(teacher_clip, "a lighthouse under the stars", 832, 1216)
+    theirs[0][1].update(crop_w=16, crop_h=32)
+    _check_same_format(ours, theirs)
+    cond, extra = ours[0]
+    assert cond.shape == (1, 77, 2048) and cond.dtype == torch.float32
+    assert extra["pooled_output"].shape == (1, 1280) and extra["pooled_output"].dtype == torch.float32
+    assert torch.isfinite(cond).all() and cond.std() > 0
+
+
+def test_conditioning_equals_the_library_and_the_empty_prompt_works(pack, encoder):
+    lib = pack.library.get()
+    a = pack.nodes.QwenTextEncodeSDXL().encode(encoder, "a red cube", 1024, 1024, 0, 0, 1024, 1024)[0]
+    base = encoder.base
+    cond = torch.zeros(1, 77, 2048)
+    pooled = torch.zeros(1, 1280)
+    with base.lock:
+        base.select(encoder.adapter)
+        lib.encode_into(base.handle, ["a red cube"], cond.data_ptr(), cond.numel(), pooled.data_ptr(), pooled.numel())
+    assert torch.equal(a[0][0], cond) and torch.equal(a[0][1]["pooled_output"], pooled)
+    empty = pack.nodes.QwenTextEncodeSDXL().encode(encoder, "", 1024, 1024, 0, 0, 1024, 1024)[0]
+    assert empty[0][0].shape == (1, 77, 2048) and not torch.equal(empty[0][0], cond)
+
+
+def test_conditioning_goes_through_comfyui_nodes_and_sdxl_adm(pack, encoder, teacher_clip):
+    import nodes
+    import tiny_sdxl
+
+    ours = pack.nodes.QwenTextEncodeSDXL().encode(encoder, "a cat", 1024, 1024, 0, 0, 1024, 1024)[0]
+    clip = _sdxl_text_encode(teacher_clip, "a dog")
+    combined = nodes.ConditioningCombine().combine(ours, clip)[0]
+    assert len(combined) == 2
+    concat = nodes.ConditioningConcat().concat(ours, clip)[0]
+    assert concat[0][0].shape == (1, 154, 2048)
+    area = nodes.ConditioningSetArea().append(ours, 512, 512, 0, 0, 1.0)[0]
+    assert area[0][1]["area"] == (64, 64, 0, 0)
+    model = tiny_sdxl.tiny_model().model
+    y = model.encode_adm(**ours[0][1], device="cpu")
+    assert y.shape == (1, 2816)
+
+
+def test_encoder_without_adapter_explains(pack):
+    bare = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "none", "cpu", "f32")[0]
+    with pytest.raises(ValueError, match="no adapter"):
+        pack.nodes.QwenTextEncodeSDXL().encode(bare, "x", 1024, 1024, 0, 0, 1024, 1024)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def test_unload_all_models_releases_weights_and_gc_frees_handles(pack):
+    import comfy.model_management as mm
+
+    lib = pack.library.get()
+    node = pack.nodes.QwenEncoderLoader()
+    e = node.load("qwen3-tiny", "tiny", "cpu", "f32", max_tokens=64)[0]  # a base of its own
+    pack.nodes.QwenTextEncodeSDXL().encode(e, "x", 1024, 1024, 0, 0, 1024, 1024)
+    assert lib.memory()["cpu_bytes"] > 0
+    assert getattr(mm.unload_all_models, "_qwenclip_hook", False)
+    mm.unload_all_models()
+    assert lib.memory()["cpu_bytes"] == 0  # released ...
+    out = pack.nodes.QwenTextEncodeSDXL().encode(e, "x", 1024, 1024, 0, 0, 1024, 1024)[0]
+    assert out[0][0].shape == (1, 77, 2048)  # ... and reloaded on the next encode
+    handle = e.base.handle
+    del e, out
+    gc.collect()
+    live = {b.handle for b in pack.encoder.live_bases()}
+    assert handle not in live
+    with pytest.raises(pack.library.QwenclipError):  # freed for real
+        lib.encoder_offload(handle)
+
+
+def test_loaders_share_one_base_model(pack):
+    a = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32")[0]
+    b = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "none", "cpu", "f32")[0]
+    c = pack.nodes.QwenAdapterSelect().select(b, "tiny")[0]
+    assert a.base is b.base is c.base
+    x = pack.nodes.QwenTextEncodeSDXL().encode(a, "x", 1024, 1024, 0, 0, 1024, 1024)[0][0][0]
+    y = pack.nodes.QwenTextEncodeSDXL().encode(c, "x", 1024, 1024, 0, 0, 1024, 1024)[0][0][0]
+    assert torch.equal(x, y)
+
+
+# -- Qwen Adapter Train ---------------------------------------------------------------------------
+
+
+class Progress:
+    """Stands in for ComfyUI's server hook: records calls and, like it, raises when the user
+    pressed Cancel (`interrupt_current_processing`)."""
+
+    def __init__(self, cancel_at=None):
+        self.calls = []
+        self.cancel_at = cancel_at
+
+    def __call__(self, value, total, preview, node_id=None, prompt_id=None):
+        import comfy.model_management as mm
+
+        self.calls.append((value, total, preview is not None))
+        if self.cancel_at is not None and value >= self.cancel_at:
+            mm.interrupt_current_processing(True)  # the Cancel button
+        mm.throw_exception_if_processing_interrupted()
+
+
+@pytest.fixture
+def progress_hook():
+    import comfy.utils
+
+    def install(hook):
+        comfy.utils.set_progress_bar_global_hook(hook)
+        return hook
+
+    yield install
+    comfy.utils.set_progress_bar_global_hook(None)
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(False)
+
+
+def _train(pack, encoder, clip, name, steps, **kw):
+    args = dict(captions_folder="none (use captions_text)", captions_text=CAPTIONS, steps=steps,
+                batch_size=2, grad_accum=2, lr_lora=1e-3, lr_resampler=1e-3, save_every=2, seed=3)
+    args.update(SMALL)
+    args.update(kw)
+    return pack.nodes.QwenAdapterTrain().train(encoder, clip, name, unique_id="7", **args)
+
+
+def _state(pack, name):
+    folder = Path(pack.nodes._paths("qwenclip")[0]) / name
+    return json.loads((folder / "train_state.json").read_text()), folder
+
+
+def test_train_progress_saves_and_outputs(pack, encoder, teacher_clip, progress_hook):
+    hook = progress_hook(Progress())
+    out_encoder, image = _train(pack, encoder, teacher_clip, "unit_run", steps=4)
+    values = [v for v, t, _ in hook.calls]
+    assert values[0] == 0 and values[-1] == 4 and values == sorted(values)
+    assert all(t == 4 for _, t, _ in hook.calls)
+    assert hook.calls[-1][2], "the last update carries the loss-curve preview"
+    state, folder = _state(pack, "unit_run")
+    assert state["step"] == 4 and [s for s, _ in state["losses"]] == [1, 2, 3, 4]
+    assert state["micro"] == 8  # grad_accum 2
+    for f in ("checkpoint.safetensors", "qwenclip.json", "resampler.safetensors", "adapter_model.safetensors"):
+        assert (folder / f).is_file(), f
+    assert image.shape[0] == 1 and image.shape[-1] == 3 and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0
+    # the output encoder carries the new adapter; the input encoder is unchanged
+    assert out_encoder.adapter == str(folder) and encoder.adapter != str(folder)
+    cond = pack.nodes.QwenTextEncodeSDXL().encode(out_encoder, "a lighthouse", 1024, 1024, 0, 0, 1024, 1024)[0]
+    assert cond[0][0].shape == (1, 77, 2048)
+    # and it is listed for the loader
+    assert "unit_run" in pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]["adapter"][0]
+    loaded = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "unit_run", "cpu", "f32")[0]
+    again = pack.nodes.QwenTextEncodeSDXL().encode(loaded, "a lighthouse", 1024, 1024, 0, 0, 1024, 1024)[0]
+    assert torch.allclose(again[0][0], cond[0][0], atol=1e-5)
+
+
+def test_train_cancel_saves_then_resume_matches_an_uninterrupted_run(pack, encoder, teacher_clip, progress_hook):
+    import comfy.model_management as mm
+
+    progress_hook(Progress(cancel_at=3))
+    with pytest.raises(mm.InterruptProcessingException):
+        _train(pack, encoder, teacher_clip, "unit_cancel", steps=6, save_every=100)
+    state, folder = _state(pack, "unit_cancel")
+    assert state["step"] == 3, "Cancel saved the state it stopped at"
+    assert (folder / "checkpoint.safetensors").is_file() and (folder / "qwenclip.json").is_file()
+
+    hook = progress_hook(Progress())
+    resumed, _ = _train(pack, encoder, teacher_clip, "unit_cancel", steps=6, save_every=100)
+    assert hook.calls[0][0] == 3, "resumed from the saved step"
+    state, _ = _state(pack, "unit_cancel")
+    assert state["step"] == 6 and [s for s, _ in state["losses"]] == [1, 2, 3, 4, 5, 6]
+
+    progress_hook(Progress())
+    straight, _ = _train(pack, encoder, teacher_clip, "unit_straight", steps=6, save_every=100)
+    a = pack.nodes.QwenTextEncodeSDXL().encode(resumed, "a bowl of ramen", 1024, 1024, 0, 0, 1024, 1024)[0]
+    b = pack.nodes.QwenTextEncodeSDXL().encode(straight, "a bowl of ramen", 1024, 1024, 0, 0, 1024, 1024)[0]
+    assert torch.allclose(a[0][0], b[0][0], atol=1e-5)
+    s1, _ = _state(pack, "unit_straight")
+    s2, _ = _state(pack, "unit_cancel")
+    assert [round(x, 6) for _, x in s1["losses"]] == [round(x, 6) for _, x in s2["losses"]]
+
+
+def test_train_finished_run_is_not_retrained(pack, encoder, teacher_clip, progress_hook):
+    progress_hook(Progress())
+    _train(pack, encoder, teacher_clip, "unit_done", steps=2)
+    _, folder = _state(pack, "unit_done")
+    before = (folder / "checkpoint.safetensors").stat().st_mtime_ns
+    hook = progress_hook(Progress())
+    enc2, image = _train(pack, encoder, teacher_clip, "unit_done", steps=2)
+    assert (folder / "checkpoint.safetensors").stat().st_mtime_ns == before
+    assert hook.calls[0][:2] == (2, 2) and image.shape[-1] == 3
+
+
+def test_train_reads_a_captions_folder(pack, comfy_dirs):
+    d = comfy_dirs["input"] / "captions" / "set1"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "001.txt").write_text("a red cube\n\n# a comment\n")
+    (d / "002.caption").write_text("a blue sphere")
+    (d / "notes.md").write_text("ignored")
+    assert "captions/set1" in pack.nodes.caption_folders()
+    caps = pack.training.read_captions(str(d), "one more\n")
+    assert caps == ["a red cube", "a blue sphere", "one more"]
+
+
+def test_train_errors_are_clear(pack, encoder, teacher_clip):
+    with pytest.raises(ValueError, match="no captions"):
+        _train(pack, encoder, teacher_clip, "unit_empty", steps=1, captions_text="\n \n")
+    with pytest.raises(ValueError, match="not a usable folder name"):
+        _train(pack, encoder, teacher_clip, "../escape", steps=1)
+
+    class NotSdxl:  # an SD1.5-like CLIP: 768 wide
+        def tokenize(self, text):
+            return text
+
+        def encode_from_tokens(self, tokens, return_pooled=False):
+            return torch.zeros(1, 77, 768), torch.zeros(1, 768)
+
+    with pytest.raises(ValueError, match="SDXL checkpoint"):
+        _train(pack, encoder, NotSdxl(), "unit_sd15", steps=1)
+
+
+def test_teacher_targets_come_from_comfyui_clip_and_are_cached(pack, teacher_clip):
+    t = pack.training.Teacher(teacher_clip, (77, 2048, 1280))
+    e, p = t.batch(["a cat", "a (dog)"])
+    assert e.shape == (2, 77, 2048) and p.shape == (2, 1280)
+    cond = _sdxl_text_encode(teacher_clip, "a cat")
+    assert torch.allclose(e[0], cond[0][0][0], atol=1e-6)
+    assert torch.allclose(p[0], cond[0][1]["pooled_output"][0], atol=1e-6)
+    assert set(t.cache) == {"a cat", "a (dog)"}
+    # parentheses are text for the teacher too, not a weight
+    literal = teacher_clip.tokenize("a \\(dog\\)")
+    assert torch.allclose(e[1], teacher_clip.encode_from_tokens(literal, return_pooled=True)[0][0], atol=1e-6)
+
+
+def test_loss_curve_without_pil(pack, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pil(name, *a, **k):
+        if name == "PIL" or name.startswith("PIL."):
+            raise ImportError("no PIL")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_pil)
+    img = pack.training.loss_curve([(1, 2.0), (2, 1.0), (3, 0.5)], 200, 120)
+    assert img.shape == (120, 200, 3) and img.dtype.name == "uint8"
+    assert (img == [200, 40, 40]).all(axis=-1).any(), "the curve is drawn"
+
+
+def test_workflow_files_are_what_make_workflows_writes(tmp_path, monkeypatch):
+    import make_workflows
+
+    monkeypatch.setattr(make_workflows, "OUT", tmp_path)
+    make_workflows.main()
+    shipped = Path(make_workflows.ROOT) / "workflows"
+    for f in sorted(tmp_path.iterdir()):
+        assert f.read_text() == (shipped / f.name).read_text(), f"{f.name}: run tests/comfyui/make_workflows.py"
+
+
+# -- install.py -----------------------------------------------------------------------------------
+
+
+def _install(*args, env=None):
+    return subprocess.run([sys.executable, str(PLUGIN / "install.py"), *args], capture_output=True, text=True, env=env)
+
+
+def test_install_copies_the_pack_and_a_library_that_the_nodes_then_find(tmp_path):
+    nodes = tmp_path / "custom_nodes"
+    nodes.mkdir()
+    r = _install("--custom-nodes", str(nodes), "--copy", "--library", os.environ["QWENCLIP_LIB"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    dest = nodes / "comfyui-qwenclip"
+    assert (dest / "lib" / "libqwenclip.so").is_file() and (dest / "nodes.py").is_file()
+    # with no QWENCLIP_LIB, the installed copy finds its own lib/
+    env = {k: v for k, v in os.environ.items() if k != "QWENCLIP_LIB"}
+    r = _install("--custom-nodes", str(nodes), "--copy", "--no-build", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"from {dest / 'lib' / 'libqwenclip.so'}" in r.stdout
+
+
+def test_install_links_and_refuses_to_replace_a_foreign_folder(tmp_path):
+    nodes = tmp_path / "custom_nodes"
+    (nodes / "comfyui-qwenclip").mkdir(parents=True)
+    (nodes / "comfyui-qwenclip" / "something.py").write_text("")
+    r = _install("--custom-nodes", str(nodes), "--no-build")
+    assert r.returncode != 0 and "is not this node pack" in r.stderr
+    r = _install("--custom-nodes", str(nodes), "--no-build", "--name", "qwenclip")
+    assert r.returncode == 0, r.stderr
+    assert (nodes / "qwenclip").is_symlink() and (nodes / "qwenclip").resolve() == PLUGIN
+    r = _install("--custom-nodes", str(tmp_path / "nope"), "--no-build")
+    assert r.returncode != 0 and "is not a folder" in r.stderr
+
+
+def test_comfyui_memory_pressure_releases_our_weights(pack):
+    import comfy.model_management as mm
+
+    lib = pack.library.get()
+    e = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32")[0]
+    pack.nodes.QwenTextEncodeSDXL().encode(e, "x", 1024, 1024, 0, 0, 1024, 1024)
+    assert lib.memory()["cpu_bytes"] > 0
+    mm.free_memory(1024, torch.device("cpu"))  # plenty of RAM: ours stays
+    assert lib.memory()["cpu_bytes"] > 0
+    mm.free_memory(1e30, torch.device("cpu"))  # more than there is: ours goes too
+    assert lib.memory()["cpu_bytes"] == 0
+
+
+def test_loader_asks_comfyui_for_room_first(pack, monkeypatch):
+    import comfy.model_management as mm
+
+    calls = []
+    real = mm.free_memory
+    monkeypatch.setattr(mm, "free_memory", lambda need, dev, *a, **k: (calls.append((need, dev)), real(need, dev, *a, **k))[1])
+    pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32", max_tokens=77)
+    assert calls and calls[0][0] > 10_000_000 and calls[0][1].type == "cpu"  # ~20 MB of f32 weights

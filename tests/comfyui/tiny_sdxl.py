@@ -1,0 +1,90 @@
+"""A tiny SDXL-shaped checkpoint built from ComfyUI's own classes, for tests on the CPU.
+
+- MODEL: `comfy.supported_models.SDXL` with a small UNet (32 channels, context_dim 2048,
+  adm_in_channels 2816), wrapped in a ModelPatcher: takes real SDXL conditioning through a
+  real KSampler in seconds.
+- CLIP: ComfyUI's real `SDXLClipModel` + `SDXLTokenizer` (the CLIP-L/CLIP-G tokenizers that
+  ship with ComfyUI), shrunk through ComfyUI's own `clip_l_model_config` /
+  `clip_g_model_config` model options to 3 layers and small MLPs, keeping the widths (768 +
+  1280): `encode_from_tokens(..., return_pooled=True)` gives [1,77,2048] and [1,1280] exactly
+  as for a real SDXL checkpoint (penultimate layer, projected pooled output).
+- VAE: TAESD (ComfyUI's tiny autoencoder) with random weights.
+
+Weights are random but seeded (ComfyUI's ops do not initialise them), so everything is
+deterministic. Needs ComfyUI importable (its folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [0, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "num_head_channels": 32,
+    "transformer_depth_output": [0, 0, 1, 1],
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+TINY_CLIP_OPTIONS = {
+    "clip_l_model_config": {"num_hidden_layers": 3, "intermediate_size": 64},
+    "clip_g_model_config": {"num_hidden_layers": 3, "intermediate_size": 64},
+}
+
+
+def _init(module: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Seeded weights: N(0, std) matrices, unit scales, zero biases."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0.0, std, generator=g)
+
+
+def tiny_model(seed: int = 0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.SDXL(dict(TINY_UNET))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    _init(model.diffusion_model, seed)
+    model.diffusion_model.to(torch.float32)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def tiny_clip(seed: int = 1):
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options={**TINY_CLIP_OPTIONS, "dtype": torch.float32})
+    _init(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_vae(seed: int = 2):
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    torch.manual_seed(seed)
+    sd = comfy.taesd.taesd.TAESD().state_dict()
+    return comfy.sd.VAE(sd=sd)

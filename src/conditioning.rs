@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
+use crate::formats::gguf::{self, GgufFile};
 use crate::llm::qwen3::LoraMode;
 use crate::llm::Qwen3;
 use crate::ops::Path as OpPath;
@@ -69,11 +70,23 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// `model_dir`: a Hugging Face Qwen3 folder (see [`crate::hub::resolve_model`] for ids).
+    /// `model_dir`: a Hugging Face Qwen3 folder (see [`crate::hub::resolve_model`] for ids),
+    /// or a llama.cpp `.gguf` file (see [`Encoder::load_gguf`]).
     pub fn load(model_dir: &Path, adapter: Option<&Path>, opts: EncoderOptions) -> Result<Self> {
-        let tokenizer = PromptTokenizer::load(&model_dir.join("tokenizer.json"))?;
-        let llm = Qwen3::load(model_dir, opts.dtype, &opts.device)?;
-        let base_name = model_dir.file_name().map_or_else(
+        let (tokenizer, llm) = if gguf::is_gguf(model_dir) {
+            Self::load_gguf(model_dir, &opts)?
+        } else {
+            (
+                PromptTokenizer::load(&model_dir.join("tokenizer.json"))?,
+                Qwen3::load(model_dir, opts.dtype, &opts.device)?,
+            )
+        };
+        let name = if gguf::is_gguf(model_dir) {
+            model_dir.file_stem()
+        } else {
+            model_dir.file_name()
+        };
+        let base_name = name.map_or_else(
             || model_dir.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
         );
@@ -92,6 +105,28 @@ impl Encoder {
             enc.set_adapter(Some(dir))?;
         }
         Ok(enc)
+    }
+
+    /// A GGUF base: the tokenizer is the `tokenizer.json` in the same folder when there is
+    /// one, else the one embedded in the GGUF (Qwen's byte-level BPE), rebuilt.
+    fn load_gguf(path: &Path, opts: &EncoderOptions) -> Result<(PromptTokenizer, Qwen3)> {
+        let file = GgufFile::open(path)?;
+        file.check_qwen3()?;
+        let beside = path.with_file_name("tokenizer.json");
+        let tokenizer = if beside.is_file() {
+            PromptTokenizer::load(&beside)?
+        } else {
+            let inner = file.tokenizer().map_err(|e| match e {
+                Error::Format { path, msg } => Error::Tokenizer {
+                    path,
+                    msg: format!("no tokenizer.json beside it, and {msg}"),
+                },
+                other => other,
+            })?;
+            PromptTokenizer::from_tokenizer(inner, path)
+        };
+        let llm = Qwen3::from_gguf(&file, opts.dtype, &opts.device, Default::default())?;
+        Ok((tokenizer, llm))
     }
 
     /// Attaches, replaces (`Some`) or removes (`None`) the adapter without reloading the base.

@@ -1,4 +1,4 @@
-//! Finding a base model: a local folder as is, or a Hugging Face hub id through hf-hub's
+//! Finding a base model: a local folder or `.gguf` file as is, or a Hugging Face hub id through hf-hub's
 //! cache (honours `HF_HOME`, and `HF_HUB_OFFLINE=1` to never touch the network).
 
 use std::path::{Path, PathBuf};
@@ -8,18 +8,24 @@ use crate::error::{Error, Result};
 /// Files an encoder needs besides the weights.
 const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
 
-/// A local folder is returned untouched (no network); anything else must look like a hub id
-/// (`org/name`) and is fetched into, or read from, the hf-hub cache.
+/// A local folder or `.gguf` file is returned untouched (no network); anything else must look
+/// like a hub id (`org/name`) and is fetched into, or read from, the hf-hub cache.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     let local = Path::new(spec);
     if local.exists() {
+        if local.is_file() && crate::formats::gguf::is_gguf(local) {
+            return Ok(local.to_path_buf());
+        }
         if !local.is_dir() {
             return Err(Error::format(
                 local,
-                "expected a model folder (config.json, tokenizer.json, *.safetensors)",
+                "expected a model folder (config.json, tokenizer.json, *.safetensors) or a .gguf file",
             ));
         }
         return Ok(local.to_path_buf());
+    }
+    if crate::formats::gguf::is_gguf(local) {
+        return Err(Error::format(local, "no such .gguf file"));
     }
     let is_hub_id = spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.contains('\\');
     if !is_hub_id {

@@ -3,13 +3,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{read_json, Error, Result};
 use crate::formats::{save_atomic, Weights};
-use crate::ops::{self, Path as OpPath};
+use crate::ops::{self, Path as OpPath, QMatrix};
 
 /// The projections a LoRA may target, with the sub-module PEFT nests them under.
 pub const TARGETS: [(&str, &str); 7] = [
@@ -329,15 +330,7 @@ impl LoraLinear {
             OpPath::Fast => ops::matmul_t(x, &self.weight)?,
             OpPath::Differentiable => ops::frozen_linear(x, &self.weight)?,
         };
-        match &self.lora {
-            None => Ok(y),
-            Some((pair, scale)) => {
-                let dt = x.dtype();
-                let h = ops::matmul_t(x, &pair.a.to_dtype(dt)?)?;
-                let d = ops::matmul_t(&h, &pair.b.to_dtype(dt)?)?;
-                y + (d * *scale)?
-            }
-        }
+        add_lora(x, y, self.lora.as_ref())
     }
 
     /// `W + s B A`, computed in f32 and cast back to the weight's dtype.
@@ -349,5 +342,90 @@ impl LoraLinear {
             * scale)?;
         let dt = self.weight.dtype();
         (self.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dt)
+    }
+}
+
+/// `y + s B (A x)` (or `y` without a LoRA).
+fn add_lora(x: &Tensor, y: Tensor, lora: Option<&(LoraPair, f64)>) -> candle_core::Result<Tensor> {
+    match lora {
+        None => Ok(y),
+        Some((pair, scale)) => {
+            let dt = x.dtype();
+            let h = ops::matmul_t(x, &pair.a.to_dtype(dt)?)?;
+            let d = ops::matmul_t(&h, &pair.b.to_dtype(dt)?)?;
+            y + (d * *scale)?
+        }
+    }
+}
+
+/// A frozen quantized linear layer (GGUF base) with an optional LoRA, which is always kept
+/// unmerged: folding `sBA` into 4-bit blocks would re-quantize the sum and lose most of the
+/// LoRA's effect (its entries are far smaller than a Q4 step).
+#[derive(Clone)]
+pub struct QLoraLinear {
+    pub weight: Arc<QMatrix>,
+    pub lora: Option<(LoraPair, f64)>,
+}
+
+impl QLoraLinear {
+    pub fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
+        let y = ops::quantized_linear(x, &self.weight, path)?;
+        add_lora(x, y, self.lora.as_ref())
+    }
+}
+
+/// A decoder projection: dense (safetensors, or a float tensor in a GGUF) or quantized.
+#[derive(Clone)]
+pub enum Projection {
+    Dense(LoraLinear),
+    Quantized(QLoraLinear),
+}
+
+impl Projection {
+    pub fn dense(weight: Tensor) -> Self {
+        Self::Dense(LoraLinear::new(weight))
+    }
+
+    pub fn quantized(weight: Arc<QMatrix>) -> Self {
+        Self::Quantized(QLoraLinear { weight, lora: None })
+    }
+
+    pub fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(x, path),
+            Self::Quantized(l) => l.forward(x, path),
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn out_in(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(l) => l.out_in(),
+            Self::Quantized(l) => l.weight.dims(),
+        }
+    }
+
+    pub fn lora(&self) -> Option<&(LoraPair, f64)> {
+        match self {
+            Self::Dense(l) => l.lora.as_ref(),
+            Self::Quantized(l) => l.lora.as_ref(),
+        }
+    }
+
+    pub fn set_lora(&mut self, lora: Option<(LoraPair, f64)>) {
+        match self {
+            Self::Dense(l) => l.lora = lora,
+            Self::Quantized(l) => l.lora = lora,
+        }
+    }
+
+    /// Bytes of the frozen weight (quantized blocks, or the dense tensor) plus any LoRA.
+    pub fn weight_bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let lora = self.lora().map_or(0, |(p, _)| size(&p.a) + size(&p.b));
+        lora + match self {
+            Self::Dense(l) => size(&l.weight),
+            Self::Quantized(l) => l.weight.storage_bytes(),
+        }
     }
 }

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
 use crate::error::{Error, Result};
+use crate::formats::gguf::{hf_to_gguf, GgufBuilder, QuantizeSpec};
 use crate::formats::save_atomic;
 use crate::llm::Qwen3Config;
 use crate::lora::{Lora, LoraConfig, LoraPair, Site};
@@ -19,12 +20,14 @@ use crate::rng::Rng;
 pub fn shape(name: &str) -> Result<Qwen3Config> {
     let (hidden, layers, heads, kv, head_dim, ffn) = match name {
         "tiny" => (32, 2, 4, 2, 16, 64),
+        // The smallest shape whose every row is a whole number of 256-value K-quant blocks.
+        "tiny256" => (256, 2, 4, 2, 64, 512),
         "qwen3-0.6b" => (1024, 28, 16, 8, 128, 3072),
         "qwen3-1.7b" => (2048, 28, 16, 8, 128, 6144),
         "qwen3-4b" => (2560, 36, 32, 8, 128, 9728),
         other => {
             return Err(Error::Invalid(format!(
-                "unknown shape \"{other}\" (tiny, qwen3-0.6b, qwen3-1.7b, qwen3-4b)"
+                "unknown shape \"{other}\" (tiny, tiny256, qwen3-0.6b, qwen3-1.7b, qwen3-4b)"
             )))
         }
     };
@@ -45,6 +48,72 @@ pub fn shape(name: &str) -> Result<Qwen3Config> {
     })
 }
 
+/// Every tensor of a random Qwen3 for `cfg`, in a fixed order, as (Hugging Face name,
+/// shape, f32 values): the same seed gives the same weights in every format.
+fn random_tensors(
+    cfg: &Qwen3Config,
+    seed: u64,
+    mut emit: impl FnMut(String, Vec<usize>, Vec<f32>) -> Result<()>,
+) -> Result<()> {
+    let mut rng = Rng::new(seed);
+    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let mut put = |name: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
+        let n = shape.iter().product();
+        let data: Vec<f32> = rng
+            .normal_vec(n, std)
+            .into_iter()
+            .map(|x| x + mean)
+            .collect();
+        emit(name, shape, data)
+    };
+    put(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        0.02,
+        0.0,
+    )?;
+    let lin_std = 1.0 / (h as f64).sqrt();
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let a = format!("{p}.self_attn");
+        put(format!("{a}.q_proj.weight"), vec![nh * hd, h], lin_std, 0.0)?;
+        put(
+            format!("{a}.k_proj.weight"),
+            vec![nkv * hd, h],
+            lin_std,
+            0.0,
+        )?;
+        put(
+            format!("{a}.v_proj.weight"),
+            vec![nkv * hd, h],
+            lin_std,
+            0.0,
+        )?;
+        let o_std = 1.0 / ((nh * hd) as f64).sqrt();
+        put(format!("{a}.o_proj.weight"), vec![h, nh * hd], o_std, 0.0)?;
+        put(format!("{a}.q_norm.weight"), vec![hd], 0.1, 1.0)?;
+        put(format!("{a}.k_norm.weight"), vec![hd], 0.1, 1.0)?;
+        put(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![i, h],
+            lin_std,
+            0.0,
+        )?;
+        put(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin_std, 0.0)?;
+        let d_std = 1.0 / (i as f64).sqrt();
+        put(format!("{p}.mlp.down_proj.weight"), vec![h, i], d_std, 0.0)?;
+        put(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0)?;
+        put(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.1,
+            1.0,
+        )?;
+    }
+    put("model.norm.weight".into(), vec![h], 0.1, 1.0)
+}
+
 /// Writes a Qwen3 with random weights in Hugging Face layout (`config.json`,
 /// `model.safetensors`, and `tokenizer.json` copied from `tokenizer`).
 pub fn write_model(
@@ -55,113 +124,12 @@ pub fn write_model(
     seed: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut rng = Rng::new(seed);
-    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let mut tensors = HashMap::new();
-    let mut put =
-        |name: String, shape: Vec<usize>, std: f64, mean: f32, rng: &mut Rng| -> Result<()> {
-            let n = shape.iter().product();
-            let data: Vec<f32> = rng
-                .normal_vec(n, std)
-                .into_iter()
-                .map(|x| x + mean)
-                .collect();
-            tensors.insert(
-                name,
-                Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?,
-            );
-            Ok(())
-        };
-    put(
-        "model.embed_tokens.weight".into(),
-        vec![cfg.vocab_size, h],
-        0.02,
-        0.0,
-        &mut rng,
-    )?;
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let lin_std = 1.0 / (h as f64).sqrt();
-        put(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![nh * hd, h],
-            lin_std,
-            0.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![nkv * hd, h],
-            lin_std,
-            0.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![nkv * hd, h],
-            lin_std,
-            0.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![h, nh * hd],
-            1.0 / ((nh * hd) as f64).sqrt(),
-            0.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.self_attn.q_norm.weight"),
-            vec![hd],
-            0.1,
-            1.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.self_attn.k_norm.weight"),
-            vec![hd],
-            0.1,
-            1.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![i, h],
-            lin_std,
-            0.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.mlp.up_proj.weight"),
-            vec![i, h],
-            lin_std,
-            0.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.mlp.down_proj.weight"),
-            vec![h, i],
-            1.0 / (i as f64).sqrt(),
-            0.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.input_layernorm.weight"),
-            vec![h],
-            0.1,
-            1.0,
-            &mut rng,
-        )?;
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            0.1,
-            1.0,
-            &mut rng,
-        )?;
-    }
-    put("model.norm.weight".into(), vec![h], 0.1, 1.0, &mut rng)?;
+    random_tensors(cfg, seed, |name, shape, data| {
+        let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?;
+        tensors.insert(name, t);
+        Ok(())
+    })?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     save_atomic(&tensors, Some(meta), &dir.join("model.safetensors"))?;
@@ -176,6 +144,29 @@ pub fn write_model(
     let json = serde_json::to_vec_pretty(&config).expect("config serialises");
     crate::formats::safetensors::write_atomic(&dir.join("config.json"), &json)?;
     std::fs::copy(tokenizer, dir.join("tokenizer.json")).map_err(|e| Error::io(tokenizer, e))?;
+    Ok(())
+}
+
+/// Writes the same random Qwen3 as [`write_model`] (same seed, same weights) straight into
+/// one GGUF file, quantized as `spec` says, with `tokenizer` embedded. Each tensor is
+/// quantized as it is generated, so a Qwen3-4B shape never exists in f32 (peak memory is the
+/// quantized model plus one f32 tensor).
+pub fn write_gguf_model(
+    cfg: &Qwen3Config,
+    out: &Path,
+    tokenizer: Option<&Path>,
+    spec: QuantizeSpec,
+    seed: u64,
+) -> Result<()> {
+    let mut b = GgufBuilder::new(spec);
+    random_tensors(cfg, seed, |name, shape, data| {
+        let g = hf_to_gguf(&name).expect("random_tensors emits Qwen3 names");
+        b.add(&g, &Tensor::from_vec(data, shape, &Device::Cpu)?)
+    })?;
+    let name = out.file_stem().map_or("qwen3-random".to_string(), |n| {
+        n.to_string_lossy().into_owned()
+    });
+    b.write(out, cfg, &name, tokenizer)?;
     Ok(())
 }
 

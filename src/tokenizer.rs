@@ -41,16 +41,22 @@ impl PromptTokenizer {
             path: path.to_path_buf(),
             msg: format!("cannot load: {e}"),
         })?;
+        Ok(Self::from_tokenizer(inner, path))
+    }
+
+    /// Wraps an already built tokenizer (e.g. rebuilt from a GGUF's vocabulary); `origin`
+    /// is the file error messages name.
+    pub fn from_tokenizer(inner: tokenizers::Tokenizer, origin: &Path) -> Self {
         // Qwen pads with <|endoftext|>; any id works since padded positions are masked.
         let pad_id = ["<|endoftext|>", "<|im_end|>"]
             .iter()
             .find_map(|t| inner.token_to_id(t))
             .unwrap_or(0);
-        Ok(Self {
+        Self {
             inner,
-            path: path.to_path_buf(),
+            path: origin.to_path_buf(),
             pad_id,
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -27,6 +27,34 @@ pub struct BenchArgs {
     device: DeviceArg,
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
+    /// With a .gguf model: afterwards, time the f32 path (the same weights dequantized) on
+    /// the first N layers against the quantized model stopped after the same N layers, and
+    /// extrapolate the f32 latency to the whole model (a Qwen3-4B in f32 is 16 GB). The
+    /// peak memory reported is measured before this comparison.
+    #[arg(long)]
+    compare_f32_layers: Option<usize>,
+}
+
+/// Median and minimum latency (ms) of `reps` encodes after one warm-up.
+fn time_forward(
+    llm: &Qwen3,
+    ids: &candle_core::Tensor,
+    mask: &[Vec<u8>],
+    layer: i32,
+    reps: usize,
+) -> Result<(f64, f64)> {
+    let mut times = Vec::new();
+    for rep in 0..=reps {
+        let s = Instant::now();
+        let h = llm.forward(ids, mask, layer, ForwardPath::Fast)?;
+        llm.device().synchronize()?;
+        drop(h);
+        if rep > 0 {
+            times.push(s.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0]))
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -35,35 +63,67 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let llm = Qwen3::load(&a.model, a.dtype.dtype(), &device)?;
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = llm.config().vocab_size.min(150_000);
+    let layers = llm.config().num_hidden_layers;
     let mut rng = Rng::new(7);
+    let mut inputs = Vec::new();
     let mut results = Vec::new();
     for &b in &a.batches {
         for &t in &a.tokens {
             let ids: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
             let ids = candle_core::Tensor::from_vec(ids, (b, t), &device)?;
             let mask = vec![vec![1u8; t]; b];
-            let mut times = Vec::new();
-            for rep in 0..=a.reps {
-                let s = Instant::now();
-                let h = llm.forward(&ids, &mask, -1, ForwardPath::Fast)?;
-                device.synchronize()?;
-                drop(h);
-                if rep > 0 {
-                    times.push(s.elapsed().as_secs_f64() * 1e3);
-                }
-            }
-            times.sort_by(f64::total_cmp);
+            let (median, min) = time_forward(&llm, &ids, &mask, -1, a.reps)?;
             results.push(serde_json::json!({
-                "batch": b, "tokens": t,
-                "median_ms": times[times.len() / 2], "min_ms": times[0],
+                "batch": b, "tokens": t, "median_ms": median, "min_ms": min,
             }));
+            inputs.push((b, t, ids, mask));
         }
     }
-    let report = serde_json::json!({
+    let peak = peak_rss_bytes();
+    let mut report = serde_json::json!({
         "impl": "qwenclip", "load_s": load_s, "results": results,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak,
+        "weight_bytes": llm.weight_bytes(),
+        "quantized": llm.is_quantized(),
         "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
     });
+    if let Some(n) = a.compare_f32_layers {
+        anyhow::ensure!(
+            qwenclip::formats::gguf::is_gguf(&a.model),
+            "--compare-f32-layers needs a .gguf model"
+        );
+        let n = n.clamp(1, layers);
+        let mut quantized = Vec::new();
+        for (_, _, ids, mask) in &inputs {
+            quantized.push(time_forward(&llm, ids, mask, n as i32, a.reps)?.0);
+        }
+        drop(llm);
+        let opts = qwenclip::llm::GgufOptions {
+            dequantize: true,
+            max_layers: Some(n),
+        };
+        let dense = Qwen3::load_gguf(&a.model, candle_core::DType::F32, &device, opts)?;
+        let mut rows = Vec::new();
+        for ((b, t, ids, mask), q_ms) in inputs.iter().zip(quantized) {
+            let (f_ms, _) = time_forward(&dense, ids, mask, n as i32, a.reps)?;
+            eprintln!(
+                "batch {b} x {t} tokens, first {n} of {layers} layers: quantized {q_ms:.0} ms, f32 {f_ms:.0} ms (f32 / quantized = {:.2}); whole model: f32 ~{:.0} ms (extrapolated)",
+                f_ms / q_ms,
+                f_ms * layers as f64 / n as f64
+            );
+            rows.push(serde_json::json!({
+                "batch": b, "tokens": t, "layers": n,
+                "quantized_ms": q_ms, "f32_ms": f_ms, "f32_over_quantized": f_ms / q_ms,
+                "f32_whole_model_ms_extrapolated": f_ms * layers as f64 / n as f64,
+            }));
+        }
+        report["f32_compare"] = serde_json::json!(rows);
+    }
+    eprintln!(
+        "peak resident memory {:.2} GB (weights {:.2} GB)",
+        peak as f64 / 1e9,
+        report["weight_bytes"].as_u64().unwrap_or(0) as f64 / 1e9
+    );
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

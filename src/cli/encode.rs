@@ -12,7 +12,7 @@ use super::{DTypeArg, DeviceArg};
 
 #[derive(Args)]
 pub struct EncodeArgs {
-    /// Model folder (config.json, tokenizer.json, *.safetensors) or hub id (Qwen/Qwen3-4B).
+    /// Model folder (config.json, tokenizer.json, *.safetensors), a llama.cpp .gguf file, or hub id (Qwen/Qwen3-4B).
     #[arg(long)]
     model: String,
     /// Adapter bundle folder, or a bare PEFT LoRA folder.

@@ -10,6 +10,9 @@ use qwenclip::llm::Qwen3Config;
 use qwenclip::lora::Lora;
 
 pub fn run(path: &Path) -> Result<()> {
+    if qwenclip::formats::gguf::is_gguf(path) && path.is_file() {
+        return gguf_info(path);
+    }
     if path.join("config.json").is_file() {
         let cfg = Qwen3Config::load(&path.join("config.json"))?;
         let w = Weights::open_model_dir(path, DType::F32, &Device::Cpu)?;
@@ -93,5 +96,73 @@ pub fn run(path: &Path) -> Result<()> {
         }
         return Ok(());
     }
-    bail!("{}: not a model folder (config.json), an adapter (qwenclip.json / adapter_config.json) or a .safetensors file", path.display())
+    bail!("{}: not a model folder (config.json), a .gguf file, an adapter (qwenclip.json / adapter_config.json) or a .safetensors file", path.display())
+}
+
+/// A GGUF Qwen3: shape, tokenizer, and type and size of each tensor group.
+fn gguf_info(path: &Path) -> Result<()> {
+    use qwenclip::formats::gguf::{group_summary, GgufFile};
+    let g = GgufFile::open(path)?;
+    let cfg = g.qwen3_config()?;
+    let file_bytes = std::fs::metadata(path)?.len();
+    println!(
+        "GGUF Qwen3 model: {} ({})",
+        path.display(),
+        human(file_bytes as usize)
+    );
+    println!("  {}", cfg.shape_summary());
+    println!(
+        "  rope_theta {}, rms_norm_eps {}, tied embeddings: {}",
+        cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings
+    );
+    println!("  fingerprint {}", cfg.fingerprint());
+    let beside = path.with_file_name("tokenizer.json");
+    let tok = if beside.is_file() {
+        format!("{} (beside the file)", beside.display())
+    } else {
+        match g.tokenizer() {
+            Ok(t) => format!("embedded, {} tokens", t.get_vocab_size(true)),
+            Err(e) => format!("MISSING: {e}"),
+        }
+    };
+    println!("  tokenizer: {tok}");
+    println!(
+        "  {:<11} {:>7} {:>12} {:>11}  types",
+        "group", "tensors", "parameters", "size"
+    );
+    let groups = group_summary(&g);
+    let (mut n, mut p, mut b) = (0, 0, 0);
+    for (name, g) in &groups {
+        let types: Vec<String> = g.types.iter().map(|(t, c)| format!("{t} x{c}")).collect();
+        println!(
+            "  {:<11} {:>7} {:>11.2}M {:>11}  {}",
+            name,
+            g.tensors,
+            g.parameters as f64 / 1e6,
+            human(g.bytes),
+            types.join(", ")
+        );
+        (n, p, b) = (n + g.tensors, p + g.parameters, b + g.bytes);
+    }
+    println!(
+        "  {:<11} {:>7} {:>11.2}M {:>11}  {:.2} bits/parameter",
+        "total",
+        n,
+        p as f64 / 1e6,
+        human(b),
+        b as f64 * 8.0 / p.max(1) as f64
+    );
+    Ok(())
+}
+
+/// Bytes as MB / GB (decimal).
+fn human(bytes: usize) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{:.1} kB", b / 1e3)
+    }
 }

@@ -1,6 +1,7 @@
 //! Subcommands. Each parses its flags into library calls and prints what a user needs.
 
 mod bench;
+mod bench_ffi;
 mod cache;
 mod encode;
 mod info;
@@ -28,31 +29,49 @@ pub struct Cli {
 enum Command {
     /// Encode prompts into SDXL conditioning (prompt_embeds [B,77,2048], pooled_prompt_embeds [B,1280]).
     Encode(encode::EncodeArgs),
-    /// Describe a model folder, an adapter folder, or a weights file.
+    /// Describe a model folder, a .gguf file, an adapter folder, or a weights file.
     Info { path: PathBuf },
+    /// Quantize a Hugging Face Qwen3 folder into one GGUF file (llama.cpp names and metadata, tokenizer embedded).
+    Quantize {
+        /// Model folder or hub id.
+        #[arg(long)]
+        model: String,
+        /// Type of the decoder projections: q4_k, q5_k, q6_k, q8_0, q4_0, f16, f32.
+        #[arg(long = "type", default_value = "q4_k")]
+        qtype: String,
+        /// Type of the token embedding (and lm_head of untied models).
+        #[arg(long, default_value = "q8_0")]
+        embed_type: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write the seeded tiny Qwen3 (`OUT/model`), adapter (`OUT/adapter`) and SDXL teacher (`OUT/teacher`) for smoke runs and tests.
     Tiny {
         #[arg(long)]
         out: PathBuf,
         /// A Qwen `tokenizer.json` to copy into the model folder.
-        #[arg(long, default_value = "tests/fixtures/tokenizers/qwen_tokenizer.json")]
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizers/qwen_tokenizer.json"))]
         tokenizer: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
     /// Write a Qwen3 of a real size with random weights (for benchmarks).
     RandomModel {
-        /// tiny, qwen3-0.6b, qwen3-1.7b, qwen3-4b
+        /// tiny, tiny256, qwen3-0.6b, qwen3-1.7b, qwen3-4b
         #[arg(long)]
         shape: String,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "tests/fixtures/tokenizers/qwen_tokenizer.json")]
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizers/qwen_tokenizer.json"))]
         tokenizer: PathBuf,
         #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
         dtype: DTypeArg,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Write one GGUF file (OUT is the file) quantized to this type (q4_k, q8_0, ...;
+        /// embeddings q8_0) instead of a safetensors folder: no f32 copy of the model is made.
+        #[arg(long)]
+        gguf: Option<String>,
     },
     /// Convert a PyTorch `.pth` resampler into `resampler.safetensors` through a key map.
     ImportResampler {
@@ -68,6 +87,8 @@ enum Command {
     BenchEncode(bench::BenchArgs),
     /// Time training steps (samples/s, peak memory) and print JSON.
     BenchTrain(bench::BenchTrainArgs),
+    /// Overhead of the C ABI over the Rust API for one encode, as JSON.
+    BenchFfi(bench_ffi::BenchFfiArgs),
     /// Encode prompts with SDXL's own text encoders (CLIP-L + CLIP-G): the distillation teacher.
     Teacher(teacher::TeacherArgs),
     /// Cache the teacher's outputs for a caption set (stage 1 of distillation).
@@ -119,6 +140,46 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Encode(a) => encode::run(a),
         Command::Info { path } => info::run(&path),
+        Command::Quantize {
+            model,
+            qtype,
+            embed_type,
+            out,
+        } => {
+            use qwenclip::formats::gguf::{quantize_model, QuantizeSpec};
+            let dir = qwenclip::hub::resolve_model(&model)?;
+            if qwenclip::formats::gguf::is_gguf(&dir) {
+                bail!(
+                    "{}: already a GGUF file; --model takes a Hugging Face folder",
+                    dir.display()
+                );
+            }
+            let spec = QuantizeSpec {
+                linear: QuantizeSpec::parse_type(&qtype)?,
+                embedding: QuantizeSpec::parse_type(&embed_type)?,
+            };
+            let t0 = std::time::Instant::now();
+            let r = quantize_model(&dir, spec, &out)?;
+            println!(
+                "wrote {}: {} tensors, projections {}, embeddings {}, {:.1} MB in {:.1} s",
+                out.display(),
+                r.tensors,
+                qtype,
+                embed_type,
+                r.bytes as f64 / 1e6,
+                t0.elapsed().as_secs_f64()
+            );
+            if r.fallbacks > 0 {
+                println!(
+                    "note: {} tensors have rows that are not a whole number of {qtype} blocks and were stored as Q8_0 or F32",
+                    r.fallbacks
+                );
+            }
+            for n in r.notes {
+                println!("note: {n}");
+            }
+            Ok(())
+        }
         Command::Tiny {
             out,
             tokenizer,
@@ -140,8 +201,19 @@ pub fn run(cli: Cli) -> Result<()> {
             tokenizer,
             dtype,
             seed,
+            gguf,
         } => {
             let cfg = qwenclip::tiny::shape(&shape)?;
+            if let Some(t) = gguf {
+                use qwenclip::formats::gguf::QuantizeSpec;
+                let spec = QuantizeSpec {
+                    linear: QuantizeSpec::parse_type(&t)?,
+                    embedding: candle_core::quantized::GgmlDType::Q8_0,
+                };
+                qwenclip::tiny::write_gguf_model(&cfg, &out, Some(&tokenizer), spec, seed)?;
+                println!("{shape} with random weights, {t}: {}", out.display());
+                return Ok(());
+            }
             qwenclip::tiny::write_model(&cfg, &out, &tokenizer, dtype.dtype(), seed)?;
             println!("{shape} with random weights: {}", out.display());
             Ok(())
@@ -164,6 +236,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::BenchEncode(a) => bench::run(a),
         Command::BenchTrain(a) => bench::run_train(a),
+        Command::BenchFfi(a) => bench_ffi::run(a),
         Command::Teacher(a) => teacher::run(a),
         Command::CacheTargets(a) => cache::run(a),
         Command::Train(a) => train::run_train(*a),

@@ -47,7 +47,7 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-pub(super) struct Failure {
+pub struct Failure {
     pub status: qwenclip_status,
     pub msg: String,
 }

@@ -8,7 +8,7 @@
 //! Calls on one trainer are serialised.
 
 mod boundary;
-mod encoder;
+pub mod encoder;
 mod registry;
 mod trainer;
 

@@ -55,7 +55,8 @@ impl Qwen3Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
-    fn validate(&self) -> std::result::Result<(), String> {
+    /// The checks `load` runs (also applied to configs read from GGUF metadata).
+    pub fn validate(&self) -> std::result::Result<(), String> {
         if let Some(t) = &self.model_type {
             if t != "qwen3" {
                 return Err(format!("model_type is \"{t}\", expected \"qwen3\""));

@@ -4,4 +4,4 @@ pub mod config;
 pub mod qwen3;
 
 pub use config::Qwen3Config;
-pub use qwen3::Qwen3;
+pub use qwen3::{GgufOptions, Qwen3};

@@ -3,23 +3,26 @@
 //!
 //! Unlike candle-transformers' `qwen3`: takes a padding mask, stops at any layer, keeps no KV
 //! cache (encoding is one pass), can run on differentiable kernels with frozen base weights,
-//! and carries LoRA on any projection.
+//! and carries LoRA on any projection. Loads Hugging Face safetensors or a llama.cpp GGUF
+//! (quantized projections stay quantized; see `docs/gguf.md`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::config::Qwen3Config;
 use crate::error::{Error, Result};
+use crate::formats::gguf::{self, GgufFile, TensorReader};
 use crate::formats::Weights;
-use crate::lora::{Lora, LoraLinear, Site};
-use crate::ops::{self, Path as OpPath, MASKED};
+use crate::lora::{Lora, Projection, Site};
+use crate::ops::{self, Path as OpPath, QMatrix, MASKED};
 
 /// How a LoRA is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoraMode {
-    /// `W + sBA` folded into the weight: inference cost of the bare model.
+    /// `W + sBA` folded into the weight: inference cost of the bare model. On a GGUF base the
+    /// LoRA stays unmerged instead (folding it into quantized blocks would lose most of it).
     Merged,
     /// Kept apart so that `A` and `B` can be trained.
     Unmerged,
@@ -28,10 +31,10 @@ pub enum LoraMode {
 /// `Qwen3Attention`: q/k/v/o projections, per-head RMSNorm on q and k, RoPE, GQA.
 #[derive(Clone)]
 struct Attention {
-    q_proj: LoraLinear,
-    k_proj: LoraLinear,
-    v_proj: LoraLinear,
-    o_proj: LoraLinear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     q_norm: Tensor,
     k_norm: Tensor,
     n_heads: usize,
@@ -43,9 +46,9 @@ struct Attention {
 /// `Qwen3MLP`: `down(silu(gate(x)) * up(x))`.
 #[derive(Clone)]
 struct Mlp {
-    gate_proj: LoraLinear,
-    up_proj: LoraLinear,
-    down_proj: LoraLinear,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
 }
 
 /// `Qwen3DecoderLayer`: pre-norm attention and MLP with residuals.
@@ -57,14 +60,41 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// The token embedding table: dense, or quantized GGUF blocks of which only the looked-up
+/// rows are dequantized.
+#[derive(Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Quantized(Arc<QMatrix>),
+}
+
+/// Where the weights came from.
+#[derive(Clone)]
+enum Source {
+    /// Kept mapped so un-merging a LoRA re-reads the original weights instead of subtracting.
+    Safetensors(Arc<Weights>),
+    Gguf(PathBuf),
+}
+
+/// How a GGUF base is loaded (see [`Qwen3::load_gguf`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GgufOptions {
+    /// Expand every quantized weight into a dense tensor of the model dtype: the f32
+    /// reference the quantized path is compared with (tests, benchmarks).
+    pub dequantize: bool,
+    /// Load only the first N decoder layers (benchmarks on a memory budget).
+    pub max_layers: Option<usize>,
+}
+
 #[derive(Clone)]
 pub struct Qwen3 {
     cfg: Qwen3Config,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
-    /// Kept mapped so un-merging a LoRA re-reads the original weights instead of subtracting.
-    weights: Arc<Weights>,
+    source: Source,
+    dtype: DType,
+    device: Device,
     lora: Option<(Lora, LoraMode)>,
 }
 
@@ -73,10 +103,10 @@ impl Attention {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q_proj: LoraLinear::new(w.get(&format!("{p}.q_proj.weight"), &[nh * hd, h])?),
-            k_proj: LoraLinear::new(w.get(&format!("{p}.k_proj.weight"), &[nkv * hd, h])?),
-            v_proj: LoraLinear::new(w.get(&format!("{p}.v_proj.weight"), &[nkv * hd, h])?),
-            o_proj: LoraLinear::new(w.get(&format!("{p}.o_proj.weight"), &[h, nh * hd])?),
+            q_proj: Projection::dense(w.get(&format!("{p}.q_proj.weight"), &[nh * hd, h])?),
+            k_proj: Projection::dense(w.get(&format!("{p}.k_proj.weight"), &[nkv * hd, h])?),
+            v_proj: Projection::dense(w.get(&format!("{p}.v_proj.weight"), &[nkv * hd, h])?),
+            o_proj: Projection::dense(w.get(&format!("{p}.o_proj.weight"), &[h, nh * hd])?),
             q_norm: w.get(&format!("{p}.q_norm.weight"), &[hd])?,
             k_norm: w.get(&format!("{p}.k_norm.weight"), &[hd])?,
             n_heads: nh,
@@ -127,7 +157,7 @@ impl Attention {
         self.o_proj.forward(&out, path)
     }
 
-    fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 4] {
+    fn linears_mut(&mut self) -> [(&'static str, &mut Projection); 4] {
         [
             ("q_proj", &mut self.q_proj),
             ("k_proj", &mut self.k_proj),
@@ -141,9 +171,9 @@ impl Mlp {
     fn load(w: &Weights, p: &str, cfg: &Qwen3Config) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: LoraLinear::new(w.get(&format!("{p}.gate_proj.weight"), &[i, h])?),
-            up_proj: LoraLinear::new(w.get(&format!("{p}.up_proj.weight"), &[i, h])?),
-            down_proj: LoraLinear::new(w.get(&format!("{p}.down_proj.weight"), &[h, i])?),
+            gate_proj: Projection::dense(w.get(&format!("{p}.gate_proj.weight"), &[i, h])?),
+            up_proj: Projection::dense(w.get(&format!("{p}.up_proj.weight"), &[i, h])?),
+            down_proj: Projection::dense(w.get(&format!("{p}.down_proj.weight"), &[h, i])?),
         })
     }
 
@@ -153,7 +183,7 @@ impl Mlp {
         self.down_proj.forward(&(gate * up)?, path)
     }
 
-    fn linears_mut(&mut self) -> [(&'static str, &mut LoraLinear); 3] {
+    fn linears_mut(&mut self) -> [(&'static str, &mut Projection); 3] {
         [
             ("gate_proj", &mut self.gate_proj),
             ("up_proj", &mut self.up_proj),
@@ -190,19 +220,137 @@ impl DecoderLayer {
         x + self.mlp.forward(&h, path)?
     }
 
-    fn linear_mut(&mut self, module: &str) -> Option<&mut LoraLinear> {
+    fn linear_mut(&mut self, module: &str) -> Option<&mut Projection> {
         let attn = self.self_attn.linears_mut().into_iter();
         let mlp = self.mlp.linears_mut().into_iter();
         attn.chain(mlp).find(|(n, _)| *n == module).map(|(_, l)| l)
     }
 }
 
+impl Attention {
+    fn load_gguf(r: &mut Loader<'_, '_>, i: usize, cfg: &Qwen3Config) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: r.projection(&gguf::projection_name(i, "q_proj"), (nh * hd, h))?,
+            k_proj: r.projection(&gguf::projection_name(i, "k_proj"), (nkv * hd, h))?,
+            v_proj: r.projection(&gguf::projection_name(i, "v_proj"), (nkv * hd, h))?,
+            o_proj: r.projection(&gguf::projection_name(i, "o_proj"), (h, nh * hd))?,
+            q_norm: r.norm(&format!("blk.{i}.attn_q_norm.weight"), hd)?,
+            k_norm: r.norm(&format!("blk.{i}.attn_k_norm.weight"), hd)?,
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+}
+
+/// Reads a GGUF's tensors into model parts.
+struct Loader<'g, 'r> {
+    reader: &'r mut TensorReader<'g>,
+    gguf: &'g GgufFile,
+    dtype: DType,
+    device: Device,
+    opts: GgufOptions,
+}
+
+impl Loader<'_, '_> {
+    /// Float tensors (and everything when dequantizing) become dense weights of the model
+    /// dtype; quantized ones stay quantized.
+    fn projection(&mut self, name: &str, shape: (usize, usize)) -> Result<Projection> {
+        let entry = self.gguf.entry(name)?;
+        if self.opts.dequantize || gguf::is_float(entry.dtype) {
+            let w = self
+                .reader
+                .dense(name, &[shape.0, shape.1], self.dtype, &self.device)?;
+            Ok(Projection::dense(w))
+        } else {
+            let q = self.reader.qmatrix(name, shape, &self.device)?;
+            Ok(Projection::quantized(Arc::new(q)))
+        }
+    }
+
+    fn norm(&mut self, name: &str, n: usize) -> Result<Tensor> {
+        self.reader.dense(name, &[n], self.dtype, &self.device)
+    }
+}
+
 impl Qwen3 {
-    /// Loads `config.json` and the safetensors weights of a Hugging Face model folder.
+    /// Loads a Hugging Face model folder (`config.json` + safetensors), or a `.gguf` file
+    /// (see [`Qwen3::load_gguf`]).
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        if gguf::is_gguf(dir) {
+            return Self::load_gguf(dir, dtype, device, GgufOptions::default());
+        }
         let cfg = Qwen3Config::load(&dir.join("config.json"))?;
         let weights = Weights::open_model_dir(dir, dtype, device)?;
         Self::from_weights(cfg, Arc::new(weights))
+    }
+
+    /// Loads a llama.cpp GGUF Qwen3. Quantized projections stay quantized in memory (a
+    /// LoRA on them is always unmerged); the token embedding stays quantized too (only the
+    /// rows of the prompt's tokens are dequantized); float tensors (norms, F16/F32 weights)
+    /// become dense tensors of `dtype`, which is also the activation dtype.
+    pub fn load_gguf(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        opts: GgufOptions,
+    ) -> Result<Self> {
+        Self::from_gguf(&GgufFile::open(path)?, dtype, device, opts)
+    }
+
+    pub fn from_gguf(
+        g: &GgufFile,
+        dtype: DType,
+        device: &Device,
+        opts: GgufOptions,
+    ) -> Result<Self> {
+        let mut cfg = g.qwen3_config()?;
+        if let Some(n) = opts.max_layers {
+            cfg.num_hidden_layers = n.min(cfg.num_hidden_layers);
+        }
+        let mut reader = g.reader()?;
+        let mut r = Loader {
+            reader: &mut reader,
+            gguf: g,
+            dtype,
+            device: device.clone(),
+            opts,
+        };
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let emb = g.entry("token_embd.weight")?;
+        let embed_tokens = if opts.dequantize || gguf::is_float(emb.dtype) {
+            Embedding::Dense(r.reader.dense(&emb.name, &[v, h], dtype, device)?)
+        } else {
+            Embedding::Quantized(Arc::new(r.reader.qmatrix(&emb.name, (v, h), device)?))
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let i_ = cfg.intermediate_size;
+            layers.push(DecoderLayer {
+                input_layernorm: r.norm(&format!("blk.{i}.attn_norm.weight"), h)?,
+                post_attention_layernorm: r.norm(&format!("blk.{i}.ffn_norm.weight"), h)?,
+                self_attn: Attention::load_gguf(&mut r, i, &cfg)?,
+                mlp: Mlp {
+                    gate_proj: r.projection(&gguf::projection_name(i, "gate_proj"), (i_, h))?,
+                    up_proj: r.projection(&gguf::projection_name(i, "up_proj"), (i_, h))?,
+                    down_proj: r.projection(&gguf::projection_name(i, "down_proj"), (h, i_))?,
+                },
+            });
+        }
+        let norm = r.norm("output_norm.weight", h)?;
+        Ok(Self {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            source: Source::Gguf(g.path().to_path_buf()),
+            dtype,
+            device: device.clone(),
+            lora: None,
+        })
     }
 
     pub fn from_weights(cfg: Qwen3Config, w: Arc<Weights>) -> Result<Self> {
@@ -216,10 +364,12 @@ impl Qwen3 {
         let norm = w.get("model.norm.weight", &[cfg.hidden_size])?;
         Ok(Self {
             cfg,
-            embed_tokens,
+            dtype: embed_tokens.dtype(),
+            device: embed_tokens.device().clone(),
+            embed_tokens: Embedding::Dense(embed_tokens),
             layers,
             norm,
-            weights: w,
+            source: Source::Safetensors(w),
             lora: None,
         })
     }
@@ -229,44 +379,65 @@ impl Qwen3 {
     }
 
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        &self.device
     }
 
+    /// Dtype of the activations (and of every dense weight).
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.dtype
     }
 
-    /// Bytes held by the weights (embedding, layers, norms) on the model's device.
+    /// The GGUF file this model was loaded from, if any.
+    pub fn gguf_path(&self) -> Option<&Path> {
+        match &self.source {
+            Source::Gguf(p) => Some(p),
+            Source::Safetensors(_) => None,
+        }
+    }
+
+    /// True when at least one projection (or the embedding) is held quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.embed_tokens, Embedding::Quantized(_))
+            || self
+                .projections()
+                .any(|p| matches!(p, Projection::Quantized(_)))
+    }
+
+    fn projections(&self) -> impl Iterator<Item = &Projection> {
+        self.layers.iter().flat_map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]
+        })
+    }
+
+    /// Bytes held by the weights (embedding, layers, norms, any LoRA) on the model's device;
+    /// quantized weights count their blocks.
     pub fn weight_bytes(&self) -> usize {
         let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let lin = |l: &LoraLinear| {
-            size(&l.weight) + l.lora.as_ref().map_or(0, |(p, _)| size(&p.a) + size(&p.b))
-        };
-        let layers: usize = self
+        let norms: usize = self
             .layers
             .iter()
             .map(|l| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-                .into_iter()
-                .map(lin)
-                .sum::<usize>()
-                    + size(&a.q_norm)
-                    + size(&a.k_norm)
+                size(&l.self_attn.q_norm)
+                    + size(&l.self_attn.k_norm)
                     + size(&l.input_layernorm)
                     + size(&l.post_attention_layernorm)
             })
             .sum();
-        size(&self.embed_tokens) + size(&self.norm) + layers
+        let embed = match &self.embed_tokens {
+            Embedding::Dense(t) => size(t),
+            Embedding::Quantized(q) => q.storage_bytes(),
+        };
+        let projections: usize = self.projections().map(Projection::weight_bytes).sum();
+        embed + size(&self.norm) + norms + projections
     }
 
     pub fn lora(&self) -> Option<&(Lora, LoraMode)> {
@@ -292,10 +463,12 @@ impl Qwen3 {
                 mask.len()
             )));
         }
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+        let flat = ids.flatten_all()?;
+        let mut x = match &self.embed_tokens {
+            Embedding::Dense(e) => e.index_select(&flat, 0)?,
+            Embedding::Quantized(q) => q.embedding(&flat)?.to_dtype(self.dtype)?,
+        }
+        .reshape((b, t, self.cfg.hidden_size))?;
         let bias =
             causal_padding_bias(mask, self.device())?.to_dtype(ops::compute_dtype(self.dtype()))?;
         let (cos, sin) = rope_tables(&self.cfg, t, self.dtype(), self.device())?;
@@ -309,7 +482,8 @@ impl Qwen3 {
     }
 
     /// Attaches a LoRA, replacing any previous one. Shapes are checked against this base
-    /// first; on error the model is unchanged.
+    /// first; on error the model is unchanged. `Merged` on a GGUF base keeps the LoRA
+    /// unmerged (see [`LoraMode::Merged`]); [`Qwen3::lora`] reports the mode in effect.
     pub fn set_lora(&mut self, lora: Lora, mode: LoraMode) -> Result<()> {
         let scale = lora.config.scale();
         for (site, pair) in &lora.pairs {
@@ -328,11 +502,17 @@ impl Qwen3 {
             }
         }
         self.clear_lora()?;
+        let mode = match self.source {
+            Source::Gguf(_) => LoraMode::Unmerged,
+            Source::Safetensors(_) => mode,
+        };
         for (site, pair) in &lora.pairs {
             let lin = self.linear_mut(site)?;
-            match mode {
-                LoraMode::Merged => lin.weight = lin.merged_weight(pair, scale)?,
-                LoraMode::Unmerged => lin.lora = Some((pair.clone(), scale)),
+            match (mode, &mut *lin) {
+                (LoraMode::Merged, Projection::Dense(l)) => {
+                    l.weight = l.merged_weight(pair, scale)?
+                }
+                _ => lin.set_lora(Some((pair.clone(), scale))),
             }
         }
         self.lora = Some((lora, mode));
@@ -341,19 +521,23 @@ impl Qwen3 {
 
     /// Removes the LoRA; merged weights are re-read from the mapped base files.
     pub fn clear_lora(&mut self) -> Result<()> {
-        let Some((lora, _)) = self.lora.take() else {
+        let Some((lora, mode)) = self.lora.take() else {
             return Ok(());
         };
-        let w = self.weights.clone();
         for site in lora.pairs.keys() {
             let (out, inp) = self.linear_shape(site)?;
-            let name = format!(
-                "model.{}.weight",
-                &site.peft_prefix()["base_model.model.model.".len()..]
-            );
+            let source = self.source.clone();
             let lin = self.linear_mut(site)?;
-            lin.weight = w.get(&name, &[out, inp])?;
-            lin.lora = None;
+            lin.set_lora(None);
+            if let (LoraMode::Merged, Source::Safetensors(w), Projection::Dense(l)) =
+                (mode, source, lin)
+            {
+                let name = format!(
+                    "model.{}.weight",
+                    &site.peft_prefix()["base_model.model.model.".len()..]
+                );
+                l.weight = w.get(&name, &[out, inp])?;
+            }
         }
         Ok(())
     }
@@ -362,7 +546,7 @@ impl Qwen3 {
         Ok(self.linear_mut(site)?.out_in())
     }
 
-    fn linear_mut(&mut self, site: &Site) -> Result<&mut LoraLinear> {
+    fn linear_mut(&mut self, site: &Site) -> Result<&mut Projection> {
         let n = self.layers.len();
         let summary = self.cfg.shape_summary();
         let layer = self.layers.get_mut(site.layer).ok_or_else(|| {

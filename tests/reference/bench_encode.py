@@ -273,6 +273,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="timed passes per configuration (after one warm-up)")
     p.add_argument("--batches", type=int_list, default=[1, 2])
     p.add_argument("--tokens", type=int_list, default=[77, 256])
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds to sleep between the two sides (lets the load average settle)")
     p.add_argument("--json", type=Path, default=None, help="write the combined report here")
     p.add_argument("--_torch-worker", dest="torch_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -290,13 +292,24 @@ def main() -> None:
     print(f"binary: {binary}", file=sys.stderr)
     model_dir = ensure_model(binary, args.shape, args.workdir, args.tokenizer)
 
+    # The 1-minute load average around each side: anything well above 0 before a side starts
+    # means another process shared the cores and that side's timings are not trustworthy.
+    load = {"before_ours": os.getloadavg()[0]}
     ours = run_ours(binary, model_dir, args)
+    load["after_ours"] = os.getloadavg()[0]
+    print(json.dumps(ours), file=sys.stderr)
+    time.sleep(args.pause)  # let the load average settle between the sides
+    load["before_hf"] = os.getloadavg()[0]
     theirs = run_theirs(model_dir, args)
+    load["after_hf"] = os.getloadavg()[0]
+    print(json.dumps(theirs), file=sys.stderr)
     text, summary = table(ours, theirs)
 
     print(f"\n{args.shape}, f32, CPU ({platform.machine()}, {os.cpu_count()} cores), "
           f"reps {args.reps} after 1 warm-up, binary {binary}")
     print(text)
+    print("loadavg    ours {before_ours:.2f} -> {after_ours:.2f}   hf {before_hf:.2f} -> {after_hf:.2f}"
+          "   (each side alone keeps ~{n} cores busy; more means contention)".format(n=os.cpu_count(), **load))
     print("\ntarget: ours/hf <= 1.0 everywhere (read from this table; not a test)")
 
     if args.json:
@@ -304,7 +317,7 @@ def main() -> None:
             "shape": args.shape, "model_dir": str(model_dir), "binary": str(binary),
             "reps": args.reps, "batches": args.batches, "tokens": args.tokens,
             "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-            "qwenclip": ours, "transformers": theirs, "comparison": summary,
+            "qwenclip": ours, "transformers": theirs, "comparison": summary, "loadavg_1min": load,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(combined, indent=2) + "\n")

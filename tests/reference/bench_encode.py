@@ -309,7 +309,8 @@ def main() -> None:
           f"reps {args.reps} after 1 warm-up, binary {binary}")
     print(text)
     print("loadavg    ours {before_ours:.2f} -> {after_ours:.2f}   hf {before_hf:.2f} -> {after_hf:.2f}"
-          "   (each side alone keeps ~{n} cores busy; more means contention)".format(n=os.cpu_count(), **load))
+          "   (1-min average: near 0 before a side on a quiet machine; a side alone adds up to ~{n})"
+          .format(n=os.cpu_count(), **load))
     print("\ntarget: ours/hf <= 1.0 everywhere (read from this table; not a test)")
 
     if args.json:

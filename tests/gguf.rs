@@ -197,6 +197,11 @@ fn q8_0_gguf_written_by_gguf_py_matches_transformers_reading_the_same_file() {
         &mask,
         1e-4,
     );
+    // ... and is within the Q8_0 tolerance of the committed f32 reference (parity fixtures).
+    let f32_case = load(&parity("cases/gqa2_untied.safetensors"));
+    let g = gap(&got, &f32_case["hidden_last"], &mask);
+    eprintln!("gguf-py Q8_0 vs the f32 transformers reference: {g:?}");
+    assert!(g.rel_rms < 0.03 && g.min_cos > 0.999, "{g:?}");
     // One 7-token prompt takes the integer kernel (activations quantized to 8 bits as well).
     let len = lengths(&mask)[0];
     let one = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, len).unwrap();
@@ -920,4 +925,48 @@ fn cli_quantize_info_and_encode_with_a_gguf() {
         &s(&g),
     ]);
     assert!(!ok && err.contains("unknown quantization type"), "{err}");
+}
+
+/// Our dequantization (by row ranges, on several threads, straight from the blocks) is
+/// bit-identical to candle's `QTensor::dequantize`.
+#[test]
+fn dequantization_is_bit_identical_to_candle() {
+    use candle_core::quantized::QTensor;
+    let mut rng = Rng::new(31);
+    // 17 MiB of f32: the multi-threaded path, and several row chunks of at most 4 MiB.
+    let w = randn(&[8448, 512], &mut rng, 0.1);
+    for dtype in [
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+    ] {
+        let want = QTensor::quantize(&w, dtype)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let q = QMatrix::quantize(&w, dtype).unwrap();
+        assert_eq!(max_diff(&q.dequantize().unwrap(), &want), 0.0, "{dtype:?}");
+        let part = q.dequantize_rows(700, 1301).unwrap();
+        assert_eq!(
+            max_diff(&part, &want.narrow(0, 700, 601).unwrap()),
+            0.0,
+            "{dtype:?} rows"
+        );
+        // The chunked dequantize-and-multiply path equals x @ W_deq.T.
+        let x = randn(&[3, 512], &mut rng, 1.0);
+        let y = q.forward_with(&x, QMatMulKernel::Dequantize).unwrap();
+        assert_close(
+            &format!("{dtype:?} chunked product"),
+            &y,
+            &x.matmul(&want.t().unwrap()).unwrap(),
+            1e-4,
+        );
+    }
 }

@@ -23,28 +23,46 @@ pub struct BenchFfiArgs {
 }
 
 pub fn run(a: BenchFfiArgs) -> Result<()> {
-    let prompts = ["a red cube left of a blue sphere", "a cat sleeping under a wooden table"];
+    let prompts = [
+        "a red cube left of a blue sphere",
+        "a cat sleeping under a wooden table",
+    ];
     let enc = Encoder::load(&a.model, Some(&a.adapter), EncoderOptions::default())?;
-    let cfg = CString::new(serde_json::json!({"model": a.model, "adapter": a.adapter}).to_string())?;
+    let cfg =
+        CString::new(serde_json::json!({"model": a.model, "adapter": a.adapter}).to_string())?;
     let mut handle = 0u64;
-    if ffi::encoder::qwenclip_encoder_load(cfg.as_ptr(), &mut handle) != ffi::qwenclip_status::QWENCLIP_OK {
+    if ffi::encoder::qwenclip_encoder_load(cfg.as_ptr(), &mut handle)
+        != ffi::qwenclip_status::QWENCLIP_OK
+    {
         bail!("qwenclip_encoder_load failed");
     }
-    let c_prompts: Vec<CString> = prompts.iter().map(|p| CString::new(*p)).collect::<Result<_, _>>()?;
+    let c_prompts: Vec<CString> = prompts
+        .iter()
+        .map(|p| CString::new(*p))
+        .collect::<Result<_, _>>()?;
     let ptrs: Vec<*const c_char> = c_prompts.iter().map(|c| c.as_ptr()).collect();
     let n = prompts.len();
     let mut embeds = vec![0f32; n * 77 * 2048];
     let mut pooled = vec![0f32; n * 1280];
     let mut rust_api = || -> Result<()> {
         let c = enc.encode(&prompts)?;
-        ffi::encoder::copy_into(&c.prompt_embeds, &mut embeds).map_err(|e| anyhow::anyhow!(e.msg))?;
+        ffi::encoder::copy_into(&c.prompt_embeds, &mut embeds)
+            .map_err(|e| anyhow::anyhow!(e.msg))?;
         ffi::encoder::copy_into(&c.pooled, &mut pooled).map_err(|e| anyhow::anyhow!(e.msg))?;
         Ok(())
     };
     let mut e2 = vec![0f32; n * 77 * 2048];
     let mut p2 = vec![0f32; n * 1280];
     let mut c_abi = || -> Result<()> {
-        let s = ffi::encoder::qwenclip_encode(handle, ptrs.as_ptr(), n, e2.as_mut_ptr(), e2.len(), p2.as_mut_ptr(), p2.len());
+        let s = ffi::encoder::qwenclip_encode(
+            handle,
+            ptrs.as_ptr(),
+            n,
+            e2.as_mut_ptr(),
+            e2.len(),
+            p2.as_mut_ptr(),
+            p2.len(),
+        );
         if s != ffi::qwenclip_status::QWENCLIP_OK {
             bail!("qwenclip_encode failed: {s:?}");
         }

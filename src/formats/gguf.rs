@@ -90,10 +90,12 @@ pub fn is_float(t: GgmlDType) -> bool {
     matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
-/// True when `path` names a GGUF file (by extension: that is how `--model` dispatches).
+/// True when `path` names a GGUF file (by extension: that is how `--model` dispatches; a
+/// folder whose name ends in `.gguf` is still a folder).
 pub fn is_gguf(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        && !path.is_dir()
 }
 
 /// Hugging Face tensor name -> llama.cpp's, for the tensors a Qwen3 has.
@@ -276,27 +278,31 @@ impl GgufFile {
         self.content
             .tensor_infos
             .iter()
-            .map(|(name, info)| {
-                let shape = info.shape.dims().to_vec();
-                let elems: usize = shape.iter().product();
-                TensorEntry {
-                    name: name.clone(),
-                    dtype: info.ggml_dtype,
-                    bytes: elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size(),
-                    shape,
-                }
-            })
+            .map(|(name, info)| Self::entry_of(name, info))
             .collect()
     }
 
     pub fn entry(&self, name: &str) -> Result<TensorEntry> {
-        self.tensors()
-            .into_iter()
-            .find(|e| e.name == name)
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
             .ok_or_else(|| Error::MissingTensor {
                 path: self.path.clone(),
                 name: name.to_string(),
-            })
+            })?;
+        Ok(Self::entry_of(name, info))
+    }
+
+    fn entry_of(name: &str, info: &candle_core::quantized::gguf_file::TensorInfo) -> TensorEntry {
+        let shape = info.shape.dims().to_vec();
+        let elems: usize = shape.iter().product();
+        TensorEntry {
+            name: name.to_string(),
+            dtype: info.ggml_dtype,
+            bytes: elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size(),
+            shape,
+        }
     }
 
     fn meta_str(&self, key: &str) -> Option<&str> {

@@ -21,8 +21,9 @@ How
      timed from outside as wall time of the whole process (OUT is deleted first, so nothing is
      resumed): start, teacher load, tokenizing, encoding, writing the shards. Its peak RSS comes
      from `os.wait4`. To separate the fixed cost (start + load + write) from the per-caption
-     cost, ours also runs on the first B captions only: steady-state captions/s =
-     (N - B) / (wall_N - wall_B).
+     cost, ours also runs on the first B captions only (before the full run): steady-state
+     captions/s = (N - B) / (wall_N - wall_B). Before every timed run the teacher's files are
+     read once, so each side starts from a warm page cache (both memory-map or read them).
   3. Reference, in a separate Python process (its own `getrusage` peak RSS): `import torch,
      transformers`, `from_pretrained(..., dtype=torch.float32)` for both encoders (default
      attention: sdpa), `.eval()`, `torch.inference_mode()`, `torch.set_num_threads(cpu_count)`;
@@ -266,6 +267,18 @@ def wait_for_load(limit: float, max_s: float, what: str) -> dict:
     return {"load_before": load, "waited_s": time.time() - t0, "quiet": quiet}
 
 
+def warm_page_cache(teacher: Path) -> float:
+    """Reads every teacher file once, so neither side pays for the disk: both memory-map or
+    read the weights, and whichever ran first would otherwise get the cold page cache."""
+    s = time.perf_counter()
+    for f in sorted(teacher.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    return time.perf_counter() - s
+
+
 def run_ours(binary: Path, teacher: Path, captions: Path, out: Path, batch_size: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(binary), "cache-targets", "--teacher", str(teacher), "--captions", str(captions),
@@ -352,16 +365,20 @@ def main() -> None:
 
     load = {}
     load["ours"] = wait_for_load(args.wait_load, args.wait_max, "ours")
+    warm_page_cache(teacher)
+    if split:  # the small run first; the full run right after it is the one compared
+        small = run_ours(binary, teacher, small_file, run_dir / "out-ours-small", bs)
+        shutil.rmtree(run_dir / "out-ours-small", ignore_errors=True)
+        warm_page_cache(teacher)
     ours = run_ours(binary, teacher, caps_file, run_dir / "out-ours", bs)
     if split:
-        small = run_ours(binary, teacher, small_file, run_dir / "out-ours-small", bs)
         ours["small_captions"] = bs
         ours["small_wall_s"] = small["wall_s"]
-        shutil.rmtree(run_dir / "out-ours-small", ignore_errors=True)
     load["ours"]["load_after"] = os.getloadavg()[0]
     print(json.dumps(ours), file=sys.stderr)
 
     load["hf"] = wait_for_load(args.wait_load, args.wait_max, "transformers")
+    warm_page_cache(teacher)
     ref_file = run_dir / "out-hf.safetensors"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_torch-worker", "--teacher-dir", str(teacher),
            "--captions-file", str(caps_file), "--batch-size", str(bs), "--ref-out", str(ref_file)]

@@ -933,7 +933,7 @@ fn cli_quantize_info_and_encode_with_a_gguf() {
 fn dequantization_is_bit_identical_to_candle() {
     use candle_core::quantized::QTensor;
     let mut rng = Rng::new(31);
-    // 17 MiB of f32: the multi-threaded path, and several row chunks of at most 4 MiB.
+    // 17 MiB of f32: the multi-threaded path, and two row chunks of at most 16 MiB.
     let w = randn(&[8448, 512], &mut rng, 0.1);
     for dtype in [
         GgmlDType::Q4K,

@@ -42,13 +42,16 @@ struct Memory {
     cuda_bytes: u64,
 }
 
-fn target_dir() -> PathBuf {
+/// Where `cargo test` leaves the cdylib it built for this run: beside the test executable in
+/// `deps/`. (`target/<profile>/libqwenclip.so` is only refreshed by `cargo build`, so on a
+/// clean clone it does not exist and on a dev machine it may be stale.)
+fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent().unwrap().to_path_buf()
 }
 
 fn lib_path() -> PathBuf {
-    target_dir().join("libqwenclip.so")
+    lib_dir().join("libqwenclip.so")
 }
 
 struct Lib(Library);
@@ -697,9 +700,9 @@ fn a_c_program_compiled_against_the_header_encodes_a_prompt() {
         .arg("-I")
         .arg(root().join("include"))
         .arg("-L")
-        .arg(target_dir())
+        .arg(lib_dir())
         .args(["-lqwenclip", "-Wl,-rpath"])
-        .arg(target_dir())
+        .arg(lib_dir())
         .status()
         .expect("a C compiler (cc) is needed for this test");
     assert!(

@@ -21,6 +21,8 @@ log = logging.getLogger("qwenclip")
 
 MODELS_KEY = "qwenclip"
 BASE_KEY = "text_encoders"
+GGUF_KEY = "qwenclip_gguf"
+GGUF_EXTENSIONS = {".gguf"}
 MAX_RESOLUTION = 16384
 NO_ADAPTER = "none"
 NO_FOLDER = "none (use captions_text)"
@@ -33,6 +35,23 @@ def register_models_folder() -> None:
     extra_model_paths.yaml entry `qwenclip: PATH` adds more places (the first one listed is
     where training writes)."""
     folder_paths.add_model_folder_path(MODELS_KEY, os.path.join(folder_paths.models_dir, MODELS_KEY))
+    _sync_gguf_folders()
+
+
+def _sync_gguf_folders() -> None:
+    """`qwenclip_gguf`: our own key for quantized base models, listing only `.gguf` files from
+    the `text_encoders` and `qwenclip` folders (where people put them). ComfyUI's shared
+    `text_encoders` extension set is left alone: widening it would put .gguf files in every
+    other text-encoder loader's list. Re-run at listing time because folders can be added
+    after the pack is imported (extra_model_paths.yaml, tests); an extra_model_paths.yaml
+    entry `qwenclip_gguf: PATH` adds more places."""
+    if GGUF_KEY not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[GGUF_KEY] = ([], set(GGUF_EXTENSIONS))
+    paths, exts = folder_paths.folder_names_and_paths[GGUF_KEY]
+    exts.update(GGUF_EXTENSIONS)
+    for root in _paths(BASE_KEY) + _paths(MODELS_KEY):
+        if root not in paths:
+            paths.append(root)
 
 
 # -- listing model folders ----------------------------------------------------------------------
@@ -74,10 +93,24 @@ def _paths(key: str) -> list[str]:
         return []
 
 
+def gguf_models() -> dict[str, str]:
+    """`.gguf` files under the `qwenclip_gguf` key (name relative to its folder -> path)."""
+    _sync_gguf_folders()
+    found = {}
+    for name in folder_paths.get_filename_list(GGUF_KEY):
+        path = folder_paths.get_full_path(GGUF_KEY, name)
+        if path:
+            found[name] = path
+    return found
+
+
 def base_models() -> dict[str, str]:
-    """Model folders under `text_encoders` (and `qwenclip`) that hold a config.json."""
+    """Model folders under `text_encoders` (and `qwenclip`) that hold a config.json, and
+    `.gguf` files (quantized Qwen3) in the same places."""
     found = _subfolders(_paths(BASE_KEY), _is_model)
     for name, path in _subfolders(_paths(MODELS_KEY), _is_model).items():
+        found.setdefault(name, path)
+    for name, path in gguf_models().items():
         found.setdefault(name, path)
     return found
 
@@ -115,7 +148,8 @@ def resolve_base(name: str, hub_id: str = "") -> str:
         return name
     raise ValueError(
         f"qwenclip: base model '{name}' was not found: put a Qwen3 model folder (config.json, "
-        f"*.safetensors, tokenizer.json) under {', '.join(_paths(BASE_KEY)) or 'models/text_encoders'}, "
+        f"*.safetensors, tokenizer.json) or a Qwen3 .gguf file under "
+        f"{', '.join(_paths(BASE_KEY)) or 'models/text_encoders'}, "
         "or pick a hub id (e.g. Qwen/Qwen3-4B, from the Hugging Face cache)"
     )
 
@@ -123,6 +157,8 @@ def resolve_base(name: str, hub_id: str = "") -> str:
 def _estimate_bytes(model: str, dtype: str) -> int:
     """Rough size of the model's weights in `dtype`, to ask ComfyUI for room first."""
     p = Path(model)
+    if p.is_file():  # a .gguf stays quantized in memory: its size is what it takes
+        return p.stat().st_size
     if not p.is_dir():
         hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
         snaps = sorted((hub / f"models--{model.replace('/', '--')}" / "snapshots").glob("*"))
@@ -184,7 +220,7 @@ class QwenEncoderLoader:
         bases = sorted(base_models()) + HUB_IDS
         return {
             "required": {
-                "base_model": (bases, {"tooltip": "A Qwen3 model folder in models/text_encoders, or a Hugging Face hub id (read from the Hugging Face cache)."}),
+                "base_model": (bases, {"tooltip": "A Qwen3 model folder or .gguf file (4/5/6/8-bit, llama.cpp's or `qwenclip quantize`'s) in models/text_encoders, or a Hugging Face hub id (read from the Hugging Face cache)."}),
                 "adapter": (adapter_choices(), {"tooltip": "An adapter folder in models/qwenclip (LoRA + resampler). Without one there is no SDXL conditioning."}),
                 "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
                 "dtype": (["auto", "f32", "bf16", "f16"], {"default": "auto", "tooltip": "auto: bf16 on CUDA, f32 on the CPU."}),

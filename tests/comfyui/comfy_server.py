@@ -67,6 +67,10 @@ class ComfyServer:
         tiny = make_tiny_models(b)
         shutil.copytree(tiny["model"], b / "models/text_encoders/qwen3-tiny", dirs_exist_ok=True)
         shutil.copytree(tiny["adapter"], b / "models/qwenclip/tiny", dirs_exist_ok=True)
+        gguf = b / "models/text_encoders/qwen3-tiny-q8_0.gguf"
+        if not gguf.is_file():  # the quantized base, as an artist would drop it in
+            subprocess.run([os.environ["QWENCLIP_BIN"], "quantize", "--model", str(tiny["model"]), "--type",
+                            "q8_0", "--out", str(gguf)], check=True, capture_output=True)
         ph = placeholders or {}
         for ckpt in ph.get("checkpoints", []):
             (b / "models/checkpoints" / ckpt).write_bytes(b"")

@@ -27,14 +27,14 @@ def workflow(name: str) -> dict:
     return json.loads((ROOT / "workflows" / f"{name}.api.json").read_text())
 
 
-def tiny(prompt: dict, adapter: str = "tiny", prefix: str = "e2e", **train) -> dict:
+def tiny(prompt: dict, adapter: str = "tiny", prefix: str = "e2e", base: str = "qwen3-tiny", **train) -> dict:
     """The shipped workflow on tiny models: same graph, small sizes."""
     for node in prompt.values():
         t, i = node["class_type"], node["inputs"]
         if t == "CheckpointLoaderSimple":
             node["class_type"], node["inputs"] = "QwenclipTestTinySDXL", {"seed": 0}
         elif t == "QwenEncoderLoader":
-            i.update(base_model="qwen3-tiny", device="cpu", dtype="f32")
+            i.update(base_model=base, device="cpu", dtype="f32")
             if i["adapter"] != "none":
                 i["adapter"] = adapter
         elif t == "EmptyLatentImage":
@@ -73,6 +73,7 @@ def test_object_info_lists_every_node(server):
     assert info["QwenAdapterTrain"]["output_node"] is True
     loader = info["QwenEncoderLoader"]["input"]["required"]
     assert "qwen3-tiny" in loader["base_model"][0] and "tiny" in loader["adapter"][0]
+    assert "qwen3-tiny-q8_0.gguf" in loader["base_model"][0], "a .gguf in text_encoders is a base model"
 
 
 def test_server_log_has_no_import_error_and_the_pack_imports_fast(server):
@@ -104,6 +105,12 @@ def test_text_to_image_workflow(server):
     from PIL import Image
 
     assert Image.open(images[0]).size == (64, 64)
+
+
+def test_text_to_image_workflow_on_a_gguf_base(server):
+    entry = server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_gguf", base="qwen3-tiny-q8_0.gguf"))
+    assert len(saved_images(server, entry)) == 1
+    assert "qwen3-tiny-q8_0.gguf (cpu, f32)" in server.log()
 
 
 def test_clip_vs_qwen_workflow(server):

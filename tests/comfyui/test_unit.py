@@ -117,6 +117,66 @@ def test_loader_broken_model_folder_names_the_file(pack, comfy_dirs, tiny):
         shutil.rmtree(bad)
 
 
+@pytest.fixture(scope="session")
+def gguf_base(comfy_dirs, tiny) -> Path:
+    """The tiny model quantized to Q8_0 by `qwenclip quantize`, in text_encoders, next to a
+    file that is not a model (must not be listed)."""
+    te = comfy_dirs["text_encoders"]
+    out = te / "qwen3-tiny-q8_0.gguf"
+    subprocess.run([os.environ["QWENCLIP_BIN"], "quantize", "--model", str(tiny["model"]), "--type", "q8_0",
+                    "--out", str(out)], check=True, capture_output=True)
+    (te / "readme.txt").write_text("not a model")
+    return out
+
+
+def test_loader_lists_gguf_files_under_its_own_key_and_leaves_shared_sets_alone(pack, gguf_base):
+    import folder_paths
+
+    shared_exts = {k: set(v[1]) for k, v in folder_paths.folder_names_and_paths.items() if k != "qwenclip_gguf"}
+    choices = pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]["base_model"][0]
+    assert "qwen3-tiny-q8_0.gguf" in choices and "qwen3-tiny" in choices
+    assert not any(c.endswith(".txt") for c in choices)
+    paths, exts = folder_paths.folder_names_and_paths["qwenclip_gguf"]
+    assert exts == {".gguf"} and str(gguf_base.parent) in paths
+    assert folder_paths.get_full_path("qwenclip_gguf", "qwen3-tiny-q8_0.gguf") == str(gguf_base)
+    assert {k: set(v[1]) for k, v in folder_paths.folder_names_and_paths.items() if k != "qwenclip_gguf"} == shared_exts
+    assert ".gguf" not in folder_paths.folder_names_and_paths["text_encoders"][1]
+
+
+def test_loader_encodes_with_a_gguf_base_close_to_f32(pack, gguf_base, encoder):
+    """Same adapter on the Q8_0 file: conditioning within docs/gguf.md's Q8_0 limit (cos 0.9999)."""
+    q = pack.nodes.QwenEncoderLoader().load("qwen3-tiny-q8_0.gguf", "tiny", "cpu", "f32")[0]
+    text = "a red cube left of a blue sphere"
+    got = pack.nodes.QwenTextEncodeSDXL().encode(q, text, 1024, 1024, 0, 0, 1024, 1024)[0]
+    want = pack.nodes.QwenTextEncodeSDXL().encode(encoder, text, 1024, 1024, 0, 0, 1024, 1024)[0]
+    assert got[0][0].shape == (1, 77, 2048) and got[0][1]["pooled_output"].shape == (1, 1280)
+    assert not torch.equal(got[0][0], want[0][0]), "the quantized base was really used"
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(got[0][0].flatten(), want[0][0].flatten(), dim=0) > 0.9999
+    assert cos(got[0][1]["pooled_output"].flatten(), want[0][1]["pooled_output"].flatten(), dim=0) > 0.9999
+
+
+def test_loader_asks_for_the_gguf_file_size_not_an_f32_estimate(pack, gguf_base, monkeypatch):
+    import comfy.model_management as mm
+
+    calls = []
+    monkeypatch.setattr(mm, "free_memory", lambda need, dev, *a, **k: calls.append(need))
+    pack.nodes.QwenEncoderLoader().load("qwen3-tiny-q8_0.gguf", "tiny", "cpu", "f32", max_tokens=77)
+    assert calls == [gguf_base.stat().st_size]
+
+
+def test_loader_broken_gguf_names_the_file(pack, comfy_dirs):
+    bad = comfy_dirs["text_encoders"] / "truncated.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00")
+    try:
+        assert "truncated.gguf" in pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]["base_model"][0]
+        with pytest.raises(pack.library.QwenclipError) as e:
+            pack.nodes.QwenEncoderLoader().load("truncated.gguf", "none", "cpu", "f32")
+        assert "truncated.gguf" in str(e.value)
+    finally:
+        bad.unlink()
+
+
 def test_cuda_device_on_a_cpu_build_is_a_clear_error(pack):
     lib = pack.library.get()
     if lib.has_cuda:

@@ -3,10 +3,18 @@
 //! `Differentiable` for training. `tests/gradients.rs` checks the differentiable versions
 //! against finite differences and `tests/parity.rs` checks both paths agree.
 
+mod attention;
+pub mod blas;
+pub mod vexp;
+
+pub use attention::attention;
+
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 /// Which kernels a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +63,34 @@ pub fn softmax(x: &Tensor, path: Path) -> Result<Tensor> {
     }
 }
 
+/// `silu(gate) * up` (the SwiGLU feed-forward's middle). Untracked contiguous f32 CPU
+/// tensors take the fused vectorised kernel; anything else the autograd-tracked ops.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let plain = |x: &Tensor| x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op();
+    if plain(gate) && plain(up) && gate.shape() == up.shape() {
+        let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+        let mut out = vec![0f32; gate.elem_count()];
+        {
+            let ((sg, lg), (su, lu)) = (gate.storage_and_layout(), up.storage_and_layout());
+            if let (
+                (Storage::Cpu(CpuStorage::F32(g)), Some((g0, g1))),
+                (Storage::Cpu(CpuStorage::F32(u)), Some((u0, u1))),
+            ) = (
+                (&*sg, lg.contiguous_offsets()),
+                (&*su, lu.contiguous_offsets()),
+            ) {
+                use rayon::prelude::*;
+                const CHUNK: usize = 1 << 14;
+                out.par_chunks_mut(CHUNK)
+                    .zip(g[g0..g1].par_chunks(CHUNK).zip(u[u0..u1].par_chunks(CHUNK)))
+                    .for_each(|(o, (g, u))| vexp::silu_mul(g, u, o));
+                return Tensor::from_vec(out, gate.shape(), gate.device());
+            }
+        }
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
 /// Rotary embedding, non-interleaved halves (`rotate_half`, as in Hugging Face Qwen3).
 /// `x`: `[B, H, T, D]`; `cos`, `sin`: `[T, D/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
@@ -70,10 +106,78 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let inner = dims[dims.len() - 1];
     let rows = x.elem_count() / inner.max(1);
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let x = x.reshape((rows, inner))?;
+    // A BLAS product records no autograd op, so it is only for untracked operands.
+    let blas = if x.track_op() || w.track_op() {
+        None
+    } else {
+        blas_matmul(&x, w, true)?
+    };
+    let y = match blas {
+        Some(y) => y,
+        None => x.matmul(&w.t()?)?,
+    };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = w.dim(0)?;
     y.reshape(out)
+}
+
+/// Batched `a @ b.T` (`b_transposed`) or `a @ b` over the leading dimensions: attention's
+/// products. On the system BLAS for untracked f32 CPU tensors, else candle's matmul.
+pub fn batched_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Tensor> {
+    if !a.track_op() && !b.track_op() {
+        if let Some(y) = blas_matmul(a, b, b_transposed)? {
+            return Ok(y);
+        }
+    }
+    if b_transposed {
+        a.matmul(&b.t()?)
+    } else {
+        a.matmul(b)
+    }
+}
+
+/// `a @ b.T` (`b_transposed`) or `a @ b` for f32 CPU tensors of equal rank >= 2 and equal
+/// leading (batch) dimensions, on the system BLAS when there is one ([`blas`]); `None` where
+/// that does not apply (candle's GEMM then). The result records no autograd op: callers use
+/// it only where no gradient flows through the product.
+fn blas_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Option<Tensor>> {
+    let Some(blas) = blas::get() else {
+        return Ok(None);
+    };
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || !a.device().is_cpu() {
+        return Ok(None);
+    }
+    let (da, db) = (a.dims(), b.dims());
+    let r = da.len();
+    if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] {
+        return Ok(None); // broadcasting, or candle reports the shape error
+    }
+    let batch: usize = da[..r - 2].iter().product();
+    let (m, k) = (da[r - 2], da[r - 1]);
+    let (n, kb) = if b_transposed {
+        (db[r - 2], db[r - 1])
+    } else {
+        (db[r - 1], db[r - 2])
+    };
+    if k != kb || !blas.fits((m, n, k)) {
+        return Ok(None);
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let mut out = vec![0f32; batch * m * n];
+    {
+        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb)
+        else {
+            return Ok(None);
+        };
+        let va = &va[la.start_offset()..la.start_offset() + batch * m * k];
+        let vb = &vb[lb.start_offset()..lb.start_offset() + batch * n * k];
+        blas.sgemm_batched(batch, (m, n, k), va, vb, b_transposed, &mut out);
+    }
+    let mut shape = da.to_vec();
+    shape[r - 1] = n;
+    Tensor::from_vec(out, shape, a.device()).map(Some)
 }
 
 /// `x @ w.T` where `w` is frozen: the backward pass returns the input gradient only.
@@ -167,7 +271,10 @@ impl CustomOp1 for FrozenLinear {
         let rows = grad.elem_count() / out.max(1);
         let g = grad.reshape((rows, out))?;
         let (g, inp) = match &self.w {
-            Frozen::Dense(w) => (g.matmul(w)?, w.dim(1)?),
+            Frozen::Dense(w) => match blas_matmul(&g, w, false)? {
+                Some(gx) => (gx, w.dim(1)?),
+                None => (g.matmul(w)?, w.dim(1)?),
+            },
             // Dequantized a chunk at a time for this product only.
             Frozen::Quantized(q) => (q.grad_input(&g)?, q.dims().1),
         };

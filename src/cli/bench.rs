@@ -95,6 +95,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "weight_bytes": llm.weight_bytes(),
         "quantized": llm.is_quantized(),
         "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "cpu_gemm": qwenclip::ops::blas::describe(),
     });
     if let Some(n) = a.compare_f32_layers {
         anyhow::ensure!(

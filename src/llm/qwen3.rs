@@ -128,7 +128,6 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv);
-        let groups = nh / nkv;
         let q = self.q_proj.forward(x, path)?.reshape((b, t, nh, hd))?;
         let k = self.k_proj.forward(x, path)?.reshape((b, t, nkv, hd))?;
         let v = self.v_proj.forward(x, path)?.reshape((b, t, nkv, hd))?;
@@ -137,23 +136,7 @@ impl Attention {
         let q = ops::rope(&q, cos, sin, path)?.contiguous()?;
         let k = ops::rope(&k, cos, sin, path)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        // Grouped-query attention without copying K/V per head: the query heads that share a
-        // KV head are stacked along the sequence axis.
-        let q = (q.reshape((b, nkv, groups * t, hd))? * (hd as f64).powf(-0.5))?;
-        let scores = q.matmul(&k.t()?)?;
-        let scores = scores
-            .to_dtype(bias.dtype())?
-            .reshape((b, nkv, groups, t, t))?
-            .broadcast_add(bias)?;
-        let probs =
-            ops::softmax(&scores, path)?
-                .to_dtype(v.dtype())?
-                .reshape((b, nkv, groups * t, t))?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
+        let out = ops::attention(&q, &k, &v, bias, path)?;
         self.o_proj.forward(&out, path)
     }
 
@@ -178,9 +161,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x, path)?)?;
+        let gate = self.gate_proj.forward(x, path)?;
         let up = self.up_proj.forward(x, path)?;
-        self.down_proj.forward(&(gate * up)?, path)
+        self.down_proj.forward(&ops::silu_mul(&gate, &up)?, path)
     }
 
     fn linears_mut(&mut self) -> [(&'static str, &mut Projection); 3] {

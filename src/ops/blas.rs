@@ -1,0 +1,244 @@
+//! A system BLAS for the CPU's large f32 products, loaded at run time.
+//!
+//! candle's pure-Rust GEMM is the one piece of the CPU forward pass that an optimised BLAS
+//! (OpenBLAS, MKL, BLIS) clearly beats on the LLM's projection shapes, and `transformers`
+//! runs on MKL. The library is opened with `dlopen` rather than linked, so qwenclip builds
+//! and runs on a machine without one (candle's GEMM is then used) and picks one up when it is
+//! there: OpenBLAS (Debian/Ubuntu `libopenblas0`), Intel's `libmkl_rt`, or BLIS.
+//!
+//! The BLAS runs single-threaded and each product is split by output columns over the rayon
+//! pool that candle's other kernels use: a BLAS's own thread pool spins (`sched_yield`)
+//! between calls and fights rayon for the cores, which cost more than its faster kernel saved.
+//!
+//! `QWENCLIP_BLAS`: unset = try the usual library names; a path = that library; `off` =
+//! always candle's GEMM. Read once per process.
+
+use libloading::Library;
+use once_cell::sync::Lazy;
+
+const ROW_MAJOR: i32 = 101;
+const NO_TRANS: i32 = 111;
+const TRANS: i32 = 112;
+/// Output columns per task of a split product.
+const COLUMN_BLOCK: usize = 256;
+
+/// CBLAS `sgemm` (LP64: 32-bit integers).
+type Sgemm = unsafe extern "C" fn(
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    i32,
+    f32,
+    *const f32,
+    i32,
+    *const f32,
+    i32,
+    f32,
+    *mut f32,
+    i32,
+);
+
+/// A loaded BLAS. Kept for the life of the process (the symbols point into it).
+pub struct Blas {
+    _lib: Library,
+    sgemm: Sgemm,
+    /// Library file name, for reports (`bench-encode`).
+    pub name: String,
+}
+
+/// Names tried when `QWENCLIP_BLAS` is unset, best first. Reference (netlib) BLAS is left out
+/// on purpose: it is slower than candle's GEMM.
+const CANDIDATES: &[&str] = &[
+    "libopenblas.so.0",
+    "libopenblas.so",
+    "libmkl_rt.so.2",
+    "libmkl_rt.so",
+    "libblis.so.4",
+    "libopenblas.dylib",
+    "libopenblas.dll",
+];
+
+static BLAS: Lazy<Option<Blas>> = Lazy::new(|| match std::env::var("QWENCLIP_BLAS") {
+    Ok(v) if matches!(v.trim(), "off" | "none" | "0" | "candle") => None,
+    Ok(v) if !v.trim().is_empty() => {
+        let b = open(v.trim());
+        if b.is_none() {
+            eprintln!("qwenclip: QWENCLIP_BLAS={v} has no usable cblas_sgemm; using candle's GEMM");
+        }
+        b
+    }
+    _ => CANDIDATES.iter().find_map(|n| open(n)),
+});
+
+/// The process's BLAS, if one was found.
+pub fn get() -> Option<&'static Blas> {
+    BLAS.as_ref()
+}
+
+/// What the CPU's large f32 products run on, for reports.
+pub fn describe() -> String {
+    get().map_or_else(|| "candle gemm".to_string(), |b| b.name.clone())
+}
+
+fn open(path: &str) -> Option<Blas> {
+    // SAFETY: loading a BLAS runs only its initialisers, which set up its thread pool.
+    let lib = unsafe { Library::new(path) }.ok()?;
+    let file = std::path::Path::new(path)
+        .file_name()
+        .map_or(path.into(), |f| f.to_string_lossy().into_owned());
+    // SAFETY: the symbol types are CBLAS's documented signatures for these names.
+    unsafe {
+        let single_threaded = |names: &[&[u8]]| {
+            for name in names {
+                if let Ok(set) = lib.get::<unsafe extern "C" fn(i32)>(name) {
+                    set(1);
+                }
+            }
+        };
+        let sgemm = *lib.get::<Sgemm>(b"cblas_sgemm\0").ok()?;
+        single_threaded(&[
+            b"openblas_set_num_threads\0",
+            b"MKL_Set_Num_Threads\0",
+            b"bli_thread_set_num_threads\0",
+        ]);
+        Some(Blas {
+            sgemm,
+            name: file,
+            _lib: lib,
+        })
+    }
+}
+
+impl Blas {
+    /// Whether CBLAS's 32-bit integers can describe the product.
+    pub fn fits(&self, (m, n, k): (usize, usize, usize)) -> bool {
+        [m, n, k].iter().all(|&d| d <= i32::MAX as usize)
+    }
+
+    /// Row-major `c[m,n] = a[m,k] @ op(b)`, where `op(b)` is `b[n,k]` transposed when
+    /// `b_transposed`, else `b[k,n]`. Slices must hold exactly those sizes. Split by output
+    /// columns over the rayon pool.
+    pub fn sgemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        b_transposed: bool,
+        c: &mut [f32],
+    ) {
+        assert!(a.len() == m * k && b.len() == n * k && c.len() == m * n);
+        assert!(
+            self.fits((m, n, k)),
+            "BLAS dimensions exceed its integer type"
+        );
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            c.fill(0.0);
+            return;
+        }
+        // Column blocks of a fixed width (a multiple of the kernels' register width), not one
+        // per thread: a BLAS may accumulate edge columns in another order, so the blocks must
+        // depend on the shape alone for results to be the same on any number of cores.
+        let per = if m * n * k < 1 << 18 { n } else { COLUMN_BLOCK };
+        let blocks: Vec<(usize, usize)> =
+            (0..n).step_by(per).map(|j| (j, (j + per).min(n))).collect();
+        let c_addr = c.as_mut_ptr() as usize;
+        let run = |&(j0, j1): &(usize, usize)| {
+            // B's block starts at row j0 of b[n,k] (transposed) or column j0 of b[k,n].
+            let b_off = if b_transposed { j0 * k } else { j0 };
+            let ldb = if b_transposed { k } else { n };
+            // SAFETY: the blocks write disjoint column ranges of `c` (row stride n), which
+            // outlives this call; `a` and `b` are only read; sizes were checked above.
+            unsafe {
+                self.raw(
+                    (m, j1 - j0, k),
+                    a.as_ptr(),
+                    b.as_ptr().add(b_off),
+                    ldb,
+                    b_transposed,
+                    (c_addr as *mut f32).add(j0),
+                    n,
+                )
+            }
+        };
+        if blocks.len() == 1 {
+            run(&blocks[0]);
+        } else {
+            use rayon::prelude::*;
+            blocks.par_iter().for_each(run);
+        }
+    }
+
+    /// `batch` independent products of the [`Blas::sgemm`] form, stored back to back in
+    /// `a`, `b` and `c`; spread over the rayon pool one product per task.
+    pub fn sgemm_batched(
+        &self,
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        b_transposed: bool,
+        c: &mut [f32],
+    ) {
+        assert!(a.len() == batch * m * k && b.len() == batch * n * k && c.len() == batch * m * n);
+        if batch == 1 {
+            return self.sgemm((m, n, k), a, b, b_transposed, c);
+        }
+        if batch == 0 || m == 0 || n == 0 {
+            return;
+        }
+        use rayon::prelude::*;
+        a.par_chunks(m * k.max(1))
+            .zip(b.par_chunks(n * k.max(1)))
+            .zip(c.par_chunks_mut(m * n))
+            .for_each(|((a, b), c)| {
+                if k == 0 {
+                    c.fill(0.0);
+                    return;
+                }
+                let ldb = if b_transposed { k } else { n };
+                // SAFETY: each task owns its `c` chunk; sizes were checked above.
+                unsafe {
+                    self.raw(
+                        (m, n, k),
+                        a.as_ptr(),
+                        b.as_ptr(),
+                        ldb,
+                        b_transposed,
+                        c.as_mut_ptr(),
+                        n,
+                    )
+                }
+            });
+    }
+
+    /// One single-threaded CBLAS call: `c[m,n] (ldc) = a[m,k] (lda = k) @ op(b) (ldb)`.
+    ///
+    /// # Safety
+    /// The pointers must cover the matrices so described and `c` must not be written by
+    /// anyone else meanwhile; the dimensions must pass [`Blas::fits`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn raw(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        b_transposed: bool,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let tb = if b_transposed { TRANS } else { NO_TRANS };
+        // SAFETY (caller): the pointers cover the described matrices; dimensions fit.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR, NO_TRANS, tb, m as i32, n as i32, k as i32, 1.0, a, k as i32, b,
+                ldb as i32, 0.0, c, ldc as i32,
+            )
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! The CPU inference kernels against independent references: the vectorised `exp`, fused
+//! softmax and SiLU against f64 math; the system-BLAS products and the fused attention
+//! against candle's own ops (the composed path, itself checked against `transformers` in
+//! tests/parity.rs and against finite differences in tests/gradients.rs).
+//!
+//! Without a system BLAS (OpenBLAS/MKL/BLIS) the BLAS tests say so and return, unless
+//! `QWENCLIP_REQUIRE_BLAS` is set, as `.ci/run` does after installing OpenBLAS: then a
+//! missing BLAS fails them.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::*;
+use qwenclip::ops::{self, blas, vexp};
+use qwenclip::rng::Rng;
+use qwenclip::ForwardPath;
+
+fn blas_loaded(what: &str) -> bool {
+    if blas::get().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("QWENCLIP_REQUIRE_BLAS").is_none(),
+        "{what}: QWENCLIP_REQUIRE_BLAS is set but no system BLAS was loaded ({})",
+        blas::describe()
+    );
+    eprintln!("{what}: no system BLAS on this machine; only candle's GEMM is exercised");
+    false
+}
+
+fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(Rng::new(seed).normal_vec(n, std), shape, &Device::Cpu).unwrap()
+}
+
+fn rel_err(got: f32, want: f64) -> f64 {
+    (f64::from(got) - want).abs() / want.abs().max(1e-30)
+}
+
+#[test]
+fn vectorised_exp_is_within_two_ulp_and_underflows_to_zero() {
+    let xs: Vec<f32> = (0..200_001)
+        .map(|i| -87.3 + i as f32 * (175.6 / 200_000.0))
+        .collect();
+    let mut got = xs.clone();
+    vexp::exp_in_place(&mut got);
+    let worst = xs
+        .iter()
+        .zip(&got)
+        .map(|(&x, &y)| rel_err(y, f64::from(x).exp()))
+        .fold(0.0, f64::max);
+    assert!(worst < 2.5e-7, "exp: worst relative error {worst:e}");
+    let mut tiny = vec![-88.0f32, -1e9, f32::NEG_INFINITY];
+    vexp::exp_in_place(&mut tiny);
+    assert_eq!(tiny, [0.0, 0.0, 0.0]);
+    let mut one = vec![0.0f32];
+    vexp::exp_in_place(&mut one);
+    assert_eq!(one, [1.0]);
+}
+
+#[test]
+fn fused_softmax_rows_match_f64_including_masks_and_a_fully_masked_row() {
+    let cols = 37; // not a multiple of the 8 lanes
+    let rows = 5;
+    let s: Vec<f32> = Rng::new(1).normal_vec(rows * cols, 3.0);
+    let mut bias = vec![0f32; rows * cols];
+    for (r, row) in bias.chunks_mut(cols).enumerate() {
+        for (j, b) in row.iter_mut().enumerate() {
+            if j > r * 8 || r == 4 {
+                *b = ops::MASKED as f32; // causal-like, and row 4 fully masked
+            }
+        }
+    }
+    let scale = 0.125;
+    let mut got = s.clone();
+    vexp::softmax_rows(&mut got, &bias, cols, scale);
+    for r in 0..rows {
+        let z: Vec<f64> = (0..cols)
+            .map(|j| f64::from(s[r * cols + j]) * scale as f64 + f64::from(bias[r * cols + j]))
+            .collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
+        for j in 0..cols {
+            let want = if r == 4 {
+                1.0 / cols as f64 // -1e9 + small rounds to -1e9 in f32: uniform
+            } else {
+                (z[j] - m).exp() / sum
+            };
+            let g = got[r * cols + j];
+            assert!(
+                (f64::from(g) - want).abs() <= 1e-6 * want.max(1e-3),
+                "row {r} col {j}: {g} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_silu_mul_matches_f64() {
+    let n = 4099;
+    let g: Vec<f32> = Rng::new(2).normal_vec(n, 6.0);
+    let u: Vec<f32> = Rng::new(3).normal_vec(n, 1.0);
+    let mut out = vec![0f32; n];
+    vexp::silu_mul(&g, &u, &mut out);
+    for i in 0..n {
+        let (gi, ui) = (f64::from(g[i]), f64::from(u[i]));
+        let want = gi / (1.0 + (-gi).exp()) * ui;
+        assert!(
+            (f64::from(out[i]) - want).abs() <= 1e-6 * want.abs().max(1e-2),
+            "{i}: {} vs {want}",
+            out[i]
+        );
+    }
+    // Through the op, with the tensor path it replaces on tracked inputs.
+    let gt = Tensor::from_vec(g, (1, n), &Device::Cpu).unwrap();
+    let ut = Tensor::from_vec(u, (1, n), &Device::Cpu).unwrap();
+    let fused = ops::silu_mul(&gt, &ut).unwrap();
+    let tracked = ops::silu_mul(Var::from_tensor(&gt).unwrap().as_tensor(), &ut).unwrap();
+    assert!(max_diff(&fused, &tracked) < 1e-5);
+}
+
+#[test]
+fn blas_products_equal_candle_gemm() {
+    if !blas_loaded("blas products") {
+        return;
+    }
+    for (m, n, k) in [
+        (1, 1, 1),
+        (3, 5, 7),
+        (77, 96, 64),
+        (130, 300, 33),
+        (0, 4, 4),
+    ] {
+        let x = randn(&[m, k], 10, 1.0);
+        let w = randn(&[n, k], 11, 1.0);
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        let got = ops::matmul_t(&x, &w).unwrap();
+        assert_eq!(got.dims(), [m, n]);
+        if m > 0 {
+            assert!(max_diff(&got, &want) < 1e-4, "matmul_t {m}x{n}x{k}");
+        }
+        // Rank 3 input, as the models call it.
+        let x3 = randn(&[2, m, k], 12, 1.0);
+        let want3 = x3.broadcast_matmul(&w.t().unwrap()).unwrap();
+        if m > 0 {
+            assert!(max_diff(&ops::matmul_t(&x3, &w).unwrap(), &want3) < 1e-4);
+        }
+    }
+    // Batched, both orientations (attention's products).
+    let a = randn(&[2, 3, 40, 16], 13, 1.0);
+    let b = randn(&[2, 3, 24, 16], 14, 1.0);
+    let want = a.matmul(&b.t().unwrap()).unwrap();
+    assert!(max_diff(&ops::batched_matmul(&a, &b, true).unwrap(), &want) < 1e-4);
+    let c = randn(&[2, 3, 16, 24], 15, 1.0);
+    let want = a.matmul(&c).unwrap();
+    assert!(max_diff(&ops::batched_matmul(&a, &c, false).unwrap(), &want) < 1e-4);
+}
+
+#[test]
+fn frozen_linear_input_gradient_on_blas_equals_candle_gemm() {
+    if !blas_loaded("frozen linear backward") {
+        return;
+    }
+    let x = Var::from_tensor(&randn(&[2, 9, 48], 20, 1.0)).unwrap();
+    let w = randn(&[80, 48], 21, 0.2);
+    let r = randn(&[2, 9, 80], 22, 1.0);
+    let y = ops::frozen_linear(x.as_tensor(), &w).unwrap();
+    let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let got = g.get(x.as_tensor()).unwrap();
+    let want = r.broadcast_matmul(&w).unwrap();
+    assert!(max_diff(got, &want) < 1e-4);
+}
+
+/// `[B,1,1,T,T]` causal + padding bias, as the model builds it.
+fn bias(mask: &[Vec<u8>]) -> Tensor {
+    let (b, t) = (mask.len(), mask[0].len());
+    let mut v = vec![0f32; b * t * t];
+    for (bi, row) in mask.iter().enumerate() {
+        for i in 0..t {
+            for j in 0..t {
+                if j > i || row[j] == 0 {
+                    v[(bi * t + i) * t + j] = ops::MASKED as f32;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(v, (b, 1, 1, t, t), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn fused_attention_equals_the_composed_ops_on_every_real_token() {
+    if !blas_loaded("fused attention") {
+        return;
+    }
+    // 150 tokens: three query blocks, the last one partial; GQA 4:2; batch with padding and
+    // an empty prompt (every row masked).
+    let (b, nh, nkv, t, hd) = (3, 4, 2, 150, 32);
+    let lens = [150usize, 61, 0];
+    let mask: Vec<Vec<u8>> = lens
+        .iter()
+        .map(|&l| (0..t).map(|j| u8::from(j < l)).collect())
+        .collect();
+    let q = randn(&[b, nh, t, hd], 30, 1.0);
+    let k = randn(&[b, nkv, t, hd], 31, 1.0);
+    let v = randn(&[b, nkv, t, hd], 32, 1.0);
+    let bias = bias(&mask);
+    let fused = ops::attention(&q, &k, &v, &bias, ForwardPath::Fast).unwrap();
+    // A tracked input takes the composed (autograd) path.
+    let qv = Var::from_tensor(&q).unwrap();
+    let composed = ops::attention(qv.as_tensor(), &k, &v, &bias, ForwardPath::Fast).unwrap();
+    assert_eq!(fused.dims(), [b, t, nh * hd]);
+    assert!(fused
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite()));
+    for (bi, &len) in lens.iter().enumerate() {
+        if len == 0 {
+            continue;
+        }
+        let f = fused.narrow(0, bi, 1).unwrap().narrow(1, 0, len).unwrap();
+        let c = composed
+            .narrow(0, bi, 1)
+            .unwrap()
+            .narrow(1, 0, len)
+            .unwrap();
+        let d = max_diff(&f, &c);
+        assert!(d < 2e-5, "batch {bi}: max diff {d}");
+    }
+    assert_eq!(fused.dtype(), DType::F32);
+}
+
+/// `qwenclip encode` of the tiny model + adapter (a long and a short prompt: several query
+/// blocks, padding) with extra environment; returns the output tensors.
+fn encode_with(
+    dir: &std::path::Path,
+    tag: &str,
+    env: &[(&str, &str)],
+) -> std::collections::HashMap<String, Tensor> {
+    let out = dir.join(format!("{tag}.safetensors"));
+    let long = "a red cube left of a blue sphere under a wooden table, ".repeat(12);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_qwenclip"));
+    cmd.args(["encode", "--model"])
+        .arg(dir.join("model"))
+        .arg("--adapter")
+        .arg(dir.join("adapter"))
+        .args([
+            "--prompt",
+            &long,
+            "--prompt",
+            "a cat",
+            "--dump-hidden",
+            "--out",
+        ])
+        .arg(&out)
+        .current_dir(root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    load(&out)
+}
+
+#[test]
+fn encoding_is_the_same_on_any_number_of_threads_and_close_without_blas() {
+    let d = scratch("kernels-threads");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qwenclip"))
+        .args(["tiny", "--out"])
+        .arg(&d)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let one = encode_with(&d, "one", &[("RAYON_NUM_THREADS", "1")]);
+    let two = encode_with(&d, "two", &[("RAYON_NUM_THREADS", "2")]);
+    let three = encode_with(&d, "three", &[("RAYON_NUM_THREADS", "3")]);
+    assert!(
+        one["attention_mask"].dims()[1] > 100,
+        "the long prompt spans query blocks"
+    );
+    for name in ["prompt_embeds", "pooled_prompt_embeds", "llm_hidden_states"] {
+        assert_eq!(
+            max_diff(&one[name], &two[name]),
+            0.0,
+            "{name}: 1 vs 2 threads"
+        );
+        assert_eq!(
+            max_diff(&one[name], &three[name]),
+            0.0,
+            "{name}: 1 vs 3 threads"
+        );
+    }
+    if blas_loaded("encode with and without BLAS") {
+        let candle = encode_with(&d, "candle", &[("QWENCLIP_BLAS", "off")]);
+        let mask = one["attention_mask"]
+            .to_dtype(DType::U8)
+            .unwrap()
+            .to_vec2::<u8>()
+            .unwrap();
+        for (b, len) in lengths(&mask).into_iter().enumerate() {
+            let real = |t: &Tensor| t.narrow(0, b, 1).unwrap().narrow(1, 0, len).unwrap();
+            let h = max_diff(
+                &real(&one["llm_hidden_states"]),
+                &real(&candle["llm_hidden_states"]),
+            );
+            assert!(h < 1e-4, "hidden states, prompt {b}: BLAS vs candle {h}");
+        }
+        for name in ["prompt_embeds", "pooled_prompt_embeds"] {
+            let d = max_diff(&one[name], &candle[name]);
+            assert!(d < 1e-4, "{name}: BLAS vs candle {d}");
+        }
+    }
+}

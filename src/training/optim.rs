@@ -88,6 +88,11 @@ impl AdamW {
         for (name, p) in self.params.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
             let lr = lrs[p.group];
+            let wd = if p.decay { c.weight_decay } else { 0.0 };
+            if fused::applies(&[p.var.as_tensor(), &p.m, &p.v, g]) {
+                fused::step(p.var.as_tensor(), &p.m, &p.v, g, c, lr, wd, (bc1, bc2))?;
+                continue;
+            }
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let w = p.var.as_tensor();
@@ -112,8 +117,9 @@ impl AdamW {
     /// Restores moments saved by [`AdamW::moments`].
     pub fn set_moments(&mut self, get: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
         for (n, p) in self.params.iter_mut() {
-            p.m = get(&format!("m.{n}"))?;
-            p.v = get(&format!("v.{n}"))?;
+            // Own copies: the fused step updates moments in place.
+            p.m = get(&format!("m.{n}"))?.copy()?;
+            p.v = get(&format!("v.{n}"))?.copy()?;
         }
         Ok(())
     }
@@ -123,11 +129,14 @@ impl AdamW {
 pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     let mut sq = 0f64;
     for g in grads.values() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        sq += match fused::sum_of_squares(g)? {
+            Some(s) => s,
+            None => g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?,
+        };
     }
     Ok(sq.sqrt())
 }
@@ -141,4 +150,164 @@ pub fn clip(grads: &mut BTreeMap<String, Tensor>, norm: f64, max_norm: f64) -> R
         }
     }
     Ok(())
+}
+
+/// The AdamW update in place on the CPU: one pass per tensor, no temporaries. The composed
+/// version above allocates ~10 parameter-sized tensors per step (2.4 GB for a 59.5M-parameter
+/// adapter), which made the optimizer a third of a CPU training step.
+mod fused {
+    use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+    use rayon::prelude::*;
+
+    use super::AdamWConfig;
+
+    const CHUNK: usize = 1 << 15;
+
+    /// All on the CPU, f32 and contiguous.
+    pub fn applies(ts: &[&Tensor]) -> bool {
+        ts.iter().all(|t| {
+            t.device().is_cpu() && t.dtype() == candle_core::DType::F32 && t.is_contiguous()
+        })
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => bail!("fused adamw: expected contiguous f32"),
+        }
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+            _ => bail!("fused adamw: expected contiguous f32"),
+        }
+    }
+
+    /// `m <- beta m + (1 - beta) g` (or `g^2` for the second moment).
+    struct Moment {
+        beta: f32,
+        square: bool,
+    }
+
+    impl InplaceOp2 for Moment {
+        fn name(&self) -> &'static str {
+            "adamw-moment"
+        }
+
+        fn cpu_fwd(
+            &self,
+            m: &mut CpuStorage,
+            ml: &Layout,
+            g: &CpuStorage,
+            gl: &Layout,
+        ) -> Result<()> {
+            let (m, g) = (slice_mut(m, ml)?, slice(g, gl)?);
+            let (b, a, square) = (self.beta, 1.0 - self.beta, self.square);
+            m.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(m, g)| {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = b * *m + a * if square { g * g } else { g };
+                    }
+                });
+            Ok(())
+        }
+    }
+
+    /// `w <- w (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps)`.
+    #[derive(Clone, Copy)]
+    struct Update {
+        lr: f32,
+        wd: f32,
+        bc1: f32,
+        bc2: f32,
+        eps: f32,
+    }
+
+    impl InplaceOp3 for Update {
+        fn name(&self) -> &'static str {
+            "adamw-update"
+        }
+
+        fn cpu_fwd(
+            &self,
+            w: &mut CpuStorage,
+            wl: &Layout,
+            m: &CpuStorage,
+            ml: &Layout,
+            v: &CpuStorage,
+            vl: &Layout,
+        ) -> Result<()> {
+            let (w, m, v) = (slice_mut(w, wl)?, slice(m, ml)?, slice(v, vl)?);
+            let Update {
+                lr,
+                wd,
+                bc1,
+                bc2,
+                eps,
+            } = *self;
+            let keep = 1.0 - lr * wd;
+            w.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .for_each(|(w, (m, v))| {
+                    for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
+                        *w = *w * keep - lr * (m / bc1) / ((v / bc2).sqrt() + eps);
+                    }
+                });
+            Ok(())
+        }
+    }
+
+    /// Sum of squares of a CPU f32 tensor in f64, without a squared copy; `None` elsewhere.
+    pub fn sum_of_squares(t: &Tensor) -> Result<Option<f64>> {
+        if !applies(&[t]) {
+            return Ok(None);
+        }
+        let (s, l) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*s else {
+            return Ok(None);
+        };
+        let v = slice(s, l)?;
+        Ok(Some(
+            v.par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+                .sum(),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        w: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        c: AdamWConfig,
+        lr: f64,
+        wd: f64,
+        (bc1, bc2): (f64, f64),
+    ) -> Result<()> {
+        m.inplace_op2(
+            g,
+            &Moment {
+                beta: c.beta1 as f32,
+                square: false,
+            },
+        )?;
+        v.inplace_op2(
+            g,
+            &Moment {
+                beta: c.beta2 as f32,
+                square: true,
+            },
+        )?;
+        let u = Update {
+            lr: lr as f32,
+            wd: wd as f32,
+            bc1: bc1 as f32,
+            bc2: bc2 as f32,
+            eps: c.eps as f32,
+        };
+        w.inplace_op3(m, v, &u)
+    }
 }

@@ -397,7 +397,11 @@ impl Trainer {
         let mut acc = self.acc.clone();
         for (name, p) in &self.opt.params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                let g = (g * scale)?;
+                let g = if scale == 1.0 {
+                    g.clone()
+                } else {
+                    (g * scale)?
+                };
                 let sum = match acc.remove(name) {
                     Some(prev) => (prev + g)?,
                     None => g,

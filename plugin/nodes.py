@@ -136,6 +136,16 @@ def resolve_adapter(name: str) -> str | None:
     )
 
 
+def adapter_changed_key(name: str) -> str:
+    """ComfyUI's IS_CHANGED key for an adapter choice: a retrained adapter folder must reload,
+    so its files' sizes and times are the key ("" when the name does not resolve; the node
+    then reports that when it runs)."""
+    try:
+        return repr(enc.adapter_fingerprint(resolve_adapter(name)))
+    except ValueError:
+        return ""
+
+
 def resolve_base(name: str, hub_id: str = "") -> str:
     """A model folder path, or a hub id the library resolves (Hugging Face cache)."""
     hub_id = (hub_id or "").strip()
@@ -239,11 +249,7 @@ class QwenEncoderLoader:
 
     @classmethod
     def IS_CHANGED(cls, adapter=NO_ADAPTER, **_inputs):
-        # A retrained adapter folder must reload: its files' sizes and times are the key.
-        try:
-            return repr(enc.adapter_fingerprint(resolve_adapter(adapter)))
-        except ValueError:
-            return ""
+        return adapter_changed_key(adapter)
 
     def load(self, base_model, adapter, device, dtype, hub_id="", max_tokens=0):
         lib = library.get()
@@ -285,10 +291,7 @@ class QwenAdapterSelect:
 
     @classmethod
     def IS_CHANGED(cls, adapter=NO_ADAPTER, **_inputs):
-        try:
-            return repr(enc.adapter_fingerprint(resolve_adapter(adapter)))
-        except ValueError:
-            return ""
+        return adapter_changed_key(adapter)
 
     def select(self, encoder, adapter):
         library.get()

@@ -63,6 +63,31 @@ pub fn softmax(x: &Tensor, path: Path) -> Result<Tensor> {
     }
 }
 
+/// The f32 elements of a contiguous CPU tensor's storage, or `None` (another device, dtype
+/// or a strided layout). For the CPU kernels that work on slices.
+pub(crate) fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
+    match s {
+        Storage::Cpu(c) => f32_slice(c, l),
+        _ => None,
+    }
+}
+
+/// [`cpu_f32`] for a CPU storage (what in-place ops receive).
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Option<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Some(&v[a..b]),
+        _ => None,
+    }
+}
+
+/// [`f32_slice`], mutable.
+pub(crate) fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Option<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Some(&mut v[a..b]),
+        _ => None,
+    }
+}
+
 /// `silu(gate) * up` (the SwiGLU feed-forward's middle). Untracked contiguous f32 CPU
 /// tensors take the fused vectorised kernel; anything else the autograd-tracked ops.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -72,17 +97,11 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         let mut out = vec![0f32; gate.elem_count()];
         {
             let ((sg, lg), (su, lu)) = (gate.storage_and_layout(), up.storage_and_layout());
-            if let (
-                (Storage::Cpu(CpuStorage::F32(g)), Some((g0, g1))),
-                (Storage::Cpu(CpuStorage::F32(u)), Some((u0, u1))),
-            ) = (
-                (&*sg, lg.contiguous_offsets()),
-                (&*su, lu.contiguous_offsets()),
-            ) {
+            if let (Some(g), Some(u)) = (cpu_f32(&sg, lg), cpu_f32(&su, lu)) {
                 use rayon::prelude::*;
                 const CHUNK: usize = 1 << 14;
                 out.par_chunks_mut(CHUNK)
-                    .zip(g[g0..g1].par_chunks(CHUNK).zip(u[u0..u1].par_chunks(CHUNK)))
+                    .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
                     .for_each(|(o, (g, u))| vexp::silu_mul(g, u, o));
                 return Tensor::from_vec(out, gate.shape(), gate.device());
             }
@@ -167,12 +186,9 @@ fn blas_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Option<Tens
     let mut out = vec![0f32; batch * m * n];
     {
         let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        let (Storage::Cpu(CpuStorage::F32(va)), Storage::Cpu(CpuStorage::F32(vb))) = (&*sa, &*sb)
-        else {
+        let (Some(va), Some(vb)) = (cpu_f32(&sa, la), cpu_f32(&sb, lb)) else {
             return Ok(None);
         };
-        let va = &va[la.start_offset()..la.start_offset() + batch * m * k];
-        let vb = &vb[lb.start_offset()..lb.start_offset() + batch * n * k];
         blas.sgemm_batched(batch, (m, n, k), va, vb, b_transposed, &mut out);
     }
     let mut shape = da.to_vec();

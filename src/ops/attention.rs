@@ -8,10 +8,10 @@
 //! straight into `[B, T, heads * head_dim]` order, so the score tensor, the broadcast bias
 //! add and the final transpose copy of the composed version never exist.
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::blas::{self, Blas};
-use super::{softmax, vexp, Path};
+use super::{cpu_f32, softmax, vexp, Path};
 
 /// Query rows per fused task: small enough to skip most of the masked upper triangle and to
 /// give the thread pool enough tasks, large enough for efficient GEMMs.
@@ -46,14 +46,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, path: Path) 
         .reshape((b, t, nh * hd))
 }
 
-/// The contiguous f32 data of a CPU tensor.
-fn f32_slice<'a>(s: &'a Storage, l: &candle_core::Layout) -> Option<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
-        _ => None,
-    }
-}
-
 fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
     let Some(blas) = blas::get() else {
         return Ok(None);
@@ -81,7 +73,7 @@ fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option
     {
         let guards = [&q, &k, &v, &bias].map(|x| x.storage_and_layout());
         let [Some(qd), Some(kd), Some(vd), Some(bd)] =
-            guards.each_ref().map(|(s, l)| f32_slice(s, l))
+            guards.each_ref().map(|(s, l)| cpu_f32(s, l))
         else {
             return Ok(None);
         };

@@ -156,10 +156,11 @@ pub fn clip(grads: &mut BTreeMap<String, Tensor>, norm: f64, max_norm: f64) -> R
 /// version above allocates ~10 parameter-sized tensors per step (2.4 GB for a 59.5M-parameter
 /// adapter), which made the optimizer a third of a CPU training step.
 mod fused {
-    use candle_core::{bail, CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+    use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
     use rayon::prelude::*;
 
     use super::AdamWConfig;
+    use crate::ops;
 
     const CHUNK: usize = 1 << 15;
 
@@ -171,17 +172,13 @@ mod fused {
     }
 
     fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-            _ => bail!("fused adamw: expected contiguous f32"),
-        }
+        ops::f32_slice(s, l)
+            .ok_or_else(|| candle_core::Error::Msg("fused adamw: expected contiguous f32".into()))
     }
 
     fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-            _ => bail!("fused adamw: expected contiguous f32"),
-        }
+        ops::f32_slice_mut(s, l)
+            .ok_or_else(|| candle_core::Error::Msg("fused adamw: expected contiguous f32".into()))
     }
 
     /// `m <- beta m + (1 - beta) g` (or `g^2` for the second moment).
@@ -265,10 +262,9 @@ mod fused {
             return Ok(None);
         }
         let (s, l) = t.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*s else {
+        let Some(v) = ops::cpu_f32(&s, l) else {
             return Ok(None);
         };
-        let v = slice(s, l)?;
         Ok(Some(
             v.par_chunks(CHUNK)
                 .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())

@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -63,7 +62,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    DEFAULT_WORKDIR, REPO, add_binary_option, add_wait_options, cpu_label, ensure_written,
+    last_json_line, loadavg_line, machine_info, peak_rss_bytes, ratio, render, resolve_binary,
+    wait_for_load, write_json,
+)
+
 CLIP_TOKENIZER = REPO / "assets" / "clip_tokenizer.json"
 SEQ = 77
 BOS_ID, EOS_ID, G_PAD_ID = 49406, 49407, 0
@@ -80,14 +85,6 @@ G_CFG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num
 TEACHER_FILES = ("text_encoder/config.json", "text_encoder/model.safetensors",
                  "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
                  "tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json")
-
-
-def default_binary() -> Path:
-    for profile in ("release", "debug"):
-        p = REPO / "target" / profile / "qwenclip"
-        if p.exists():
-            return p
-    return REPO / "target" / "release" / "qwenclip"
 
 
 # --------------------------------------------------------------------------------------------
@@ -115,21 +112,12 @@ def write_teacher(out: Path) -> None:
 
 
 def ensure_teacher(workdir: Path) -> Path:
-    teacher = workdir / "sdxl-random"
-    if all((teacher / f).exists() for f in TEACHER_FILES):
-        print(f"teacher: {teacher} (cached)", file=sys.stderr)
-        return teacher
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / ".sdxl-random.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(teacher, ignore_errors=True)
-    print(f"teacher: writing a random SDXL teacher (CLIP-L + CLIP-G, f32) to {teacher} ...",
-          file=sys.stderr)
+    """WORKDIR/sdxl-random, written once (into WORKDIR/.sdxl-random.partial, then renamed)."""
     # In a child process, so the parent stays small and holds no torch threads.
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_write-teacher", str(tmp)],
-                   check=True, stdout=sys.stderr)
-    tmp.rename(teacher)  # only a complete teacher is ever found under its real name
-    return teacher
+    return ensure_written(
+        workdir, "sdxl-random", TEACHER_FILES, "teacher", "a random SDXL teacher (CLIP-L + CLIP-G, f32)",
+        lambda tmp: [sys.executable, str(Path(__file__).resolve()), "--_write-teacher", str(tmp)],
+    )
 
 
 SUBJECTS = ["a red fox", "an old lighthouse", "a bowl of ramen", "two astronauts", "a tabby cat",
@@ -169,8 +157,6 @@ def write_captions(path: Path, n: int, seed: int = 0) -> list[str]:
 
 def torch_worker(teacher: Path, captions_file: Path, batch_size: int, out_file: Path) -> None:
     t_start = time.perf_counter()
-    import resource
-
     import safetensors.torch
     import tokenizers
     import torch
@@ -222,7 +208,7 @@ def torch_worker(teacher: Path, captions_file: Path, batch_size: int, out_file: 
         "impl": "transformers", "captions": len(captions), "batch_size": batch_size,
         "import_s": import_s, "load_s": load_s, "tokenize_s": tokenize_s, "encode_s": encode_s,
         "save_s": save_s, "inside_s": time.perf_counter() - t_start,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": transformers.__version__,
         "attn_implementation": te2.config._attn_implementation,
@@ -248,23 +234,6 @@ def run_timed(cmd: list[str]) -> tuple[float, int, str]:
     if proc.returncode != 0:
         raise subprocess.CalledProcessError(proc.returncode, cmd, text)
     return wall, usage.ru_maxrss * 1024, text
-
-
-def wait_for_load(limit: float, max_s: float, what: str) -> dict:
-    """Polls the 1-minute load average until it is below `limit` (0: don't wait)."""
-    t0 = time.time()
-    waited = False
-    while limit > 0 and os.getloadavg()[0] >= limit and time.time() - t0 < max_s:
-        if not waited:
-            print(f"{what}: load {os.getloadavg()[0]:.2f} >= {limit}, waiting (max {max_s:.0f} s)",
-                  file=sys.stderr)
-            waited = True
-        time.sleep(10)
-    load = os.getloadavg()[0]
-    quiet = limit <= 0 or load < limit
-    if not quiet:
-        print(f"{what}: load still {load:.2f} after {max_s:.0f} s; running anyway", file=sys.stderr)
-    return {"load_before": load, "waited_s": time.time() - t0, "quiet": quiet}
 
 
 def warm_page_cache(teacher: Path) -> float:
@@ -320,17 +289,14 @@ def compare(ours_out: Path, ref_file: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--qwenclip", type=Path, default=None,
-                   help="qwenclip binary (default: target/release/qwenclip, else target/debug/qwenclip)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/qwenclip-bench"),
+    add_binary_option(p)
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="where the random teacher is written once and reused")
     p.add_argument("--captions", type=int, default=64, help="number of synthetic captions")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-split", action="store_true",
                    help="skip ours' second run on --batch-size captions (no steady-state estimate)")
-    p.add_argument("--wait-load", type=float, default=0.0,
-                   help="before each side, wait until the 1-min load average is below this (0: no wait)")
-    p.add_argument("--wait-max", type=float, default=600.0, help="longest wait per side, seconds")
+    add_wait_options(p)
     p.add_argument("--json", type=Path, default=None, help="write the combined report here")
     p.add_argument("--_torch-worker", dest="torch_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_write-teacher", dest="write_teacher", type=Path, default=None, help=argparse.SUPPRESS)
@@ -348,10 +314,7 @@ def main() -> None:
     if args.captions < 1 or args.batch_size < 1:
         p.error("--captions and --batch-size must be >= 1")
 
-    binary = (args.qwenclip or default_binary()).resolve()
-    if not binary.exists():
-        p.error(f"no qwenclip binary at {binary} (build it, or pass --qwenclip)")
-    print(f"binary: {binary}", file=sys.stderr)
+    binary = resolve_binary(p, args.qwenclip)
     teacher = ensure_teacher(args.workdir)
     run_dir = args.workdir / "cache-bench"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -384,7 +347,7 @@ def main() -> None:
            "--captions-file", str(caps_file), "--batch-size", str(bs), "--ref-out", str(ref_file)]
     print("transformers: " + " ".join(cmd), file=sys.stderr)
     wall, _, stdout = run_timed(cmd)
-    theirs = json.loads([l for l in stdout.splitlines() if l.startswith("{")][-1])
+    theirs = last_json_line(stdout, "the transformers worker")
     theirs["wall_s"] = wall
     load["hf"]["load_after"] = os.getloadavg()[0]
     print(json.dumps(theirs), file=sys.stderr)
@@ -393,7 +356,6 @@ def main() -> None:
     ref_file.unlink(missing_ok=True)
 
     # ---- table
-    ratio = lambda a, b: a / b if b else float("nan")
     gib = 1024**3
     o_e2e, h_e2e = n / ours["wall_s"], n / theirs["wall_s"]
     rows = [("captions/s, whole process", f"{o_e2e:.2f}", f"{h_e2e:.2f}", ratio(o_e2e, h_e2e), True)]
@@ -421,15 +383,10 @@ def main() -> None:
     header = ("", "ours", "hf", "ours/hf")
     lines = [(r[0], r[1], r[2], f"{r[3]:.2f}" + ((" (slower)" if r[3] < 1.0 else "") if r[4] else ""))
              for r in rows]
-    widths = [max(len(header[i]), *(len(l[i]) for l in lines)) for i in range(4)]
-    fmt = lambda c: "  ".join([c[0].ljust(widths[0])] + [x.rjust(w) for x, w in zip(c[1:], widths[1:])])
-
     print(f"\ncache-targets, random SDXL teacher (CLIP-L 12x768 + CLIP-G 32x1280, f32), {n} captions, "
-          f"batch {bs}, CPU ({platform.machine()}, {os.cpu_count()} cores), binary {binary}")
-    print(fmt(header))
-    print(fmt(tuple("-" * w for w in widths)))
-    for l in lines:
-        print(fmt(l))
+          f"batch {bs}, {cpu_label()}, binary {binary}")
+    for l in render(header, lines, first_left=True):
+        print(l)
     if summary.get("split_note"):
         print(f"NOTE: {summary['split_note']}")
     if split:
@@ -445,20 +402,15 @@ def main() -> None:
               f"(max |hf| {check['max_ref_pooled']:.2f})")
     else:
         print(f"OUTPUT SHAPES DIFFER: {check}")
-    print(f"loadavg    ours {load['ours']['load_before']:.2f} -> {load['ours']['load_after']:.2f}"
-          f"   hf {load['hf']['load_before']:.2f} -> {load['hf']['load_after']:.2f}"
-          f"   (each side alone keeps ~{os.cpu_count()} cores busy; more before a side means contention)")
+    print(loadavg_line("loadavg ", load))
     print("\ntarget: ours/hf captions/s >= 1.0 (read from this table; not a test)")
 
     if args.json:
         combined = {"teacher": str(teacher), "binary": str(binary), "captions_file": str(caps_file),
-                    "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
-                                "python": platform.python_version()},
+                    "machine": machine_info(),
                     "qwenclip": ours, "transformers": theirs, "outputs": check, "comparison": summary,
                     "loadavg_1min": load}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(combined, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, combined)
 
 
 if __name__ == "__main__":

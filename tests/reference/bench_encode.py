@@ -40,31 +40,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "qwen_tokenizer.json"
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (  # noqa: E402
+    DEFAULT_TOKENIZER, DEFAULT_WORKDIR, add_binary_option, cpu_label, ensure_model, int_list,
+    machine_info, peak_rss_bytes, ratio, render, resolve_binary, run_json, write_json,
+)
+
 IDS_SEED = 7  # `bench-encode` draws its ids from `Rng::new(7)`
 MAX_ID = 150_000  # ... below min(vocab_size, 150_000)
-
-
-def default_binary() -> Path:
-    for profile in ("release", "debug"):
-        p = REPO / "target" / profile / "qwenclip"
-        if p.exists():
-            return p
-    return REPO / "target" / "release" / "qwenclip"
-
-
-def int_list(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,8 +97,6 @@ def bench_ids(batches: list[int], tokens: list[int], vocab: int) -> dict[tuple[i
 
 
 def torch_worker(model_dir: Path, batches: list[int], tokens: list[int], reps: int) -> None:
-    import resource
-
     import torch
     import transformers
 
@@ -146,7 +131,7 @@ def torch_worker(model_dir: Path, batches: list[int], tokens: list[int], reps: i
         "impl": "transformers",
         "load_s": load_s,
         "results": results,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -167,33 +152,6 @@ def torch_worker(model_dir: Path, batches: list[int], tokens: list[int], reps: i
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_model(binary: Path, shape: str, workdir: Path, tokenizer: Path) -> Path:
-    model_dir = workdir / shape
-    if all((model_dir / f).exists() for f in MODEL_FILES):
-        print(f"model: {model_dir} (cached)", file=sys.stderr)
-        return model_dir
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / f".{shape}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    print(f"model: writing a random {shape} to {model_dir} ...", file=sys.stderr)
-    subprocess.run(
-        [str(binary), "random-model", "--shape", shape, "--out", str(tmp), "--tokenizer", str(tokenizer)],
-        check=True,
-        stdout=sys.stderr,
-    )
-    tmp.rename(model_dir)  # only a complete model is ever found under its real name
-    return model_dir
-
-
-def last_json_line(stdout: str, what: str) -> dict:
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"{what} printed no JSON line:\n{stdout}")
-
-
 def run_ours(binary: Path, model_dir: Path, args: argparse.Namespace) -> dict:
     cmd = [
         str(binary), "bench-encode", "--model", str(model_dir),
@@ -201,9 +159,7 @@ def run_ours(binary: Path, model_dir: Path, args: argparse.Namespace) -> dict:
         "--tokens", ",".join(map(str, args.tokens)),
         "--reps", str(args.reps),
     ]
-    print("ours: " + " ".join(cmd), file=sys.stderr)
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    return last_json_line(out.stdout, "qwenclip bench-encode")
+    return run_json("ours", cmd, "qwenclip bench-encode")[0]
 
 
 def run_theirs(model_dir: Path, args: argparse.Namespace) -> dict:
@@ -214,13 +170,7 @@ def run_theirs(model_dir: Path, args: argparse.Namespace) -> dict:
         "--tokens", ",".join(map(str, args.tokens)),
         "--reps", str(args.reps),
     ]
-    print("transformers: " + " ".join(cmd), file=sys.stderr)
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    return last_json_line(out.stdout, "the transformers worker")
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
+    return run_json("transformers", cmd, "the transformers worker")[0]
 
 
 def table(ours: dict, theirs: dict) -> tuple[str, dict]:
@@ -240,10 +190,7 @@ def table(ours: dict, theirs: dict) -> tuple[str, dict]:
         lines.append((str(r["batch"]), str(r["tokens"]), f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}",
                       f"{h['median_ms']:.1f}", f"{h['min_ms']:.1f}",
                       f"{q:.2f}" + ("" if q <= 1.0 else "  (slower)")))
-    widths = [max(len(header[i]), *(len(l[i]) for l in lines)) if lines else len(header[i])
-              for i in range(len(header))]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
-    out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
+    out = render(header, lines)
 
     rss_o, rss_h = ours["peak_rss_bytes"], theirs["peak_rss_bytes"]
     rss_q = ratio(rss_o, rss_h)
@@ -264,10 +211,9 @@ def table(ours: dict, theirs: dict) -> tuple[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--qwenclip", type=Path, default=None,
-                   help="qwenclip binary (default: target/release/qwenclip, else target/debug/qwenclip)")
+    add_binary_option(p)
     p.add_argument("--shape", default="qwen3-0.6b", help="random-model shape (qwen3-0.6b, qwen3-1.7b, ...)")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/qwenclip-bench"),
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="where the random model is written once and reused")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     p.add_argument("--reps", type=int, default=5, help="timed passes per configuration (after one warm-up)")
@@ -286,10 +232,7 @@ def main() -> None:
         torch_worker(args.model_dir, args.batches, args.tokens, args.reps)
         return
 
-    binary = (args.qwenclip or default_binary()).resolve()
-    if not binary.exists():
-        p.error(f"no qwenclip binary at {binary} (build it, or pass --qwenclip)")
-    print(f"binary: {binary}", file=sys.stderr)
+    binary = resolve_binary(p, args.qwenclip)
     model_dir = ensure_model(binary, args.shape, args.workdir, args.tokenizer)
 
     # The 1-minute load average around each side: anything well above 0 before a side starts
@@ -305,7 +248,7 @@ def main() -> None:
     print(json.dumps(theirs), file=sys.stderr)
     text, summary = table(ours, theirs)
 
-    print(f"\n{args.shape}, f32, CPU ({platform.machine()}, {os.cpu_count()} cores), "
+    print(f"\n{args.shape}, f32, {cpu_label()}, "
           f"reps {args.reps} after 1 warm-up, binary {binary}")
     print(text)
     print("loadavg    ours {before_ours:.2f} -> {after_ours:.2f}   hf {before_hf:.2f} -> {after_hf:.2f}"
@@ -317,12 +260,10 @@ def main() -> None:
         combined = {
             "shape": args.shape, "model_dir": str(model_dir), "binary": str(binary),
             "reps": args.reps, "batches": args.batches, "tokens": args.tokens,
-            "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": machine_info(),
             "qwenclip": ours, "transformers": theirs, "comparison": summary, "loadavg_1min": load,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(combined, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, combined)
 
 
 if __name__ == "__main__":

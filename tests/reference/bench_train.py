@@ -52,17 +52,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-DEFAULT_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "qwen_tokenizer.json"
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, resampler
+from benchlib import (  # noqa: E402
+    DEFAULT_TOKENIZER, DEFAULT_WORKDIR, add_binary_option, add_wait_options, cpu_label,
+    ensure_model, int_list, loadavg_line, machine_info, peak_rss_bytes, ratio, render,
+    resolve_binary, run_json, wait_for_load, write_json,
+)
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # Fixed parts of the step (the same constants as qwenclip's TrainConfig::default and
@@ -74,18 +74,6 @@ LR_LORA, LR_RESAMPLER, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, 5e-4, 0.01, 1.0
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
-def default_binary() -> Path:
-    for profile in ("release", "debug"):
-        p = REPO / "target" / profile / "qwenclip"
-        if p.exists():
-            return p
-    return REPO / "target" / "release" / "qwenclip"
-
-
-def int_list(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
-
-
 # --------------------------------------------------------------------------------------------
 # The transformers + peft side (runs in its own process: `--_torch-worker`).
 # --------------------------------------------------------------------------------------------
@@ -93,14 +81,11 @@ def int_list(s: str) -> list[int]:
 
 def torch_worker(model_dir: Path, batch: int, tokens: int, reps: int, lora_r: int,
                  width: int, heads: int) -> None:
-    import resource
-
     import peft
     import torch
     import torch.nn.functional as F
     import transformers
 
-    sys.path.insert(0, str(HERE))
     from resampler import PerceiverResampler, ResamplerConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -167,7 +152,7 @@ def torch_worker(model_dir: Path, batch: int, tokens: int, reps: int, lora_r: in
         "impl": "transformers+peft", "batch": batch, "tokens": tokens,
         "median_step_s": median, "min_step_s": times[0],
         "samples_per_s": batch / median,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "trainable_params": n_lora + n_res, "trainable_lora": n_lora, "trainable_resampler": n_res,
         "load_s": load_s, "losses": losses,
         "threads": torch.get_num_threads(),
@@ -184,60 +169,14 @@ def torch_worker(model_dir: Path, batch: int, tokens: int, reps: int, lora_r: in
 # --------------------------------------------------------------------------------------------
 
 
-def ensure_model(binary: Path, shape: str, workdir: Path, tokenizer: Path) -> Path:
-    model_dir = workdir / shape
-    if all((model_dir / f).exists() for f in MODEL_FILES):
-        print(f"model: {model_dir} (cached)", file=sys.stderr)
-        return model_dir
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / f".{shape}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    print(f"model: writing a random {shape} to {model_dir} ...", file=sys.stderr)
-    subprocess.run(
-        [str(binary), "random-model", "--shape", shape, "--out", str(tmp), "--tokenizer", str(tokenizer)],
-        check=True, stdout=sys.stderr,
-    )
-    tmp.rename(model_dir)  # only a complete model is ever found under its real name
-    return model_dir
-
-
-def last_json_line(stdout: str, what: str) -> dict:
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"{what} printed no JSON line:\n{stdout}")
-
-
-def wait_for_load(limit: float, max_s: float, what: str) -> dict:
-    """Polls the 1-minute load average until it is below `limit` (0: don't wait)."""
-    t0 = time.time()
-    waited = False
-    while limit > 0 and os.getloadavg()[0] >= limit and time.time() - t0 < max_s:
-        if not waited:
-            print(f"{what}: load {os.getloadavg()[0]:.2f} >= {limit}, waiting (max {max_s:.0f} s)",
-                  file=sys.stderr)
-            waited = True
-        time.sleep(10)
-    load = os.getloadavg()[0]
-    quiet = limit <= 0 or load < limit
-    if not quiet:
-        print(f"{what}: load still {load:.2f} after {max_s:.0f} s; running anyway", file=sys.stderr)
-    return {"load_before": load, "waited_s": time.time() - t0, "quiet": quiet}
-
-
 def run_ours(binary: Path, model_dir: Path, b: int, t: int, args: argparse.Namespace) -> dict:
     cmd = [
         str(binary), "bench-train", "--model", str(model_dir), "--batch", str(b), "--tokens", str(t),
         "--reps", str(args.reps), "--lora-r", str(args.lora_r),
         "--resampler-width", str(args.resampler_width), "--resampler-heads", str(args.resampler_heads),
     ]
-    print("ours: " + " ".join(cmd), file=sys.stderr)
-    s = time.perf_counter()
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    r = last_json_line(out.stdout, "qwenclip bench-train")
-    r["process_wall_s"] = time.perf_counter() - s
+    r, wall = run_json("ours", cmd, "qwenclip bench-train")
+    r["process_wall_s"] = wall
     return r
 
 
@@ -247,23 +186,9 @@ def run_theirs(model_dir: Path, b: int, t: int, args: argparse.Namespace) -> dic
         "--batch", str(b), "--tokens", str(t), "--reps", str(args.reps), "--lora-r", str(args.lora_r),
         "--resampler-width", str(args.resampler_width), "--resampler-heads", str(args.resampler_heads),
     ]
-    print("transformers+peft: " + " ".join(cmd), file=sys.stderr)
-    s = time.perf_counter()
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    r = last_json_line(out.stdout, "the transformers worker")
-    r["process_wall_s"] = time.perf_counter() - s
+    r, wall = run_json("transformers+peft", cmd, "the transformers worker")
+    r["process_wall_s"] = wall
     return r
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
-
-
-def render(header: tuple, lines: list[tuple]) -> list[str]:
-    widths = [max(len(header[i]), *(len(l[i]) for l in lines)) if lines else len(header[i])
-              for i in range(len(header))]
-    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
-    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
 
 
 def table(pairs: list[dict]) -> tuple[str, list[dict]]:
@@ -302,10 +227,9 @@ def table(pairs: list[dict]) -> tuple[str, list[dict]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--qwenclip", type=Path, default=None,
-                   help="qwenclip binary (default: target/release/qwenclip, else target/debug/qwenclip)")
+    add_binary_option(p)
     p.add_argument("--shape", default="qwen3-0.6b", help="random-model shape")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/qwenclip-bench"),
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="where the random model is written once and reused")
     p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     p.add_argument("--batch", type=int_list, default=[2], help="batch size(s), comma list")
@@ -314,9 +238,7 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--resampler-width", type=int, default=1024)
     p.add_argument("--resampler-heads", type=int, default=16)
-    p.add_argument("--wait-load", type=float, default=0.0,
-                   help="before each side, wait until the 1-min load average is below this (0: no wait)")
-    p.add_argument("--wait-max", type=float, default=600.0, help="longest wait per side, seconds")
+    add_wait_options(p)
     p.add_argument("--json", type=Path, default=None, help="write the combined report here")
     p.add_argument("--_torch-worker", dest="torch_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -329,10 +251,7 @@ def main() -> None:
                      args.resampler_width, args.resampler_heads)
         return
 
-    binary = (args.qwenclip or default_binary()).resolve()
-    if not binary.exists():
-        p.error(f"no qwenclip binary at {binary} (build it, or pass --qwenclip)")
-    print(f"binary: {binary}", file=sys.stderr)
+    binary = resolve_binary(p, args.qwenclip)
     model_dir = ensure_model(binary, args.shape, args.workdir, args.tokenizer)
 
     pairs = []
@@ -351,15 +270,12 @@ def main() -> None:
 
     text, rows = table(pairs)
     h0 = pairs[0]["theirs"]
-    print(f"\ntraining step, {args.shape}, f32, CPU ({platform.machine()}, {os.cpu_count()} cores), "
+    print(f"\ntraining step, {args.shape}, f32, {cpu_label()}, "
           f"LoRA r={args.lora_r} on q,k,v,o + resampler width {args.resampler_width}/"
           f"{args.resampler_heads} heads, reps {args.reps} after 1 warm-up (median), binary {binary}")
     print(text)
     for pr in pairs:
-        ld = pr["load"]
-        print(f"loadavg ({pr['ours']['batch']}x{pr['ours']['tokens']})   ours {ld['ours']['load_before']:.2f}"
-              f" -> {ld['ours']['load_after']:.2f}   hf {ld['hf']['load_before']:.2f} -> {ld['hf']['load_after']:.2f}"
-              f"   (each side alone keeps ~{os.cpu_count()} cores busy; more before a side means contention)")
+        print(loadavg_line(f"loadavg ({pr['ours']['batch']}x{pr['ours']['tokens']})", pr["load"]))
     print(f"reference: torch {h0['torch']}, transformers {h0['transformers']}, peft {h0['peft']}, "
           f"attn {h0['attn_implementation']}, threads {h0['threads']}")
     print("\ntarget: ours/hf samples/s >= 1.0 (read from this table; not a test)")
@@ -369,12 +285,10 @@ def main() -> None:
             "shape": args.shape, "model_dir": str(model_dir), "binary": str(binary), "reps": args.reps,
             "lora_r": args.lora_r, "resampler_width": args.resampler_width,
             "resampler_heads": args.resampler_heads,
-            "machine": {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": machine_info(),
             "runs": pairs, "comparison": rows,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(combined, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, combined)
 
 
 if __name__ == "__main__":

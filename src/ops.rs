@@ -5,6 +5,7 @@
 
 mod attention;
 pub mod blas;
+mod rms_norm;
 pub mod vexp;
 
 pub use attention::attention;
@@ -32,6 +33,9 @@ pub const MASKED: f64 = -1e9;
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
     match path {
         Path::Fast => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
+        Path::Differentiable if x.track_op() && rms_norm::applies(x, weight) => {
+            rms_norm::forward(x, weight, eps)
+        }
         Path::Differentiable => {
             let dtype = x.dtype();
             let x = x.to_dtype(compute_dtype(dtype))?;

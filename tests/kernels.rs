@@ -376,3 +376,47 @@ fn fused_adamw_matches_pytorchs_formula_in_f64() {
         assert_eq!(moved, n, "{name}: every weight was updated");
     }
 }
+
+/// The fused differentiable RMSNorm (tracked f32 input, frozen weight) against the composed
+/// formula written out here, forward and input gradient.
+#[test]
+fn fused_rms_norm_forward_and_input_gradient_match_the_composed_ops() {
+    let (rows, h, eps) = (37, 96, 1e-6);
+    let x = Var::from_tensor(&randn(&[rows / 37, 37, h], 50, 2.0)).unwrap();
+    let w = randn(&[h], 51, 1.0);
+    let r = randn(&[rows / 37, 37, h], 52, 1.0);
+    let fused = ops::rms_norm(x.as_tensor(), &w, eps, ForwardPath::Differentiable).unwrap();
+    let gf = (&fused * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let xt = x.as_tensor();
+    let ms = xt.sqr().unwrap().mean_keepdim(2).unwrap();
+    let composed = xt
+        .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&w)
+        .unwrap();
+    let gc = (&composed * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(max_diff(&fused, &composed) < 1e-5);
+    let (a, b) = (gf.get(xt).unwrap(), gc.get(xt).unwrap());
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        max_diff(a, b) < 1e-5 * scale.max(1.0),
+        "input gradient differs"
+    );
+    assert!(gf.get(&w).is_none(), "the frozen weight gets no gradient");
+}

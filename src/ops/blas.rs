@@ -19,9 +19,9 @@ use once_cell::sync::Lazy;
 const ROW_MAJOR: i32 = 101;
 const NO_TRANS: i32 = 111;
 const TRANS: i32 = 112;
-/// Output columns per task of a split product. Each task packs the whole left operand again,
-/// so wider is cheaper; 512 was fastest on Qwen3-0.6B (256: +3% at 256 tokens, 1024 leaves
-/// the 1024-wide K/V products on one thread) and still gives Qwen3-4B's products 2-19 tasks.
+/// Widest output-column block of a split product. Each block packs the whole left operand
+/// again, so wider is cheaper; 512 was fastest on Qwen3-0.6B (256: +3% at 256 tokens, 1024
+/// leaves the 1024-wide K/V products on one thread) and gives Qwen3-4B's products 2-20 tasks.
 const COLUMN_BLOCK: usize = 512;
 
 /// CBLAS `sgemm` (LP64: 32-bit integers).
@@ -145,7 +145,14 @@ impl Blas {
         // Column blocks of a fixed width (a multiple of the kernels' register width), not one
         // per thread: a BLAS may accumulate edge columns in another order, so the blocks must
         // depend on the shape alone for results to be the same on any number of cores.
-        let per = if m * n * k < 1 << 18 { n } else { COLUMN_BLOCK };
+        let per = if m * n * k < 1 << 18 {
+            n
+        } else {
+            // An even number of equal blocks of at most ~COLUMN_BLOCK columns: 768 columns as
+            // 2 x 384, not 512 + 256, which would leave one of two cores idle a third of the time.
+            let blocks = n.div_ceil(COLUMN_BLOCK).next_multiple_of(2);
+            n.div_ceil(blocks).next_multiple_of(16)
+        };
         let blocks: Vec<(usize, usize)> =
             (0..n).step_by(per).map(|j| (j, (j + per).min(n))).collect();
         let c_addr = c.as_mut_ptr() as usize;

@@ -1,17 +1,18 @@
 //! Scaled dot-product attention with an additive causal/padding bias and grouped KV heads.
 //!
-//! Two implementations with one contract. The composed one (candle ops: matmul, bias add,
-//! softmax, matmul) runs everywhere and keeps autograd. The fused one is the CPU inference
-//! path when a system BLAS is loaded ([`super::blas`]): per (batch, head, block of queries)
-//! it multiplies only the keys a causal query block can see, applies scale, bias and softmax
-//! in place on a small scratch buffer with the vectorised `exp`, and writes the result
-//! straight into `[B, T, heads * head_dim]` order, so the score tensor, the broadcast bias
-//! add and the final transpose copy of the composed version never exist.
+//! Two implementations with one contract. The composed one (matmul, bias add, softmax,
+//! matmul; its products on the BLAS when nothing is tracked) runs everywhere and keeps
+//! autograd. The fused one is the CPU inference path when a system BLAS is loaded
+//! ([`super::blas`]): per (batch, head, block of queries) it multiplies only the keys a causal
+//! query block can see, applies scale, bias and softmax in place on a small scratch buffer
+//! with the vectorised `exp`, and writes the result straight into `[B, T, heads * head_dim]`
+//! order, so the score tensor, the broadcast bias add and the final transpose copy of the
+//! composed version never exist.
 
 use candle_core::{DType, Result, Tensor};
 
 use super::blas::{self, Blas};
-use super::{cpu_f32, softmax, vexp, Path};
+use super::{batched_matmul, cpu_f32, softmax, vexp, Path};
 
 /// Query rows per fused task: small enough to skip most of the masked upper triangle and to
 /// give the thread pool enough tasks, large enough for efficient GEMMs.
@@ -31,7 +32,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, path: Path) 
     // Grouped-query attention without copying K/V per head: the query heads that share a KV
     // head are stacked along the sequence axis.
     let q = (q.reshape((b, nkv, groups * t, hd))? * (hd as f64).powf(-0.5))?;
-    let scores = q.matmul(&k.t()?)?;
+    let scores = batched_matmul(&q, k, true)?;
     let scores = scores
         .to_dtype(bias.dtype())?
         .reshape((b, nkv, groups, t, t))?
@@ -39,8 +40,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, path: Path) 
     let probs = softmax(&scores, path)?
         .to_dtype(v.dtype())?
         .reshape((b, nkv, groups * t, t))?;
-    probs
-        .matmul(v)?
+    batched_matmul(&probs, v, false)?
         .reshape((b, nh, t, hd))?
         .transpose(1, 2)?
         .reshape((b, t, nh * hd))

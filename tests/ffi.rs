@@ -710,7 +710,10 @@ fn a_c_program_compiled_against_the_header_encodes_a_prompt() {
         "the C program does not compile against include/qwenclip.h"
     );
     let d = tiny();
+    // cargo's LD_LIBRARY_PATH lists target/debug before deps/: a library left there by an
+    // earlier `cargo build` would shadow the one this run built.
     let o = Command::new(&exe)
+        .env("LD_LIBRARY_PATH", lib_dir())
         .arg(d.join("model"))
         .arg(d.join("adapter"))
         .output()

@@ -40,6 +40,18 @@ pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Largest absolute value (a scale for relative tolerances).
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
     let d = max_diff(got, want);
     assert!(d <= tol, "{what}: max |diff| = {d:e} > {tol:e}");

@@ -187,14 +187,13 @@ fn blas_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Option<Tens
         return Ok(None);
     }
     let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let mut out = vec![0f32; batch * m * n];
-    {
+    let out = {
         let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
         let (Some(va), Some(vb)) = (cpu_f32(&sa, la), cpu_f32(&sb, lb)) else {
             return Ok(None);
         };
-        blas.sgemm_batched(batch, (m, n, k), va, vb, b_transposed, &mut out);
-    }
+        blas.product(batch, (m, n, k), va, vb, b_transposed)
+    };
     let mut shape = da.to_vec();
     shape[r - 1] = n;
     Tensor::from_vec(out, shape, a.device()).map(Some)

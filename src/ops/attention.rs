@@ -69,7 +69,8 @@ fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option
         v.contiguous()?,
         bias.contiguous()?,
     );
-    let mut out = vec![0f32; b * t * nh * hd];
+    let len = b * t * nh * hd;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
     {
         let guards = [&q, &k, &v, &bias].map(|x| x.storage_and_layout());
         let [Some(qd), Some(kd), Some(vd), Some(bd)] =
@@ -78,7 +79,14 @@ fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option
             return Ok(None);
         };
         let dims = Dims { b, nh, nkv, t, hd };
-        run(blas, dims, (qd, kd, vd, bd), &mut out);
+        let out_ptr = out.spare_capacity_mut().as_mut_ptr() as *mut f32;
+        // SAFETY: `out` has room for `len` floats and `run` writes every one of them (the
+        // (batch, head, query block) tasks tile [B, T, heads * hd]); the inputs are the
+        // contiguous tensors of the shapes checked above.
+        unsafe {
+            run(blas, dims, (qd, kd, vd, bd), out_ptr);
+            out.set_len(len);
+        }
     }
     Tensor::from_vec(out, (b, t, nh * hd), q.device()).map(Some)
 }
@@ -92,13 +100,20 @@ struct Dims {
     hd: usize,
 }
 
-fn run(blas: &Blas, d: Dims, (q, k, v, bias): (&[f32], &[f32], &[f32], &[f32]), out: &mut [f32]) {
+/// # Safety
+/// `out` must have room for `B * T * heads * hd` floats that nobody else touches meanwhile.
+unsafe fn run(
+    blas: &Blas,
+    d: Dims,
+    (q, k, v, bias): (&[f32], &[f32], &[f32], &[f32]),
+    out: *mut f32,
+) {
     use rayon::prelude::*;
     let Dims { b, nh, nkv, t, hd } = d;
     let groups = nh / nkv;
     let scale = (hd as f32).powf(-0.5);
     let blocks = t.div_ceil(QUERY_BLOCK);
-    let out_addr = out.as_mut_ptr() as usize;
+    let out_addr = out as usize;
     (0..b * nh * blocks).into_par_iter().for_each(|task| {
         let (bh, blk) = (task / blocks, task % blocks);
         let (bi, h) = (bh / nh, bh % nh);

@@ -119,32 +119,90 @@ impl Blas {
         [m, n, k].iter().all(|&d| d <= i32::MAX as usize)
     }
 
-    /// Row-major `c[m,n] = a[m,k] @ op(b)`, where `op(b)` is `b[n,k]` transposed when
-    /// `b_transposed`, else `b[k,n]`. Slices must hold exactly those sizes. Split by output
-    /// columns over the rayon pool.
-    pub fn sgemm(
+    /// `batch` row-major products `a[m,k] @ op(b)` stored back to back, where `op(b)` is
+    /// `b[n,k]` transposed when `b_transposed`, else `b[k,n]`; returns `c[batch,m,n]`.
+    /// The BLAS writes every element (beta = 0), so the result is never zeroed first.
+    pub fn product(
+        &self,
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        b_transposed: bool,
+    ) -> Vec<f32> {
+        assert!(a.len() == batch * m * k && b.len() == batch * n * k);
+        assert!(
+            self.fits((m, n, k)),
+            "BLAS dimensions exceed its integer type"
+        );
+        let len = batch * m * n;
+        let mut c: Vec<f32> = Vec::with_capacity(len);
+        let cp = c.spare_capacity_mut().as_mut_ptr() as *mut f32;
+        if k == 0 {
+            // SAFETY: `cp` points to `len` floats of capacity; all-zero bits are 0.0.
+            unsafe { cp.write_bytes(0, len) };
+        } else if len > 0 {
+            // SAFETY: `cp` has room for batch * m * n floats; a and b sizes checked above.
+            unsafe { self.batched_into(batch, (m, n, k), a, b, b_transposed, cp) };
+        }
+        // SAFETY: every one of the `len` elements was written above.
+        unsafe { c.set_len(len) };
+        c
+    }
+
+    /// [`Blas::product`] into `c`: one product per rayon task, or column blocks of the one.
+    ///
+    /// # Safety
+    /// `c` must have room for `batch * m * n` floats that nobody else touches meanwhile;
+    /// `k > 0` and the sizes of `a` and `b` checked.
+    unsafe fn batched_into(
+        &self,
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        b: &[f32],
+        b_transposed: bool,
+        c: *mut f32,
+    ) {
+        use rayon::prelude::*;
+        if batch == 1 {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.columns_into((m, n, k), a, b, b_transposed, c) };
+        }
+        let c_addr = c as usize;
+        (0..batch).into_par_iter().for_each(|i| {
+            let ldb = if b_transposed { k } else { n };
+            // SAFETY: product i reads its own a and b blocks and writes its own c block.
+            unsafe {
+                self.raw(
+                    (m, n, k),
+                    a.as_ptr().add(i * m * k),
+                    b.as_ptr().add(i * n * k),
+                    ldb,
+                    b_transposed,
+                    (c_addr as *mut f32).add(i * m * n),
+                    n,
+                )
+            }
+        });
+    }
+
+    /// One product split by output columns over the rayon pool.
+    ///
+    /// # Safety
+    /// As [`Blas::batched_into`] with `batch` = 1.
+    unsafe fn columns_into(
         &self,
         (m, n, k): (usize, usize, usize),
         a: &[f32],
         b: &[f32],
         b_transposed: bool,
-        c: &mut [f32],
+        c: *mut f32,
     ) {
-        assert!(a.len() == m * k && b.len() == n * k && c.len() == m * n);
-        assert!(
-            self.fits((m, n, k)),
-            "BLAS dimensions exceed its integer type"
-        );
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            c.fill(0.0);
-            return;
-        }
-        // Column blocks of a fixed width (a multiple of the kernels' register width), not one
-        // per thread: a BLAS may accumulate edge columns in another order, so the blocks must
-        // depend on the shape alone for results to be the same on any number of cores.
+        // Column blocks of a width fixed by the shape (a multiple of the kernels' register
+        // width), not one per thread: a BLAS may accumulate edge columns in another order, so
+        // the blocks must depend on the shape alone for results to be the same on any number
+        // of cores.
         let per = if m * n * k < 1 << 18 {
             n
         } else {
@@ -155,13 +213,13 @@ impl Blas {
         };
         let blocks: Vec<(usize, usize)> =
             (0..n).step_by(per).map(|j| (j, (j + per).min(n))).collect();
-        let c_addr = c.as_mut_ptr() as usize;
+        let c_addr = c as usize;
         let run = |&(j0, j1): &(usize, usize)| {
             // B's block starts at row j0 of b[n,k] (transposed) or column j0 of b[k,n].
             let b_off = if b_transposed { j0 * k } else { j0 };
             let ldb = if b_transposed { k } else { n };
-            // SAFETY: the blocks write disjoint column ranges of `c` (row stride n), which
-            // outlives this call; `a` and `b` are only read; sizes were checked above.
+            // SAFETY: the blocks write disjoint column ranges of `c` (row stride n); `a` and
+            // `b` are only read; sizes were checked by the caller.
             unsafe {
                 self.raw(
                     (m, j1 - j0, k),
@@ -180,49 +238,6 @@ impl Blas {
             use rayon::prelude::*;
             blocks.par_iter().for_each(run);
         }
-    }
-
-    /// `batch` independent products of the [`Blas::sgemm`] form, stored back to back in
-    /// `a`, `b` and `c`; spread over the rayon pool one product per task.
-    pub fn sgemm_batched(
-        &self,
-        batch: usize,
-        (m, n, k): (usize, usize, usize),
-        a: &[f32],
-        b: &[f32],
-        b_transposed: bool,
-        c: &mut [f32],
-    ) {
-        assert!(a.len() == batch * m * k && b.len() == batch * n * k && c.len() == batch * m * n);
-        if batch == 1 {
-            return self.sgemm((m, n, k), a, b, b_transposed, c);
-        }
-        if batch == 0 || m == 0 || n == 0 {
-            return;
-        }
-        use rayon::prelude::*;
-        a.par_chunks(m * k.max(1))
-            .zip(b.par_chunks(n * k.max(1)))
-            .zip(c.par_chunks_mut(m * n))
-            .for_each(|((a, b), c)| {
-                if k == 0 {
-                    c.fill(0.0);
-                    return;
-                }
-                let ldb = if b_transposed { k } else { n };
-                // SAFETY: each task owns its `c` chunk; sizes were checked above.
-                unsafe {
-                    self.raw(
-                        (m, n, k),
-                        a.as_ptr(),
-                        b.as_ptr(),
-                        ldb,
-                        b_transposed,
-                        c.as_mut_ptr(),
-                        n,
-                    )
-                }
-            });
     }
 
     /// One single-threaded CBLAS call: `c[m,n] (ldc) = a[m,k] (lda = k) @ op(b) (ldb)`.

@@ -48,6 +48,15 @@ pub fn shape(name: &str) -> Result<Qwen3Config> {
     })
 }
 
+/// `prod(shape)` draws from N(mean, std^2), in the generators' fixed order.
+fn normal_around(rng: &mut Rng, shape: &[usize], std: f64, mean: f32) -> Vec<f32> {
+    let n = shape.iter().product();
+    rng.normal_vec(n, std)
+        .into_iter()
+        .map(|x| x + mean)
+        .collect()
+}
+
 /// Every tensor of a random Qwen3 for `cfg`, in a fixed order, as (Hugging Face name,
 /// shape, f32 values): the same seed gives the same weights in every format.
 fn random_tensors(
@@ -59,12 +68,7 @@ fn random_tensors(
     let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
     let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     let mut put = |name: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
-        let n = shape.iter().product();
-        let data: Vec<f32> = rng
-            .normal_vec(n, std)
-            .into_iter()
-            .map(|x| x + mean)
-            .collect();
+        let data = normal_around(&mut rng, &shape, std, mean);
         emit(name, shape, data)
     };
     put(
@@ -253,12 +257,7 @@ pub fn write_tiny_teacher(dir: &Path, seed: u64) -> Result<()> {
         let sub = dir.join(name);
         let mut tensors = HashMap::new();
         let mut put = |key: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
-            let n = shape.iter().product();
-            let data: Vec<f32> = rng
-                .normal_vec(n, std)
-                .into_iter()
-                .map(|x| x + mean)
-                .collect();
+            let data = normal_around(&mut rng, &shape, std, mean);
             tensors.insert(key, Tensor::from_vec(data, shape, &Device::Cpu)?);
             Ok(())
         };

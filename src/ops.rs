@@ -5,10 +5,14 @@
 
 mod attention;
 pub mod blas;
+mod linear;
 mod rms_norm;
+mod rope;
+mod swiglu;
 pub mod vexp;
 
 pub use attention::attention;
+pub use swiglu::silu_mul;
 
 use std::sync::{Arc, Mutex};
 
@@ -92,28 +96,6 @@ pub(crate) fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Option<&'a
     }
 }
 
-/// `silu(gate) * up` (the SwiGLU feed-forward's middle). Untracked contiguous f32 CPU
-/// tensors take the fused vectorised kernel; anything else the autograd-tracked ops.
-pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let plain = |x: &Tensor| x.dtype() == DType::F32 && x.device().is_cpu() && !x.track_op();
-    if plain(gate) && plain(up) && gate.shape() == up.shape() {
-        let (gate, up) = (gate.contiguous()?, up.contiguous()?);
-        let mut out = vec![0f32; gate.elem_count()];
-        {
-            let ((sg, lg), (su, lu)) = (gate.storage_and_layout(), up.storage_and_layout());
-            if let (Some(g), Some(u)) = (cpu_f32(&sg, lg), cpu_f32(&su, lu)) {
-                use rayon::prelude::*;
-                const CHUNK: usize = 1 << 14;
-                out.par_chunks_mut(CHUNK)
-                    .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                    .for_each(|(o, (g, u))| vexp::silu_mul(g, u, o));
-                return Tensor::from_vec(out, gate.shape(), gate.device());
-            }
-        }
-    }
-    candle_nn::ops::silu(gate)? * up
-}
-
 /// Rotary embedding, non-interleaved halves (`rotate_half`, as in Hugging Face Qwen3).
 /// `x`: `[B, H, T, D]`; `cos`, `sin`: `[T, D/2]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
@@ -123,6 +105,16 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor
     }
 }
 
+/// [`rope`] of `x` `[B, T, H, D]` (the projections' layout) returned as `[B, H, T, D]`
+/// contiguous (attention's layout). f32 CPU tensors take one fused pass (transpose and
+/// rotation, with its own backward); others the transposed copy and [`rope`].
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
+    if rope::applies(x, cos, sin) {
+        return rope::to_heads(x, cos, sin);
+    }
+    rope(&x.transpose(1, 2)?, cos, sin, path)?.contiguous()
+}
+
 /// `x @ w.T` for `x` of any rank (`[..., in]`) as one 2-D GEMM over the `[out, in]` weight
 /// view (the layout candle's GEMM is fastest on).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -130,15 +122,17 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let inner = dims[dims.len() - 1];
     let rows = x.elem_count() / inner.max(1);
     let x = x.reshape((rows, inner))?;
-    // A BLAS product records no autograd op, so it is only for untracked operands.
-    let blas = if x.track_op() || w.track_op() {
-        None
+    let y = if x.track_op() || w.track_op() {
+        if linear::applies(&x, w) {
+            linear::forward(&x, w)?
+        } else {
+            x.matmul(&w.t()?)?
+        }
     } else {
-        blas_matmul(&x, w, true)?
-    };
-    let y = match blas {
-        Some(y) => y,
-        None => x.matmul(&w.t()?)?,
+        match blas_matmul(&x, w, true)? {
+            Some(y) => y,
+            None => x.matmul(&w.t()?)?,
+        }
     };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = w.dim(0)?;
@@ -192,7 +186,7 @@ fn blas_matmul(a: &Tensor, b: &Tensor, b_transposed: bool) -> Result<Option<Tens
         let (Some(va), Some(vb)) = (cpu_f32(&sa, la), cpu_f32(&sb, lb)) else {
             return Ok(None);
         };
-        blas.product(batch, (m, n, k), va, vb, b_transposed)
+        blas.product(batch, (m, n, k), (va, false), (vb, b_transposed))
     };
     let mut shape = da.to_vec();
     shape[r - 1] = n;

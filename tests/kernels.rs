@@ -414,3 +414,150 @@ fn fused_rms_norm_forward_and_input_gradient_match_the_composed_ops() {
     );
     assert!(gf.get(&w).is_none(), "the frozen weight gets no gradient");
 }
+
+/// Runs `f` on f32 copies of `inputs` (the fused CPU kernels) and on f64 copies (candle's
+/// composed ops, checked against finite differences in tests/gradients.rs), with the loss
+/// `sum(f(..) * r)`, and compares outputs and the gradient of every input whose `tracked`
+/// entry is true (the fused kernels must give an untracked one none). Tolerances are
+/// relative to the largest reference value.
+fn fused_vs_f64(what: &str, inputs: &[(Tensor, bool)], f: impl Fn(&[Tensor]) -> Tensor, tol: f32) {
+    let run = |dtype: DType| {
+        let vars: Vec<Option<Var>> = inputs
+            .iter()
+            .map(|(x, tracked)| {
+                tracked.then(|| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap())
+            })
+            .collect();
+        let xs: Vec<Tensor> = inputs
+            .iter()
+            .zip(&vars)
+            .map(|((x, _), v)| match v {
+                Some(v) => v.as_tensor().clone(),
+                None => x.to_dtype(dtype).unwrap(),
+            })
+            .collect();
+        let y = f(&xs);
+        let r = randn(y.dims(), 77, 1.0).to_dtype(dtype).unwrap();
+        let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gs: Vec<Option<Tensor>> = xs.iter().map(|x| grads.get(x).cloned()).collect();
+        (y, gs)
+    };
+    let (y32, g32) = run(DType::F32);
+    let (y64, g64) = run(DType::F64);
+    assert_eq!(y32.dtype(), DType::F32, "{what}: output dtype");
+    let d = max_diff(&y32, &y64) / max_abs(&y64).max(1.0);
+    assert!(d < tol, "{what}: output differs by {d:e} (relative)");
+    for (i, ((a, b), (_, tracked))) in g32.iter().zip(&g64).zip(inputs).enumerate() {
+        match (a, b) {
+            (Some(a), Some(b)) if *tracked => {
+                let d = max_diff(a, b) / max_abs(b).max(1e-3);
+                assert!(
+                    d < tol,
+                    "{what}: gradient of input {i} differs by {d:e} (relative)"
+                );
+            }
+            // candle's composed ops also compute gradients for untracked operands; the fused
+            // kernels must not spend the time.
+            (None, _) if !tracked => {}
+            _ => panic!("{what}: input {i} (tracked: {tracked}): gradient {a:?} vs {b:?}"),
+        }
+    }
+}
+
+#[test]
+fn fused_attention_gradients_match_the_composed_ops_in_f64() {
+    if !blas_loaded("fused attention backward") {
+        return;
+    }
+    // Three query blocks (the last partial), GQA 4:2, padding and an empty prompt; the loss
+    // reads real tokens only (as the model's, whose padded outputs the resampler masks).
+    let (b, nh, nkv, t, hd) = (3, 4, 2, 150, 32);
+    let lens = [150usize, 61, 0];
+    let mask: Vec<Vec<u8>> = lens
+        .iter()
+        .map(|&l| (0..t).map(|j| u8::from(j < l)).collect())
+        .collect();
+    let valid: Vec<f32> = mask.iter().flatten().map(|&m| f32::from(m)).collect();
+    let valid = Tensor::from_vec(valid, (b, t, 1), &Device::Cpu).unwrap();
+    let bias = bias(&mask);
+    let inputs = [
+        (randn(&[b, nh, t, hd], 60, 1.0), true),
+        (randn(&[b, nkv, t, hd], 61, 1.0), true),
+        (randn(&[b, nkv, t, hd], 62, 1.0), true),
+    ];
+    fused_vs_f64(
+        "attention",
+        &inputs,
+        |x| {
+            let dt = x[0].dtype();
+            let bias = bias.to_dtype(dt).unwrap();
+            let out =
+                ops::attention(&x[0], &x[1], &x[2], &bias, ForwardPath::Differentiable).unwrap();
+            out.broadcast_mul(&valid.to_dtype(dt).unwrap()).unwrap()
+        },
+        1e-5,
+    );
+}
+
+#[test]
+fn fused_rope_with_transpose_matches_the_composed_ops_in_f64() {
+    let (b, t, h, d) = (2, 7, 3, 16);
+    let angles = randn(&[t, d / 2], 63, 2.0);
+    let inputs = [(randn(&[b, t, h, d], 64, 1.0), true)];
+    fused_vs_f64(
+        "rope",
+        &inputs,
+        |x| {
+            let dt = x[0].dtype();
+            let (cos, sin) = (
+                angles.cos().unwrap().to_dtype(dt).unwrap(),
+                angles.sin().unwrap().to_dtype(dt).unwrap(),
+            );
+            let y = ops::rope_heads(&x[0], &cos, &sin, ForwardPath::Differentiable).unwrap();
+            assert_eq!(y.dims(), [b, h, t, d]);
+            y
+        },
+        1e-6,
+    );
+}
+
+#[test]
+fn fused_silu_mul_gradients_match_the_composed_ops_in_f64() {
+    for tracked in [(true, true), (true, false), (false, true)] {
+        let inputs = [
+            (randn(&[5, 40_000], 65, 3.0), tracked.0),
+            (randn(&[5, 40_000], 66, 1.0), tracked.1),
+        ];
+        fused_vs_f64(
+            "silu_mul",
+            &inputs,
+            |x| ops::silu_mul(&x[0], &x[1]).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn trainable_linear_on_blas_matches_the_composed_ops_in_f64() {
+    if !blas_loaded("trainable linear") {
+        return;
+    }
+    // LoRA-like (rank 16), resampler-like (rank-3 input), and a frozen input.
+    for (shape_x, out, tracked) in [
+        (vec![154, 96], 16, (true, true)),
+        (vec![2, 77, 64], 200, (true, true)),
+        (vec![2, 77, 64], 48, (false, true)),
+    ] {
+        let inp = *shape_x.last().unwrap();
+        let inputs = [
+            (randn(&shape_x, 67, 1.0), tracked.0),
+            (randn(&[out, inp], 68, 0.2), tracked.1),
+        ];
+        fused_vs_f64(
+            "linear",
+            &inputs,
+            |x| ops::matmul_t(&x[0], &x[1]).unwrap(),
+            1e-5,
+        );
+    }
+}

@@ -131,10 +131,10 @@ impl Attention {
         let q = self.q_proj.forward(x, path)?.reshape((b, t, nh, hd))?;
         let k = self.k_proj.forward(x, path)?.reshape((b, t, nkv, hd))?;
         let v = self.v_proj.forward(x, path)?.reshape((b, t, nkv, hd))?;
-        let q = ops::rms_norm(&q, &self.q_norm, self.eps, path)?.transpose(1, 2)?;
-        let k = ops::rms_norm(&k, &self.k_norm, self.eps, path)?.transpose(1, 2)?;
-        let q = ops::rope(&q, cos, sin, path)?.contiguous()?;
-        let k = ops::rope(&k, cos, sin, path)?.contiguous()?;
+        let q = ops::rms_norm(&q, &self.q_norm, self.eps, path)?;
+        let k = ops::rms_norm(&k, &self.k_norm, self.eps, path)?;
+        let q = ops::rope_heads(&q, cos, sin, path)?;
+        let k = ops::rope_heads(&k, cos, sin, path)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let out = ops::attention(&q, &k, &v, bias, path)?;
         self.o_proj.forward(&out, path)

@@ -2,17 +2,19 @@
 //!
 //! Two implementations with one contract. The composed one (matmul, bias add, softmax,
 //! matmul; its products on the BLAS when nothing is tracked) runs everywhere and keeps
-//! autograd. The fused one is the CPU inference path when a system BLAS is loaded
+//! autograd. The fused one is the f32 CPU path when a system BLAS is loaded
 //! ([`super::blas`]): per (batch, head, block of queries) it multiplies only the keys a causal
 //! query block can see, applies scale, bias and softmax in place on a small scratch buffer
 //! with the vectorised `exp`, and writes the result straight into `[B, T, heads * head_dim]`
 //! order, so the score tensor, the broadcast bias add and the final transpose copy of the
-//! composed version never exist.
+//! composed version never exist. Its backward (training) recomputes each block's
+//! probabilities instead of keeping them, flash-attention style, and runs its four products
+//! per block on the BLAS.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::blas::{self, Blas};
-use super::{batched_matmul, cpu_f32, softmax, vexp, Path};
+use super::{batched_matmul, cpu_f32, f32_slice, softmax, vexp, Path};
 
 /// Query rows per fused task: small enough to skip most of the masked upper triangle and to
 /// give the thread pool enough tasks, large enough for efficient GEMMs.
@@ -51,8 +53,7 @@ fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option
         return Ok(None);
     };
     let all_f32 = [q, k, v, bias].iter().all(|x| x.dtype() == DType::F32);
-    let tracked = [q, k, v].iter().any(|x| x.track_op());
-    if !all_f32 || tracked || !q.device().is_cpu() {
+    if !all_f32 || !q.device().is_cpu() {
         return Ok(None);
     }
     let (b, nh, t, hd) = q.dims4()?;
@@ -63,32 +64,97 @@ fn fused_cpu(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Option
     if bias.elem_count() != b * t * t || !blas.fits((t, t.max(hd), t.max(hd))) {
         return Ok(None);
     }
-    let (q, k, v, bias) = (
-        q.contiguous()?,
-        k.contiguous()?,
-        v.contiguous()?,
-        bias.contiguous()?,
-    );
-    let len = b * t * nh * hd;
-    let mut out: Vec<f32> = Vec::with_capacity(len);
-    {
-        let guards = [&q, &k, &v, &bias].map(|x| x.storage_and_layout());
-        let [Some(qd), Some(kd), Some(vd), Some(bd)] =
-            guards.each_ref().map(|(s, l)| cpu_f32(s, l))
+    let op = Fused {
+        blas,
+        bias: bias.contiguous()?.detach(),
+        dims: Dims { b, nh, nkv, t, hd },
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        .map(Some)
+}
+
+/// The fused attention as an op: the forward above, and a backward.
+struct Fused {
+    blas: &'static Blas,
+    bias: Tensor,
+    dims: Dims,
+}
+
+fn invalid() -> candle_core::Error {
+    candle_core::Error::Msg("attention: tensors must be contiguous f32 on the CPU".into())
+}
+
+impl CustomOp3 for Fused {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Dims { b, nh, t, hd, .. } = self.dims;
+        let (sb, lb) = self.bias.storage_and_layout();
+        let [Some(qd), Some(kd), Some(vd)] =
+            [(sq, lq), (sk, lk), (sv, lv)].map(|(s, l)| f32_slice(s, l))
         else {
-            return Ok(None);
+            return Err(invalid());
         };
-        let dims = Dims { b, nh, nkv, t, hd };
+        let bd = cpu_f32(&sb, lb).ok_or_else(invalid)?;
+        let len = b * t * nh * hd;
+        let mut out: Vec<f32> = Vec::with_capacity(len);
         let out_ptr = out.spare_capacity_mut().as_mut_ptr() as *mut f32;
         // SAFETY: `out` has room for `len` floats and `run` writes every one of them (the
         // (batch, head, query block) tasks tile [B, T, heads * hd]); the inputs are the
-        // contiguous tensors of the shapes checked above.
+        // contiguous tensors of the shapes checked in `fused_cpu`.
         unsafe {
-            run(blas, dims, (qd, kd, vd, bd), out_ptr);
+            run(self.blas, self.dims, (qd, kd, vd, bd), out_ptr);
             out.set_len(len);
         }
+        Ok((CpuStorage::F32(out), Shape::from((b, t, nh * hd))))
     }
-    Tensor::from_vec(out, (b, t, nh * hd), q.device()).map(Some)
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let Dims { b, nh, nkv, t, hd } = self.dims;
+        let mut dq = vec![0f32; b * nh * t * hd];
+        let mut dk = vec![0f32; b * nkv * t * hd];
+        let mut dv = vec![0f32; b * nkv * t * hd];
+        {
+            let guards = [q, k, v, &grad, &self.bias].map(|x| x.storage_and_layout());
+            let [Some(qd), Some(kd), Some(vd), Some(gd), Some(bd)] =
+                guards.each_ref().map(|(s, l)| cpu_f32(s, l))
+            else {
+                return Err(invalid());
+            };
+            backward(
+                self.blas,
+                self.dims,
+                [qd, kd, vd, bd, gd],
+                (&mut dq, &mut dk, &mut dv),
+            );
+        }
+        let dev = q.device();
+        let wanted = |x: &Tensor, d: Vec<f32>| -> Result<Option<Tensor>> {
+            x.track_op()
+                .then(|| Tensor::from_vec(d, x.shape(), dev))
+                .transpose()
+        };
+        Ok((wanted(q, dq)?, wanted(k, dk)?, wanted(v, dv)?))
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -161,4 +227,103 @@ unsafe fn run(
             );
         }
     });
+}
+
+/// The gradients of `run`'s output with respect to q, k and v, given the output's gradient
+/// `g` `[B, T, heads * hd]`. One task per (batch, KV head): it owns that head's `dk`/`dv`
+/// rows and the `dq` rows of the query heads that share it, so nothing is written twice.
+/// Per query block (the forward's blocks and key ranges, so both see the same softmax):
+/// `P` is recomputed, then `dV += P.T dO`, `dP = dO V.T`, `dS = P (dP - rowsum(dP P))`,
+/// `dQ = scale dS K`, `dK += scale dS.T Q`.
+fn backward(
+    blas: &Blas,
+    d: Dims,
+    [q, k, v, bias, g]: [&[f32]; 5],
+    (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    use rayon::prelude::*;
+    let Dims { nh, nkv, t, hd, .. } = d;
+    let groups = nh / nkv;
+    let scale = (hd as f32).powf(-0.5);
+    let blocks = t.div_ceil(QUERY_BLOCK);
+    let dq_addr = dq.as_mut_ptr() as usize;
+    let row = nh * hd;
+    dk.par_chunks_mut(t * hd)
+        .zip(dv.par_chunks_mut(t * hd))
+        .enumerate()
+        .for_each(|(kv, (dk, dv))| {
+            let bi = kv / nkv;
+            let k_seq = &k[kv * t * hd..(kv + 1) * t * hd];
+            let v_seq = &v[kv * t * hd..(kv + 1) * t * hd];
+            let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
+            let mut dp = vec![0f32; QUERY_BLOCK.min(t) * t];
+            let mut bias_blk = Vec::with_capacity(QUERY_BLOCK.min(t) * t);
+            for h in (kv % nkv) * groups..(kv % nkv + 1) * groups {
+                let bh = bi * nh + h;
+                for blk in 0..blocks {
+                    let i0 = blk * QUERY_BLOCK;
+                    let i1 = (i0 + QUERY_BLOCK).min(t);
+                    let (rows, keys) = (i1 - i0, i1);
+                    let q_blk = q[(bh * t + i0) * hd..].as_ptr();
+                    let g_blk = g[(bi * t + i0) * row + h * hd..].as_ptr();
+                    let (p, dp) = (&mut p[..rows * keys], &mut dp[..rows * keys]);
+                    bias_blk.clear();
+                    for i in i0..i1 {
+                        let r = (bi * t + i) * t;
+                        bias_blk.extend_from_slice(&bias[r..r + keys]);
+                    }
+                    // SAFETY (all products): the pointers cover the blocks described by the
+                    // dimensions and leading dimensions; `p`, `dp`, `dk`, `dv` are this task's
+                    // own and its `dq` rows (head h, rows i0..i1) are written by no other task.
+                    unsafe {
+                        blas.gemm(
+                            (rows, keys, hd),
+                            (q_blk, hd, false),
+                            (k_seq.as_ptr(), hd, true),
+                            0.0,
+                            (p.as_mut_ptr(), keys),
+                        );
+                        vexp::softmax_rows(p, &bias_blk, keys, scale);
+                        blas.gemm(
+                            (rows, keys, hd),
+                            (g_blk, row, false),
+                            (v_seq.as_ptr(), hd, true),
+                            0.0,
+                            (dp.as_mut_ptr(), keys),
+                        );
+                        blas.gemm(
+                            (keys, hd, rows),
+                            (p.as_ptr(), keys, true),
+                            (g_blk, row, false),
+                            1.0,
+                            (dv.as_mut_ptr(), hd),
+                        );
+                    }
+                    for (dp, p) in dp.chunks_exact_mut(keys).zip(p.chunks_exact(keys)) {
+                        let dot: f32 = dp.iter().zip(p.iter()).map(|(a, b)| a * b).sum();
+                        for (dp, &p) in dp.iter_mut().zip(p) {
+                            *dp = scale * p * (*dp - dot);
+                        }
+                    }
+                    // SAFETY: as above.
+                    unsafe {
+                        let dq_blk = (dq_addr as *mut f32).add((bh * t + i0) * hd);
+                        blas.gemm(
+                            (rows, hd, keys),
+                            (dp.as_ptr(), keys, false),
+                            (k_seq.as_ptr(), hd, false),
+                            0.0,
+                            (dq_blk, hd),
+                        );
+                        blas.gemm(
+                            (keys, hd, rows),
+                            (dp.as_ptr(), keys, true),
+                            (q_blk, hd, false),
+                            1.0,
+                            (dk.as_mut_ptr(), hd),
+                        );
+                    }
+                }
+            }
+        });
 }

@@ -119,16 +119,16 @@ impl Blas {
         [m, n, k].iter().all(|&d| d <= i32::MAX as usize)
     }
 
-    /// `batch` row-major products `a[m,k] @ op(b)` stored back to back, where `op(b)` is
-    /// `b[n,k]` transposed when `b_transposed`, else `b[k,n]`; returns `c[batch,m,n]`.
-    /// The BLAS writes every element (beta = 0), so the result is never zeroed first.
+    /// `batch` row-major products `op(a) @ op(b)` stored back to back: `op(a)` is `a[k,m]`
+    /// transposed when `a_transposed`, else `a[m,k]`; `op(b)` is `b[n,k]` transposed when
+    /// `b_transposed`, else `b[k,n]`. Returns `c[batch,m,n]`. The BLAS writes every element
+    /// (beta = 0), so the result is never zeroed first.
     pub fn product(
         &self,
         batch: usize,
         (m, n, k): (usize, usize, usize),
-        a: &[f32],
-        b: &[f32],
-        b_transposed: bool,
+        (a, a_transposed): (&[f32], bool),
+        (b, b_transposed): (&[f32], bool),
     ) -> Vec<f32> {
         assert!(a.len() == batch * m * k && b.len() == batch * n * k);
         assert!(
@@ -142,8 +142,12 @@ impl Blas {
             // SAFETY: `cp` points to `len` floats of capacity; all-zero bits are 0.0.
             unsafe { cp.write_bytes(0, len) };
         } else if len > 0 {
+            let ops = Operands {
+                a_transposed,
+                b_transposed,
+            };
             // SAFETY: `cp` has room for batch * m * n floats; a and b sizes checked above.
-            unsafe { self.batched_into(batch, (m, n, k), a, b, b_transposed, cp) };
+            unsafe { self.batched_into(batch, (m, n, k), a, b, ops, cp) };
         }
         // SAFETY: every one of the `len` elements was written above.
         unsafe { c.set_len(len) };
@@ -161,27 +165,24 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
         a: &[f32],
         b: &[f32],
-        b_transposed: bool,
+        ops: Operands,
         c: *mut f32,
     ) {
         use rayon::prelude::*;
         if batch == 1 {
             // SAFETY: forwarded from the caller.
-            return unsafe { self.columns_into((m, n, k), a, b, b_transposed, c) };
+            return unsafe { self.columns_into((m, n, k), a, b, ops, c) };
         }
         let c_addr = c as usize;
         (0..batch).into_par_iter().for_each(|i| {
-            let ldb = if b_transposed { k } else { n };
             // SAFETY: product i reads its own a and b blocks and writes its own c block.
             unsafe {
-                self.raw(
+                self.gemm(
                     (m, n, k),
-                    a.as_ptr().add(i * m * k),
-                    b.as_ptr().add(i * n * k),
-                    ldb,
-                    b_transposed,
-                    (c_addr as *mut f32).add(i * m * n),
-                    n,
+                    ops.a(a.as_ptr().add(i * m * k), m, k),
+                    ops.b(b.as_ptr().add(i * n * k), n, k),
+                    0.0,
+                    ((c_addr as *mut f32).add(i * m * n), n),
                 )
             }
         });
@@ -196,7 +197,7 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
         a: &[f32],
         b: &[f32],
-        b_transposed: bool,
+        ops: Operands,
         c: *mut f32,
     ) {
         // Column blocks of a width fixed by the shape (a multiple of the kernels' register
@@ -216,19 +217,17 @@ impl Blas {
         let c_addr = c as usize;
         let run = |&(j0, j1): &(usize, usize)| {
             // B's block starts at row j0 of b[n,k] (transposed) or column j0 of b[k,n].
-            let b_off = if b_transposed { j0 * k } else { j0 };
-            let ldb = if b_transposed { k } else { n };
+            let b_off = if ops.b_transposed { j0 * k } else { j0 };
+            let (bp, ldb, bt) = ops.b(b.as_ptr(), n, k);
             // SAFETY: the blocks write disjoint column ranges of `c` (row stride n); `a` and
             // `b` are only read; sizes were checked by the caller.
             unsafe {
-                self.raw(
+                self.gemm(
                     (m, j1 - j0, k),
-                    a.as_ptr(),
-                    b.as_ptr().add(b_off),
-                    ldb,
-                    b_transposed,
-                    (c_addr as *mut f32).add(j0),
-                    n,
+                    ops.a(a.as_ptr(), m, k),
+                    (bp.add(b_off), ldb, bt),
+                    0.0,
+                    ((c_addr as *mut f32).add(j0), n),
                 )
             }
         };
@@ -243,8 +242,7 @@ impl Blas {
     /// One single-threaded CBLAS call: `c[m,n] (ldc) = a[m,k] (lda = k) @ op(b) (ldb)`.
     ///
     /// # Safety
-    /// The pointers must cover the matrices so described and `c` must not be written by
-    /// anyone else meanwhile; the dimensions must pass [`Blas::fits`].
+    /// As [`Blas::gemm`].
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn raw(
         &self,
@@ -256,13 +254,73 @@ impl Blas {
         c: *mut f32,
         ldc: usize,
     ) {
-        let tb = if b_transposed { TRANS } else { NO_TRANS };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            self.gemm(
+                (m, n, k),
+                (a, k, false),
+                (b, ldb, b_transposed),
+                0.0,
+                (c, ldc),
+            )
+        }
+    }
+
+    /// One single-threaded CBLAS call: `c[m,n] = op(a) @ op(b) + beta c`. Each operand is
+    /// `(pointer, leading dimension, transposed)`: `op(a)` is `[m,k]` (stored `[k,m]` when
+    /// transposed), `op(b)` is `[k,n]` (stored `[n,k]` when transposed); `c` is
+    /// `(pointer, leading dimension)`.
+    ///
+    /// # Safety
+    /// The pointers must cover the matrices so described and `c` must not be written by
+    /// anyone else meanwhile; the dimensions must pass [`Blas::fits`]. With `beta` = 0, `c`
+    /// may be uninitialised.
+    pub unsafe fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        (a, lda, ta): (*const f32, usize, bool),
+        (b, ldb, tb): (*const f32, usize, bool),
+        beta: f32,
+        (c, ldc): (*mut f32, usize),
+    ) {
+        let op = |t: bool| if t { TRANS } else { NO_TRANS };
         // SAFETY (caller): the pointers cover the described matrices; dimensions fit.
         unsafe {
             (self.sgemm)(
-                ROW_MAJOR, NO_TRANS, tb, m as i32, n as i32, k as i32, 1.0, a, k as i32, b,
-                ldb as i32, 0.0, c, ldc as i32,
+                ROW_MAJOR,
+                op(ta),
+                op(tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a,
+                lda as i32,
+                b,
+                ldb as i32,
+                beta,
+                c,
+                ldc as i32,
             )
         }
+    }
+}
+
+/// How [`Blas::product`]'s dense operands are stored.
+#[derive(Clone, Copy)]
+struct Operands {
+    a_transposed: bool,
+    b_transposed: bool,
+}
+
+impl Operands {
+    /// `(pointer, leading dimension, transposed)` of a dense `op(a)` `[m,k]`.
+    fn a(&self, p: *const f32, m: usize, k: usize) -> (*const f32, usize, bool) {
+        (p, if self.a_transposed { m } else { k }, self.a_transposed)
+    }
+
+    /// `(pointer, leading dimension, transposed)` of a dense `op(b)` `[k,n]`.
+    fn b(&self, p: *const f32, n: usize, k: usize) -> (*const f32, usize, bool) {
+        (p, if self.b_transposed { k } else { n }, self.b_transposed)
     }
 }

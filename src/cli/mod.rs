@@ -1,5 +1,6 @@
 //! Subcommands. Each parses its flags into library calls and prints what a user needs.
 
+pub mod allocator;
 mod bench;
 mod bench_ffi;
 mod cache;

@@ -125,6 +125,11 @@ class Library:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        # candle's CPU workers spin 25 000 times after every op before parking, taking a
+        # core from the BLAS work that follows; 1000 measured ~10% faster CPU training and
+        # ~5% faster encoding (the CLI sets the same). Read once, when the library first
+        # runs a CPU op; a value the user set is kept.
+        os.environ.setdefault("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000")
         lib = ctypes.CDLL(str(self.path))
         self._lib = lib
         sig = {

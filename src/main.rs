@@ -6,7 +6,7 @@ mod cli;
 use clap::Parser;
 
 fn main() {
-    cli::allocator::keep_freed_memory();
+    cli::tuning::tune_process();
     let args = cli::Cli::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e}");

@@ -1,6 +1,5 @@
 //! Subcommands. Each parses its flags into library calls and prints what a user needs.
 
-pub mod allocator;
 mod bench;
 mod bench_ffi;
 mod cache;
@@ -8,6 +7,7 @@ mod encode;
 mod info;
 mod teacher;
 mod train;
+pub mod tuning;
 
 use std::path::PathBuf;
 

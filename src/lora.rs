@@ -326,6 +326,11 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
+        if let (OpPath::Differentiable, Some((pair, s))) = (path, &self.lora) {
+            if let Some(y) = ops::frozen_linear_lora(x, &self.weight, (&pair.a, &pair.b, *s))? {
+                return Ok(y);
+            }
+        }
         let y = match path {
             OpPath::Fast => ops::matmul_t(x, &self.weight)?,
             OpPath::Differentiable => ops::frozen_linear(x, &self.weight)?,

@@ -116,23 +116,25 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<
 }
 
 /// `x @ w.T` for `x` of any rank (`[..., in]`) as one 2-D GEMM over the `[out, in]` weight
-/// view (the layout candle's GEMM is fastest on).
+/// view (the layout candle's GEMM is fastest on). Tracked f32 CPU operands take the BLAS op
+/// with its own backward ([`linear`]).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let tracked = x.track_op() || w.track_op();
+    if tracked && linear::applies(x, &[w]) && x.dims().last() == w.dims().last() {
+        return linear::trainable(x, w);
+    }
     let dims = x.dims();
     let inner = dims[dims.len() - 1];
     let rows = x.elem_count() / inner.max(1);
     let x = x.reshape((rows, inner))?;
-    let y = if x.track_op() || w.track_op() {
-        if linear::applies(&x, w) {
-            linear::forward(&x, w)?
-        } else {
-            x.matmul(&w.t()?)?
-        }
+    let blas = if tracked {
+        None
     } else {
-        match blas_matmul(&x, w, true)? {
-            Some(y) => y,
-            None => x.matmul(&w.t()?)?,
-        }
+        blas_matmul(&x, w, true)?
+    };
+    let y = match blas {
+        Some(y) => y,
+        None => x.matmul(&w.t()?)?,
     };
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = w.dim(0)?;
@@ -200,11 +202,33 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return matmul_t(x, w);
     }
+    if linear::applies(x, &[w]) && x.dims().last() == w.dims().last() {
+        return linear::frozen(x, w);
+    }
     let y = matmul_t(&x.detach(), w)?.contiguous()?;
     x.apply_op1(FrozenLinear {
         w: Frozen::Dense(w.detach()),
         y: Arc::new(Mutex::new(Some(y))),
     })
+}
+
+/// `x @ w.T + scale (x @ a.T) @ b.T` for a frozen `w` and trainable LoRA factors `a`
+/// `[r, in]`, `b` `[out, r]`, as one BLAS op with its own backward ([`linear`]); `None` where
+/// that does not apply (f32 CPU tensors and a system BLAS), for the caller to compose.
+pub fn frozen_linear_lora(
+    x: &Tensor,
+    w: &Tensor,
+    (a, b, scale): (&Tensor, &Tensor, f64),
+) -> Result<Option<Tensor>> {
+    let inp = x.dims().last().copied();
+    let fits = w.dims().last().copied() == inp
+        && a.dims().last().copied() == inp
+        && b.dims().first() == w.dims().first()
+        && b.dims().last() == a.dims().first();
+    if !fits || !linear::applies(x, &[w, a, b]) {
+        return Ok(None);
+    }
+    linear::frozen_with_lora(x, w, a, b, scale).map(Some)
 }
 
 /// `x @ w.T` for a quantized frozen weight (GGUF). On [`Path::Differentiable`] the backward

@@ -11,6 +11,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
+use qwenclip::lora::{LoraLinear, LoraPair};
 use qwenclip::ops::{self, blas, vexp};
 use qwenclip::rng::Rng;
 use qwenclip::ForwardPath;
@@ -154,21 +155,6 @@ fn blas_products_equal_candle_gemm() {
     let c = randn(&[2, 3, 16, 24], 15, 1.0);
     let want = a.matmul(&c).unwrap();
     assert!(max_diff(&ops::batched_matmul(&a, &c, false).unwrap(), &want) < 1e-4);
-}
-
-#[test]
-fn frozen_linear_input_gradient_on_blas_equals_candle_gemm() {
-    if !blas_loaded("frozen linear backward") {
-        return;
-    }
-    let x = Var::from_tensor(&randn(&[2, 9, 48], 20, 1.0)).unwrap();
-    let w = randn(&[80, 48], 21, 0.2);
-    let r = randn(&[2, 9, 80], 22, 1.0);
-    let y = ops::frozen_linear(x.as_tensor(), &w).unwrap();
-    let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let got = g.get(x.as_tensor()).unwrap();
-    let want = r.broadcast_matmul(&w).unwrap();
-    assert!(max_diff(got, &want) < 1e-4);
 }
 
 /// `[B,1,1,T,T]` causal + padding bias, as the model builds it.
@@ -557,6 +543,48 @@ fn trainable_linear_on_blas_matches_the_composed_ops_in_f64() {
             "linear",
             &inputs,
             |x| ops::matmul_t(&x[0], &x[1]).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn frozen_linear_with_and_without_lora_on_blas_matches_the_composed_ops_in_f64() {
+    if !blas_loaded("frozen linear (+ LoRA)") {
+        return;
+    }
+    let w = randn(&[96, 64], 70, 0.2);
+    let frozen = [(randn(&[2, 77, 64], 71, 1.0), true), (w.clone(), false)];
+    fused_vs_f64(
+        "frozen linear",
+        &frozen,
+        |x| ops::frozen_linear(&x[0], &x[1]).unwrap(),
+        1e-5,
+    );
+    // The first decoder layer's input is not tracked: only the LoRA factors get gradients.
+    for x_tracked in [true, false] {
+        let inputs = [
+            (randn(&[2, 77, 64], 72, 1.0), x_tracked),
+            (w.clone(), false),
+            (randn(&[8, 64], 73, 0.3), true),
+            (randn(&[96, 8], 74, 0.3), true),
+        ];
+        fused_vs_f64(
+            "frozen linear + LoRA",
+            &inputs,
+            |x| {
+                let lin = LoraLinear {
+                    weight: x[1].clone(),
+                    lora: Some((
+                        LoraPair {
+                            a: x[2].clone(),
+                            b: x[3].clone(),
+                        },
+                        2.0,
+                    )),
+                };
+                lin.forward(&x[0], ForwardPath::Differentiable).unwrap()
+            },
             1e-5,
         );
     }

@@ -1,37 +1,72 @@
-//! `x @ w.T` with both operands trainable, forward and backward on the system BLAS.
+//! `x @ w.T` on the system BLAS with autograd, three ways: both operands trainable (LoRA's
+//! factors, the resampler), a frozen weight (input gradient only), and a frozen weight with
+//! an unmerged LoRA, `x @ w.T + s (x @ a.T) @ b.T`, as one op.
 //!
-//! candle's `matmul` records the product, but its backward runs on candle's GEMM and, for the
-//! 2-D weight view, through extra transposed copies. LoRA's `A`/`B` and every resampler
-//! projection are such products; here the forward is one BLAS product and the backward two,
-//! `dx = g @ w` and `dw = g.T @ x`, each computed only when that operand is tracked.
+//! candle's `matmul` records the product, but its backward runs on candle's GEMM, through
+//! transposed copies, and computes a gradient for the frozen weight too. Composing the LoRA
+//! path (two products, two reshapes, a scale and an add) recorded seven nodes per projection,
+//! each of which candle's backward pays for with a zero-filled gradient buffer and an add.
+//! Here each is one node: the forward is the BLAS products written into one buffer, the
+//! backward the products for exactly the operands that are tracked. `x` may have any rank
+//! `[..., in]` (its leading dimensions are rows).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 
 use super::blas::{self, Blas};
 use super::{cpu_f32, f32_slice};
 
-/// The op applies to 2-D contiguous-able f32 CPU operands when a BLAS is loaded.
-pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    blas::get().is_some_and(|b| {
-        x.rank() == 2
-            && w.rank() == 2
-            && x.dtype() == DType::F32
-            && w.dtype() == DType::F32
-            && x.device().is_cpu()
-            && w.device().is_cpu()
-            && x.dim(1).ok() == w.dim(1).ok()
-            && b.fits((x.dims()[0], w.dims()[0], w.dims()[1]))
-    })
+/// The ops apply to f32 CPU operands (`x` `[..., in]`, each weight 2-D) when a BLAS is
+/// loaded and can describe the products.
+pub fn applies(x: &Tensor, weights: &[&Tensor]) -> bool {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let Some(blas) = blas::get() else {
+        return false;
+    };
+    let Some(&inp) = x.dims().last() else {
+        return false;
+    };
+    let rows = x.elem_count() / inp.max(1);
+    x.rank() >= 2
+        && f32_cpu(x)
+        && weights.iter().all(|w| {
+            w.rank() == 2 && f32_cpu(w) && w.dims().iter().all(|&d| blas.fits((rows, d, d)))
+        })
+        && blas.fits((rows, inp, inp))
 }
 
-/// `x` `[rows, in]`, `w` `[out, in]` -> `[rows, out]`. Callers check [`applies`].
-pub fn forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// `x @ w.T`, both trainable. Callers check [`applies`] and `x`'s last dimension.
+pub fn trainable(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
 }
 
-struct Linear;
+/// `x @ w.T` for a frozen `w`: the backward returns the input gradient only.
+pub fn frozen(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Frozen {
+        w: w.contiguous()?.detach(),
+    })
+}
 
-fn blas() -> Result<&'static Blas> {
+/// `x @ w.T + scale (x @ a.T) @ b.T` for a frozen `w` (`[out, in]`) and trainable LoRA
+/// factors `a` `[r, in]`, `b` `[out, r]`.
+pub fn frozen_with_lora(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.contiguous()?.detach(),
+            scale: scale as f32,
+        },
+    )
+}
+
+fn blas_or_err() -> Result<&'static Blas> {
     blas::get().ok_or_else(|| candle_core::Error::Msg("linear: no BLAS loaded".into()))
 }
 
@@ -39,23 +74,69 @@ fn invalid() -> candle_core::Error {
     candle_core::Error::Msg("linear: operands must be contiguous f32 on the CPU".into())
 }
 
-/// `op(a) @ op(b)` of two contiguous f32 CPU tensors as a new `[m, n]` tensor.
+/// Runs `f` on the f32 elements of contiguous CPU tensors.
+fn with_slices<R, const N: usize>(ts: [&Tensor; N], f: impl FnOnce([&[f32]; N]) -> R) -> Result<R> {
+    let guards = ts.map(|t| t.storage_and_layout());
+    let slices = guards.each_ref().map(|(s, l)| cpu_f32(s, l));
+    if slices.iter().any(Option::is_none) {
+        return Err(invalid());
+    }
+    Ok(f(slices.map(|s| s.expect("checked above"))))
+}
+
+/// `(rows, in)` of `x` `[..., in]`.
+fn rows_in(shape: &Shape) -> (usize, usize) {
+    let inp = *shape.dims().last().unwrap_or(&0);
+    (shape.elem_count() / inp.max(1), inp)
+}
+
+/// `shape` with its last dimension replaced.
+fn with_last(shape: &Shape, last: usize) -> Shape {
+    let mut d = shape.dims().to_vec();
+    if let Some(l) = d.last_mut() {
+        *l = last;
+    }
+    Shape::from(d)
+}
+
+/// `op(a) @ op(b)` as a new `[m, n]` tensor (split over the cores).
 fn product(
     (m, n, k): (usize, usize, usize),
-    (a, ta): (&Tensor, bool),
-    (b, tb): (&Tensor, bool),
-) -> Result<Tensor> {
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let out = {
-        let ((sa, la), (sb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        let (va, vb) = (
-            cpu_f32(&sa, la).ok_or_else(invalid)?,
-            cpu_f32(&sb, lb).ok_or_else(invalid)?,
-        );
-        blas()?.product(1, (m, n, k), (va, ta), (vb, tb))
-    };
-    Tensor::from_vec(out, (m, n), a.device())
+    (a, ta): (&[f32], bool),
+    (b, tb): (&[f32], bool),
+) -> Result<Vec<f32>> {
+    Ok(blas_or_err()?.product(1, (m, n, k), (a, ta), (b, tb)))
 }
+
+/// `c[m,n] += op(a) @ op(b)` in one BLAS call (the small LoRA-rank products).
+fn accumulate(
+    c: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    (a, ta): (&[f32], bool),
+    (b, tb): (&[f32], bool),
+) -> Result<()> {
+    assert!(c.len() == m * n && a.len() == m * k && b.len() == n * k);
+    let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
+    if m * n * k > 0 {
+        // SAFETY: the slices have exactly the sizes the dimensions describe (asserted).
+        unsafe {
+            blas_or_err()?.gemm(
+                (m, n, k),
+                (a.as_ptr(), lda, ta),
+                (b.as_ptr(), ldb, tb),
+                1.0,
+                (c.as_mut_ptr(), n),
+            )
+        }
+    }
+    Ok(())
+}
+
+fn tensor(v: Vec<f32>, shape: impl Into<Shape>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, like.device())
+}
+
+struct Linear;
 
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
@@ -73,10 +154,10 @@ impl CustomOp2 for Linear {
             f32_slice(sx, lx).ok_or_else(invalid)?,
             f32_slice(sw, lw).ok_or_else(invalid)?,
         );
-        let (rows, inp) = lx.shape().dims2()?;
+        let (rows, inp) = rows_in(lx.shape());
         let out = lw.shape().dims2()?.0;
-        let y = blas()?.product(1, (rows, out, inp), (x, false), (w, true));
-        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
+        let y = product((rows, out, inp), (x, false), (w, true))?;
+        Ok((CpuStorage::F32(y), with_last(lx.shape(), out)))
     }
 
     fn bwd(
@@ -86,18 +167,148 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, inp) = x.dims2()?;
+        let (rows, inp) = rows_in(x.shape());
         let out = w.dim(0)?;
-        let dx = if x.track_op() {
-            Some(product((rows, inp, out), (g, false), (w, false))?)
-        } else {
-            None
+        let g = g.contiguous()?;
+        with_slices([x, w, &g], |[xs, ws, gs]| {
+            let dx = x
+                .track_op()
+                .then(|| product((rows, inp, out), (gs, false), (ws, false)))
+                .transpose()?
+                .map(|v| tensor(v, x.shape(), x))
+                .transpose()?;
+            let dw = w
+                .track_op()
+                .then(|| product((out, inp, rows), (gs, true), (xs, false)))
+                .transpose()?
+                .map(|v| tensor(v, (out, inp), w))
+                .transpose()?;
+            Ok((dx, dw))
+        })?
+    }
+}
+
+struct Frozen {
+    w: Tensor,
+}
+
+impl CustomOp1 for Frozen {
+    fn name(&self) -> &'static str {
+        "blas-frozen-linear"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(sx, lx).ok_or_else(invalid)?;
+        let (rows, inp) = rows_in(lx.shape());
+        let out = self.w.dim(0)?;
+        let y = with_slices([&self.w], |[w]| {
+            product((rows, out, inp), (x, false), (w, true))
+        })??;
+        Ok((CpuStorage::F32(y), with_last(lx.shape(), out)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, inp) = rows_in(x.shape());
+        let out = self.w.dim(0)?;
+        let g = g.contiguous()?;
+        let dx = with_slices([&g, &self.w], |[gs, ws]| {
+            product((rows, inp, out), (gs, false), (ws, false))
+        })??;
+        tensor(dx, x.shape(), x).map(Some)
+    }
+}
+
+struct LoraLinear {
+    w: Tensor,
+    scale: f32,
+}
+
+impl LoraLinear {
+    /// `scale (x @ a.T)` `[rows, r]`: the LoRA's hidden activations, recomputed in the
+    /// backward rather than kept (rank-r, cheap).
+    fn hidden(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        (rows, inp, r): (usize, usize, usize),
+    ) -> Result<Vec<f32>> {
+        let mut h = product((rows, r, inp), (x, false), (a, true))?;
+        h.iter_mut().for_each(|v| *v *= self.scale);
+        Ok(h)
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "blas-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let [Some(x), Some(a), Some(b)] =
+            [(sx, lx), (sa, la), (sb, lb)].map(|(s, l)| f32_slice(s, l))
+        else {
+            return Err(invalid());
         };
-        let dw = if w.track_op() {
-            Some(product((out, inp, rows), (g, true), (x, false))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        let (rows, inp) = rows_in(lx.shape());
+        let (out, r) = lb.shape().dims2()?;
+        let h = self.hidden(x, a, (rows, inp, r))?;
+        let mut y = with_slices([&self.w], |[w]| {
+            product((rows, out, inp), (x, false), (w, true))
+        })??;
+        accumulate(&mut y, (rows, out, r), (&h, false), (b, true))?;
+        Ok((CpuStorage::F32(y), with_last(lx.shape(), out)))
+    }
+
+    /// With `h = s x a.T` and `gb = s g b`: `db = g.T h`, `da = gb.T x`, `dx = g w + gb a`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, inp) = rows_in(x.shape());
+        let (out, r) = b.dims2()?;
+        let g = g.contiguous()?;
+        with_slices([x, a, b, &g, &self.w], |[xs, as_, bs, gs, ws]| {
+            let mut gb = product((rows, r, out), (gs, false), (bs, false))?;
+            gb.iter_mut().for_each(|v| *v *= self.scale);
+            let db = if b.track_op() {
+                let h = self.hidden(xs, as_, (rows, inp, r))?;
+                Some(tensor(
+                    product((out, r, rows), (gs, true), (&h, false))?,
+                    (out, r),
+                    b,
+                )?)
+            } else {
+                None
+            };
+            let da = if a.track_op() {
+                Some(tensor(
+                    product((r, inp, rows), (&gb, true), (xs, false))?,
+                    (r, inp),
+                    a,
+                )?)
+            } else {
+                None
+            };
+            let dx = if x.track_op() {
+                let mut dx = product((rows, inp, out), (gs, false), (ws, false))?;
+                accumulate(&mut dx, (rows, inp, r), (&gb, false), (as_, false))?;
+                Some(tensor(dx, x.shape(), x)?)
+            } else {
+                None
+            };
+            Ok((dx, da, db))
+        })?
     }
 }

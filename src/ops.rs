@@ -5,6 +5,8 @@
 
 mod attention;
 pub mod blas;
+mod gelu;
+mod layer_norm;
 mod linear;
 mod rms_norm;
 mod rope;
@@ -12,6 +14,7 @@ mod swiglu;
 pub mod vexp;
 
 pub use attention::attention;
+pub use gelu::gelu_erf;
 pub use swiglu::silu_mul;
 
 use std::sync::{Arc, Mutex};
@@ -59,6 +62,9 @@ pub fn layer_norm(
 ) -> Result<Tensor> {
     match path {
         Path::Fast => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32),
+        Path::Differentiable if layer_norm::applies(x, weight, bias) => {
+            layer_norm::forward(x, weight, bias, eps)
+        }
         Path::Differentiable => candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32),
     }
 }
@@ -139,6 +145,21 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut out = dims.to_vec();
     *out.last_mut().expect("rank >= 1") = w.dim(0)?;
     y.reshape(out)
+}
+
+/// `x @ w.T + b` (a resampler projection). Tracked f32 CPU operands take one BLAS op with
+/// its own backward for all three ([`linear`]); others [`matmul_t`] and a broadcast add.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let Some(b) = b else {
+        return matmul_t(x, w);
+    };
+    let tracked = [x, w, b].iter().any(|t| t.track_op());
+    let fits = x.dims().last() == w.dims().last() && b.dims() == &w.dims()[..1];
+    if tracked && fits && b.dtype() == DType::F32 && b.device().is_cpu() && linear::applies(x, &[w])
+    {
+        return linear::trainable_with_bias(x, w, b);
+    }
+    matmul_t(x, w)?.broadcast_add(b)
 }
 
 /// Batched `a @ b.T` (`b_transposed`) or `a @ b` over the leading dimensions: attention's

@@ -259,11 +259,8 @@ impl Resampler {
     }
 
     fn linear(&self, x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
-        let y = ops::matmul_t(x, self.p(&format!("{name}.weight")))?;
-        match self.params.get(&format!("{name}.bias")) {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        let w = self.p(&format!("{name}.weight"));
+        ops::linear(x, w, self.params.get(&format!("{name}.bias")))
     }
 
     fn norm(&self, x: &Tensor, name: &str, path: OpPath) -> candle_core::Result<Tensor> {
@@ -314,7 +311,11 @@ impl Resampler {
                 .reshape((b, n, w))?;
             lat = (lat + self.linear(&a, &format!("{p}.attn.to_out"))?)?;
             let f = self.norm(&lat, &format!("{p}.ff.norm"), path)?;
-            let f = self.linear(&f, &format!("{p}.ff.fc1"))?.gelu_erf()?;
+            let f = self.linear(&f, &format!("{p}.ff.fc1"))?;
+            let f = match path {
+                OpPath::Fast => f.gelu_erf()?,
+                OpPath::Differentiable => ops::gelu_erf(&f)?,
+            };
             lat = (lat + self.linear(&f, &format!("{p}.ff.fc2"))?)?;
         }
         let embeds = self.linear(&self.norm(&lat, "norm_out", path)?, "proj_out")?;

@@ -301,7 +301,8 @@ fn encoding_is_the_same_on_any_number_of_threads_and_close_without_blas() {
     }
 }
 
-/// PyTorch's AdamW (decoupled decay, bias-corrected moments), in f64.
+/// PyTorch's AdamW (decoupled decay, bias-corrected moments, gradients clipped by a factor),
+/// in f64.
 #[test]
 fn fused_adamw_matches_pytorchs_formula_in_f64() {
     use qwenclip::training::optim::{AdamW, AdamWConfig};
@@ -336,13 +337,15 @@ fn fused_adamw_matches_pytorchs_formula_in_f64() {
             .iter()
             .map(|k| (k.to_string(), Tensor::from_vec(g.clone(), n, &dev).unwrap()))
             .collect();
-        opt.step(&grads, &lrs).unwrap();
+        // The second step clips (scales the gradients by 0.25).
+        let clip = if t == 2 { 0.25 } else { 1.0 };
+        opt.step(&grads, &lrs, clip).unwrap();
         for p in 0..2 {
             let (lr, wd) = (lrs[p], if p == 0 { cfg.weight_decay } else { 0.0 });
             let bc1 = 1.0 - cfg.beta1.powi(t as i32);
             let bc2 = 1.0 - cfg.beta2.powi(t as i32);
             for i in 0..n {
-                let gi = f64::from(g[i]);
+                let gi = f64::from(g[i]) * clip;
                 m[p][i] = cfg.beta1 * m[p][i] + (1.0 - cfg.beta1) * gi;
                 v[p][i] = cfg.beta2 * v[p][i] + (1.0 - cfg.beta2) * gi * gi;
                 w[p][i] = w[p][i] * (1.0 - lr * wd)
@@ -588,4 +591,45 @@ fn frozen_linear_with_and_without_lora_on_blas_matches_the_composed_ops_in_f64()
             1e-5,
         );
     }
+}
+
+#[test]
+fn fused_layer_norm_gradients_match_the_composed_ops_in_f64() {
+    for x_tracked in [true, false] {
+        let inputs = [
+            (randn(&[2, 77, 96], 80, 2.0), x_tracked),
+            ((randn(&[96], 81, 0.2) + 1.0).unwrap(), true),
+            (randn(&[96], 82, 0.2), true),
+        ];
+        fused_vs_f64(
+            "layer_norm",
+            &inputs,
+            |x| ops::layer_norm(&x[0], &x[1], &x[2], 1e-5, ForwardPath::Differentiable).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn fused_exact_gelu_matches_the_composed_ops_in_f64() {
+    let inputs = [(randn(&[5, 40_000], 83, 3.0), true)];
+    fused_vs_f64("gelu_erf", &inputs, |x| ops::gelu_erf(&x[0]).unwrap(), 1e-6);
+}
+
+#[test]
+fn trainable_linear_with_bias_on_blas_matches_the_composed_ops_in_f64() {
+    if !blas_loaded("trainable linear + bias") {
+        return;
+    }
+    let inputs = [
+        (randn(&[2, 77, 64], 84, 1.0), true),
+        (randn(&[300, 64], 85, 0.2), true),
+        (randn(&[300], 86, 0.5), true),
+    ];
+    fused_vs_f64(
+        "linear + bias",
+        &inputs,
+        |x| ops::linear(&x[0], &x[1], Some(&x[2])).unwrap(),
+        1e-5,
+    );
 }

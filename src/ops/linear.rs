@@ -12,6 +12,7 @@
 
 use candle_core::Tensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
+use rayon::prelude::*;
 
 use super::blas::{self, Blas};
 use super::{cpu_f32, f32_slice};
@@ -38,6 +39,13 @@ pub fn applies(x: &Tensor, weights: &[&Tensor]) -> bool {
 /// `x @ w.T`, both trainable. Callers check [`applies`] and `x`'s last dimension.
 pub fn trainable(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}
+
+/// `x @ w.T + b`, all trainable (`b` `[out]`). Callers check [`applies`] (with `b` among the
+/// weights' devices and dtype) and the shapes.
+pub fn trainable_with_bias(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, LinearBias)
 }
 
 /// `x @ w.T` for a frozen `w`: the backward returns the input gradient only.
@@ -138,6 +146,42 @@ fn tensor(v: Vec<f32>, shape: impl Into<Shape>, like: &Tensor) -> Result<Tensor>
 
 struct Linear;
 
+/// `x @ w.T` `[rows, out]` from the operands' storage.
+fn linear_fwd(
+    (sx, lx): (&CpuStorage, &Layout),
+    (sw, lw): (&CpuStorage, &Layout),
+) -> Result<(Vec<f32>, Shape)> {
+    let (x, w) = (
+        f32_slice(sx, lx).ok_or_else(invalid)?,
+        f32_slice(sw, lw).ok_or_else(invalid)?,
+    );
+    let (rows, inp) = rows_in(lx.shape());
+    let out = lw.shape().dims2()?.0;
+    let y = product((rows, out, inp), (x, false), (w, true))?;
+    Ok((y, with_last(lx.shape(), out)))
+}
+
+/// `(dx, dw)` of `x @ w.T` for whichever of `x`, `w` is tracked.
+fn linear_bwd(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (rows, inp) = rows_in(x.shape());
+    let out = w.dim(0)?;
+    with_slices([x, w, g], |[xs, ws, gs]| {
+        let dx = x
+            .track_op()
+            .then(|| product((rows, inp, out), (gs, false), (ws, false)))
+            .transpose()?
+            .map(|v| tensor(v, x.shape(), x))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| product((out, inp, rows), (gs, true), (xs, false)))
+            .transpose()?
+            .map(|v| tensor(v, (out, inp), w))
+            .transpose()?;
+        Ok((dx, dw))
+    })?
+}
+
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
         "blas-linear"
@@ -150,14 +194,8 @@ impl CustomOp2 for Linear {
         sw: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w) = (
-            f32_slice(sx, lx).ok_or_else(invalid)?,
-            f32_slice(sw, lw).ok_or_else(invalid)?,
-        );
-        let (rows, inp) = rows_in(lx.shape());
-        let out = lw.shape().dims2()?.0;
-        let y = product((rows, out, inp), (x, false), (w, true))?;
-        Ok((CpuStorage::F32(y), with_last(lx.shape(), out)))
+        let (y, shape) = linear_fwd((sx, lx), (sw, lw))?;
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -167,26 +205,70 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (rows, inp) = rows_in(x.shape());
-        let out = w.dim(0)?;
-        let g = g.contiguous()?;
-        with_slices([x, w, &g], |[xs, ws, gs]| {
-            let dx = x
-                .track_op()
-                .then(|| product((rows, inp, out), (gs, false), (ws, false)))
-                .transpose()?
-                .map(|v| tensor(v, x.shape(), x))
-                .transpose()?;
-            let dw = w
-                .track_op()
-                .then(|| product((out, inp, rows), (gs, true), (xs, false)))
-                .transpose()?
-                .map(|v| tensor(v, (out, inp), w))
-                .transpose()?;
-            Ok((dx, dw))
-        })?
+        linear_bwd(x, w, &g.contiguous()?)
     }
 }
+
+/// [`Linear`] plus a bias `[out]` added to every row; its gradient is the column sums of
+/// the output gradient.
+struct LinearBias;
+
+impl CustomOp3 for LinearBias {
+    fn name(&self) -> &'static str {
+        "blas-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (mut y, shape) = linear_fwd((sx, lx), (sw, lw))?;
+        let b = f32_slice(sb, lb).ok_or_else(invalid)?;
+        y.par_chunks_mut(b.len().max(1)).for_each(|row| {
+            row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
+        });
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (dx, dw) = linear_bwd(x, w, &g)?;
+        let out = b.elem_count().max(1);
+        let db = if b.track_op() {
+            let mut db = vec![0f32; out];
+            with_slices([&g], |[gs]| {
+                db.par_chunks_mut(BIAS_COLUMNS)
+                    .enumerate()
+                    .for_each(|(blk, db)| {
+                        let c0 = blk * BIAS_COLUMNS;
+                        for row in gs.chunks(out) {
+                            let row = &row[c0..c0 + db.len()];
+                            db.iter_mut().zip(row).for_each(|(d, &g)| *d += g);
+                        }
+                    })
+            })?;
+            Some(tensor(db, b.shape(), b)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+/// Columns per task of the bias gradient (a sum over rows).
+const BIAS_COLUMNS: usize = 256;
 
 struct Frozen {
     w: Tensor,

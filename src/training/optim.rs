@@ -79,8 +79,14 @@ impl AdamW {
     }
 
     /// One AdamW update (PyTorch semantics: decoupled decay, bias-corrected moments) with
-    /// `lrs[group]` from gradients already accumulated and clipped by the caller.
-    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lrs: &[f64]) -> Result<()> {
+    /// `lrs[group]` from gradients accumulated by the caller, each multiplied by `grad_scale`
+    /// (the clipping factor, [`clip_factor`]).
+    pub fn step(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        lrs: &[f64],
+        grad_scale: f64,
+    ) -> Result<()> {
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
@@ -90,9 +96,11 @@ impl AdamW {
             let lr = lrs[p.group];
             let wd = if p.decay { c.weight_decay } else { 0.0 };
             if fused::applies(&[p.var.as_tensor(), &p.m, &p.v, g]) {
-                fused::step(p.var.as_tensor(), &p.m, &p.v, g, c, lr, wd, (bc1, bc2))?;
+                let u = fused::Update::new(c, lr, wd, (bc1, bc2));
+                fused::step(p.var.as_tensor(), (&p.m, &p.v), (g, grad_scale), c, u)?;
                 continue;
             }
+            let g = &(g * grad_scale)?;
             p.m = ((&p.m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             p.v = ((&p.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let w = p.var.as_tensor();
@@ -141,15 +149,15 @@ pub fn global_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
     Ok(sq.sqrt())
 }
 
-/// Scales gradients so their global norm is at most `max_norm` (no-op when `max_norm <= 0`).
-pub fn clip(grads: &mut BTreeMap<String, Tensor>, norm: f64, max_norm: f64) -> Result<()> {
+/// The factor that brings gradients of global norm `norm` down to at most `max_norm` (1 when
+/// they are within it, or when `max_norm <= 0` disables clipping). [`AdamW::step`] applies it
+/// while reading the gradients, so clipping costs no pass of its own.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 && norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
-        for g in grads.values_mut() {
-            *g = (&*g * s)?;
-        }
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
     }
-    Ok(())
 }
 
 /// The AdamW update in place on the CPU: one pass per tensor, no temporaries. The composed
@@ -181,10 +189,11 @@ mod fused {
             .ok_or_else(|| candle_core::Error::Msg("fused adamw: expected contiguous f32".into()))
     }
 
-    /// `m <- beta m + (1 - beta) g` (or `g^2` for the second moment).
+    /// `m <- beta m + (1 - beta) s g` (or `(s g)^2` for the second moment).
     struct Moment {
         beta: f32,
         square: bool,
+        scale: f32,
     }
 
     impl InplaceOp2 for Moment {
@@ -200,11 +209,12 @@ mod fused {
             gl: &Layout,
         ) -> Result<()> {
             let (m, g) = (slice_mut(m, ml)?, slice(g, gl)?);
-            let (b, a, square) = (self.beta, 1.0 - self.beta, self.square);
+            let (b, a, square, s) = (self.beta, 1.0 - self.beta, self.square, self.scale);
             m.par_chunks_mut(CHUNK)
                 .zip(g.par_chunks(CHUNK))
                 .for_each(|(m, g)| {
                     for (m, &g) in m.iter_mut().zip(g) {
+                        let g = s * g;
                         *m = b * *m + a * if square { g * g } else { g };
                     }
                 });
@@ -214,12 +224,24 @@ mod fused {
 
     /// `w <- w (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps)`.
     #[derive(Clone, Copy)]
-    struct Update {
+    pub struct Update {
         lr: f32,
         wd: f32,
         bc1: f32,
         bc2: f32,
         eps: f32,
+    }
+
+    impl Update {
+        pub fn new(c: AdamWConfig, lr: f64, wd: f64, (bc1, bc2): (f64, f64)) -> Self {
+            Self {
+                lr: lr as f32,
+                wd: wd as f32,
+                bc1: bc1 as f32,
+                bc2: bc2 as f32,
+                eps: c.eps as f32,
+            }
+        }
     }
 
     impl InplaceOp3 for Update {
@@ -272,38 +294,20 @@ mod fused {
         ))
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn step(
         w: &Tensor,
-        m: &Tensor,
-        v: &Tensor,
-        g: &Tensor,
+        (m, v): (&Tensor, &Tensor),
+        (g, scale): (&Tensor, f64),
         c: AdamWConfig,
-        lr: f64,
-        wd: f64,
-        (bc1, bc2): (f64, f64),
+        u: Update,
     ) -> Result<()> {
-        m.inplace_op2(
-            g,
-            &Moment {
-                beta: c.beta1 as f32,
-                square: false,
-            },
-        )?;
-        v.inplace_op2(
-            g,
-            &Moment {
-                beta: c.beta2 as f32,
-                square: true,
-            },
-        )?;
-        let u = Update {
-            lr: lr as f32,
-            wd: wd as f32,
-            bc1: bc1 as f32,
-            bc2: bc2 as f32,
-            eps: c.eps as f32,
+        let moment = |beta: f64, square| Moment {
+            beta: beta as f32,
+            square,
+            scale: scale as f32,
         };
+        m.inplace_op2(g, &moment(c.beta1, false))?;
+        v.inplace_op2(g, &moment(c.beta2, true))?;
         w.inplace_op3(m, v, &u)
     }
 }

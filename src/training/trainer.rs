@@ -433,11 +433,11 @@ impl Trainer {
                 self.opt.t
             )));
         }
-        optim::clip(&mut acc, norm, self.cfg.max_grad_norm)?;
         let mut lrs = [0.0; 2];
         lrs[LORA_GROUP] = lr_lora;
         lrs[RESAMPLER_GROUP] = lr_resampler;
-        self.opt.step(&acc, &lrs)?;
+        let clip = optim::clip_factor(norm, self.cfg.max_grad_norm);
+        self.opt.step(&acc, &lrs, clip)?;
         self.acc.clear();
         self.micro = 0;
         report.grad_norm = Some(norm);

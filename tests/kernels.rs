@@ -556,8 +556,10 @@ fn frozen_linear_with_and_without_lora_on_blas_matches_the_composed_ops_in_f64()
     if !blas_loaded("frozen linear (+ LoRA)") {
         return;
     }
-    let w = randn(&[96, 64], 70, 0.2);
-    let frozen = [(randn(&[2, 77, 64], 71, 1.0), true), (w.clone(), false)];
+    // Sizes that split every product over the cores: by columns, and by rows where a
+    // LoRA-rank side leaves too few columns (x a.T, g b, g.T h with g transposed).
+    let w = randn(&[600, 256], 70, 0.1);
+    let frozen = [(randn(&[2, 77, 256], 71, 1.0), true), (w.clone(), false)];
     fused_vs_f64(
         "frozen linear",
         &frozen,
@@ -567,10 +569,10 @@ fn frozen_linear_with_and_without_lora_on_blas_matches_the_composed_ops_in_f64()
     // The first decoder layer's input is not tracked: only the LoRA factors get gradients.
     for x_tracked in [true, false] {
         let inputs = [
-            (randn(&[2, 77, 64], 72, 1.0), x_tracked),
+            (randn(&[2, 77, 256], 72, 1.0), x_tracked),
             (w.clone(), false),
-            (randn(&[8, 64], 73, 0.3), true),
-            (randn(&[96, 8], 74, 0.3), true),
+            (randn(&[8, 256], 73, 0.1), true),
+            (randn(&[600, 8], 74, 0.3), true),
         ];
         fused_vs_f64(
             "frozen linear + LoRA",

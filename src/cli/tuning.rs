@@ -21,7 +21,8 @@ pub fn tune_process() {
 /// and gradient buffers every time, most of them 0.1-30 MB. With glibc's defaults the freed
 /// top of the heap is handed back to the kernel (trim threshold) and the next step faults
 /// every page in again, zeroed: measured ~0.5 s of a 3.8 s Qwen3-0.6B CPU step, most of the
-/// process's system time. This keeps up to 1 GiB of freed memory mapped, and pins the mmap
+/// process's system time. This keeps up to 2 GiB of freed memory mapped (a step's graph at
+/// 2x256 tokens is over 1 GiB), and pins the mmap
 /// threshold at glibc's dynamic maximum (setting the trim threshold would otherwise reset
 /// it to 128 KiB).
 fn keep_freed_memory() {
@@ -35,7 +36,7 @@ fn keep_freed_memory() {
         // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
         unsafe {
             mallopt(M_MMAP_THRESHOLD, 32 << 20);
-            mallopt(M_TRIM_THRESHOLD, 1 << 30);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
         }
     }
 }

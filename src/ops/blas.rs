@@ -23,6 +23,8 @@ const TRANS: i32 = 112;
 /// again, so wider is cheaper; 512 was fastest on Qwen3-0.6B (256: +3% at 256 tokens, 1024
 /// leaves the 1024-wide K/V products on one thread) and gives Qwen3-4B's products 2-20 tasks.
 const COLUMN_BLOCK: usize = 512;
+/// Tallest row block of a product split by rows (one too narrow to split by columns).
+const ROW_BLOCK: usize = 256;
 
 /// CBLAS `sgemm` (LP64: 32-bit integers).
 type Sgemm = unsafe extern "C" fn(
@@ -131,8 +133,42 @@ impl Blas {
         (b, b_transposed): (&[f32], bool),
     ) -> Vec<f32> {
         assert!(a.len() == batch * m * k && b.len() == batch * n * k);
+        let ops = Operands {
+            a_transposed,
+            b_transposed,
+        };
+        self.checked_into(batch, (m, n, k), (a, b, ops), None)
+    }
+
+    /// One product `op(a) @ op(b)` (as [`Blas::product`]) plus `addend`, a second product
+    /// over a small inner dimension (a LoRA's rank), computed inside each block of the first
+    /// so that it is split over the cores too and its output block is still in cache.
+    pub fn product_plus(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        (a, a_transposed): (&[f32], bool),
+        (b, b_transposed): (&[f32], bool),
+        addend: Addend<'_>,
+    ) -> Vec<f32> {
+        assert!(a.len() == m * k && b.len() == n * k);
+        assert!(addend.a.len() == m * addend.k && addend.b.len() == n * addend.k);
+        let ops = Operands {
+            a_transposed,
+            b_transposed,
+        };
+        self.checked_into(1, (m, n, k), (a, b, ops), Some(addend))
+    }
+
+    fn checked_into(
+        &self,
+        batch: usize,
+        (m, n, k): (usize, usize, usize),
+        (a, b, ops): (&[f32], &[f32], Operands),
+        addend: Option<Addend<'_>>,
+    ) -> Vec<f32> {
+        let k2 = addend.as_ref().map_or(0, |x| x.k);
         assert!(
-            self.fits((m, n, k)),
+            self.fits((m, n, k.max(k2))),
             "BLAS dimensions exceed its integer type"
         );
         let len = batch * m * n;
@@ -141,37 +177,44 @@ impl Blas {
         if k == 0 {
             // SAFETY: `cp` points to `len` floats of capacity; all-zero bits are 0.0.
             unsafe { cp.write_bytes(0, len) };
+            if let Some(x) = addend.filter(|x| x.k > 0 && len > 0) {
+                // SAFETY: `c` is initialised (zeros) and the addend's sizes were checked.
+                unsafe {
+                    self.gemm(
+                        (m, n, x.k),
+                        (x.a.as_ptr(), x.k, false),
+                        x.b(x.b.as_ptr(), n),
+                        1.0,
+                        (cp, n),
+                    )
+                }
+            }
         } else if len > 0 {
-            let ops = Operands {
-                a_transposed,
-                b_transposed,
-            };
             // SAFETY: `cp` has room for batch * m * n floats; a and b sizes checked above.
-            unsafe { self.batched_into(batch, (m, n, k), a, b, ops, cp) };
+            unsafe { self.batched_into(batch, (m, n, k), (a, b, ops), addend, cp) };
         }
         // SAFETY: every one of the `len` elements was written above.
         unsafe { c.set_len(len) };
         c
     }
 
-    /// [`Blas::product`] into `c`: one product per rayon task, or column blocks of the one.
+    /// [`Blas::product`] into `c`: one product per rayon task, or blocks of the one.
     ///
     /// # Safety
     /// `c` must have room for `batch * m * n` floats that nobody else touches meanwhile;
-    /// `k > 0` and the sizes of `a` and `b` checked.
+    /// `k > 0` and the sizes of `a`, `b` and the addend checked; an addend only with batch 1.
     unsafe fn batched_into(
         &self,
         batch: usize,
         (m, n, k): (usize, usize, usize),
-        a: &[f32],
-        b: &[f32],
-        ops: Operands,
+        (a, b, ops): (&[f32], &[f32], Operands),
+        addend: Option<Addend<'_>>,
         c: *mut f32,
     ) {
         use rayon::prelude::*;
         if batch == 1 {
             // SAFETY: forwarded from the caller.
-            return unsafe { self.columns_into((m, n, k), a, b, ops, c) };
+            return unsafe { self.split_into((m, n, k), (a, b, ops), addend, c) };
         }
         let c_addr = c as usize;
         (0..batch).into_par_iter().for_each(|i| {
@@ -188,47 +231,83 @@ impl Blas {
         });
     }
 
-    /// One product split by output columns over the rayon pool.
+    /// One product split over the rayon pool: by output columns, or by output rows when
+    /// there are too few columns to split (a LoRA's rank-wide products).
     ///
     /// # Safety
     /// As [`Blas::batched_into`] with `batch` = 1.
-    unsafe fn columns_into(
+    unsafe fn split_into(
         &self,
         (m, n, k): (usize, usize, usize),
-        a: &[f32],
-        b: &[f32],
-        ops: Operands,
+        (a, b, ops): (&[f32], &[f32], Operands),
+        addend: Option<Addend<'_>>,
         c: *mut f32,
     ) {
-        // Column blocks of a width fixed by the shape (a multiple of the kernels' register
-        // width), not one per thread: a BLAS may accumulate edge columns in another order, so
-        // the blocks must depend on the shape alone for results to be the same on any number
-        // of cores.
-        let per = if m * n * k < 1 << 18 {
+        // Blocks of a size fixed by the shape (a multiple of the kernels' register width),
+        // not one per thread: a BLAS may accumulate edge columns in another order, so the
+        // blocks must depend on the shape alone for results to be the same on any number of
+        // cores. An even number of equal blocks of at most ~COLUMN_BLOCK columns: 768 columns
+        // as 2 x 384, not 512 + 256, which would leave one of two cores idle a third of the time.
+        let small = m * n * k < 1 << 18;
+        let by_rows = !small && n < 2 * 16 && m >= 2 * 16;
+        let (len, max_block) = if by_rows {
+            (m, ROW_BLOCK)
+        } else {
+            (n, COLUMN_BLOCK)
+        };
+        let per = if small {
             n
         } else {
-            // An even number of equal blocks of at most ~COLUMN_BLOCK columns: 768 columns as
-            // 2 x 384, not 512 + 256, which would leave one of two cores idle a third of the time.
-            let blocks = n.div_ceil(COLUMN_BLOCK).next_multiple_of(2);
-            n.div_ceil(blocks).next_multiple_of(16)
+            let blocks = len.div_ceil(max_block).next_multiple_of(2);
+            len.div_ceil(blocks).next_multiple_of(16)
         };
-        let blocks: Vec<(usize, usize)> =
-            (0..n).step_by(per).map(|j| (j, (j + per).min(n))).collect();
+        let blocks: Vec<(usize, usize)> = (0..len)
+            .step_by(per)
+            .map(|j| (j, (j + per).min(len)))
+            .collect();
         let c_addr = c as usize;
         let run = |&(j0, j1): &(usize, usize)| {
-            // B's block starts at row j0 of b[n,k] (transposed) or column j0 of b[k,n].
-            let b_off = if ops.b_transposed { j0 * k } else { j0 };
+            let c = c_addr as *mut f32;
+            let (ap, lda, at) = ops.a(a.as_ptr(), m, k);
             let (bp, ldb, bt) = ops.b(b.as_ptr(), n, k);
-            // SAFETY: the blocks write disjoint column ranges of `c` (row stride n); `a` and
-            // `b` are only read; sizes were checked by the caller.
+            // SAFETY: the blocks write disjoint row or column ranges of `c` (row stride n);
+            // `a`, `b` and the addend are only read; sizes were checked by the caller.
             unsafe {
-                self.gemm(
-                    (m, j1 - j0, k),
-                    ops.a(a.as_ptr(), m, k),
-                    (bp.add(b_off), ldb, bt),
-                    0.0,
-                    ((c_addr as *mut f32).add(j0), n),
-                )
+                if by_rows {
+                    // A's block starts at row j0 of a[m,k], or column j0 of a[k,m] (transposed).
+                    let a_off = if at { j0 } else { j0 * k };
+                    let rows = (j1 - j0, n, k);
+                    self.gemm(
+                        rows,
+                        (ap.add(a_off), lda, at),
+                        (bp, ldb, bt),
+                        0.0,
+                        (c.add(j0 * n), n),
+                    );
+                    if let Some(x) = &addend {
+                        let rows = (j1 - j0, n, x.k);
+                        let a2 = (x.a.as_ptr().add(j0 * x.k), x.k, false);
+                        self.gemm(rows, a2, x.b(x.b.as_ptr(), n), 1.0, (c.add(j0 * n), n));
+                    }
+                } else {
+                    // B's block starts at row j0 of b[n,k] (transposed) or column j0 of b[k,n].
+                    let b_off = if bt { j0 * k } else { j0 };
+                    let cols = (m, j1 - j0, k);
+                    self.gemm(
+                        cols,
+                        (ap, lda, at),
+                        (bp.add(b_off), ldb, bt),
+                        0.0,
+                        (c.add(j0), n),
+                    );
+                    if let Some(x) = &addend {
+                        let (b2, ldb2, bt2) = x.b(x.b.as_ptr(), n);
+                        let b2_off = if bt2 { j0 * x.k } else { j0 };
+                        let cols = (m, j1 - j0, x.k);
+                        let a2 = (x.a.as_ptr(), x.k, false);
+                        self.gemm(cols, a2, (b2.add(b2_off), ldb2, bt2), 1.0, (c.add(j0), n));
+                    }
+                }
             }
         };
         if blocks.len() == 1 {
@@ -303,6 +382,23 @@ impl Blas {
                 ldc as i32,
             )
         }
+    }
+}
+
+/// A second product added into [`Blas::product_plus`]'s result: `a` `[m, k]` (not
+/// transposed) times `b`, stored `[n, k]` when `b_transposed`, else `[k, n]`.
+pub struct Addend<'a> {
+    pub k: usize,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub b_transposed: bool,
+}
+
+impl Addend<'_> {
+    /// `(pointer, leading dimension, transposed)` of `op(b)` `[k, n]`.
+    fn b(&self, p: *const f32, n: usize) -> (*const f32, usize, bool) {
+        let ld = if self.b_transposed { self.k } else { n };
+        (p, ld, self.b_transposed)
     }
 }
 

@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::blas::{self, Blas};
+use super::blas::{self, Addend, Blas};
 use super::{cpu_f32, f32_slice};
 
 /// The ops apply to f32 CPU operands (`x` `[..., in]`, each weight 2-D) when a BLAS is
@@ -114,30 +114,6 @@ fn product(
     (b, tb): (&[f32], bool),
 ) -> Result<Vec<f32>> {
     Ok(blas_or_err()?.product(1, (m, n, k), (a, ta), (b, tb)))
-}
-
-/// `c[m,n] += op(a) @ op(b)` in one BLAS call (the small LoRA-rank products).
-fn accumulate(
-    c: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    (a, ta): (&[f32], bool),
-    (b, tb): (&[f32], bool),
-) -> Result<()> {
-    assert!(c.len() == m * n && a.len() == m * k && b.len() == n * k);
-    let (lda, ldb) = (if ta { m } else { k }, if tb { k } else { n });
-    if m * n * k > 0 {
-        // SAFETY: the slices have exactly the sizes the dimensions describe (asserted).
-        unsafe {
-            blas_or_err()?.gemm(
-                (m, n, k),
-                (a.as_ptr(), lda, ta),
-                (b.as_ptr(), ldb, tb),
-                1.0,
-                (c.as_mut_ptr(), n),
-            )
-        }
-    }
-    Ok(())
 }
 
 fn tensor(v: Vec<f32>, shape: impl Into<Shape>, like: &Tensor) -> Result<Tensor> {
@@ -342,10 +318,16 @@ impl CustomOp3 for LoraLinear {
         let (rows, inp) = rows_in(lx.shape());
         let (out, r) = lb.shape().dims2()?;
         let h = self.hidden(x, a, (rows, inp, r))?;
-        let mut y = with_slices([&self.w], |[w]| {
-            product((rows, out, inp), (x, false), (w, true))
-        })??;
-        accumulate(&mut y, (rows, out, r), (&h, false), (b, true))?;
+        let lora = Addend {
+            k: r,
+            a: &h,
+            b,
+            b_transposed: true,
+        };
+        let blas = blas_or_err()?;
+        let y = with_slices([&self.w], |[w]| {
+            blas.product_plus((rows, out, inp), (x, false), (w, true), lora)
+        })?;
         Ok((CpuStorage::F32(y), with_last(lx.shape(), out)))
     }
 
@@ -384,8 +366,14 @@ impl CustomOp3 for LoraLinear {
                 None
             };
             let dx = if x.track_op() {
-                let mut dx = product((rows, inp, out), (gs, false), (ws, false))?;
-                accumulate(&mut dx, (rows, inp, r), (&gb, false), (as_, false))?;
+                let lora = Addend {
+                    k: r,
+                    a: &gb,
+                    b: as_,
+                    b_transposed: false,
+                };
+                let dx =
+                    blas_or_err()?.product_plus((rows, inp, out), (gs, false), (ws, false), lora);
                 Some(tensor(dx, x.shape(), x)?)
             } else {
                 None

@@ -43,13 +43,53 @@ impl RmsNorm {
     }
 
     fn inv_rms(&self, row: &[f32]) -> f32 {
-        let ms = row
-            .iter()
-            .map(|&v| f64::from(v) * f64::from(v))
-            .sum::<f64>()
-            / row.len() as f64;
+        let ms = f64::from(dot3(row, row, None)) / row.len().max(1) as f64;
         (1.0 / (ms + f64::from(self.eps)).sqrt()) as f32
     }
+}
+
+/// `sum a_i b_i (c_i)` in eight independent f32 accumulators, so the loop vectorises instead
+/// of waiting on one serial chain of adds (a row is at most a few thousand values).
+fn dot3(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let mut tail = 0f32;
+    match c {
+        None => {
+            let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+            tail += ca
+                .remainder()
+                .iter()
+                .zip(cb.remainder())
+                .map(|(x, y)| x * y)
+                .sum::<f32>();
+            for (x, y) in ca.zip(cb) {
+                for l in 0..LANES {
+                    acc[l] += x[l] * y[l];
+                }
+            }
+        }
+        Some(c) => {
+            let (ca, cb, cc) = (
+                a.chunks_exact(LANES),
+                b.chunks_exact(LANES),
+                c.chunks_exact(LANES),
+            );
+            tail += ca
+                .remainder()
+                .iter()
+                .zip(cb.remainder())
+                .zip(cc.remainder())
+                .map(|((x, y), z)| x * y * z)
+                .sum::<f32>();
+            for ((x, y), z) in ca.zip(cb).zip(cc) {
+                for l in 0..LANES {
+                    acc[l] += x[l] * y[l] * z[l];
+                }
+            }
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 fn invalid() -> candle_core::Error {
@@ -92,13 +132,8 @@ impl CustomOp1 for RmsNorm {
                     .zip(xs.par_chunks(h).zip(gs.par_chunks(h)))
                     .for_each(|(dx, (x, g))| {
                         let r = self.inv_rms(x);
-                        let dot: f64 = x
-                            .iter()
-                            .zip(g)
-                            .zip(w)
-                            .map(|((&x, &g), &w)| f64::from(x) * f64::from(g) * f64::from(w))
-                            .sum();
-                        let c = (dot / h as f64) as f32 * r * r * r;
+                        let dot = dot3(x, g, Some(w));
+                        let c = dot / h as f32 * r * r * r;
                         for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(g).zip(w) {
                             *dx = r * w * g - x * c;
                         }

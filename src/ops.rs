@@ -84,6 +84,12 @@ pub fn softmax(x: &Tensor, path: Path) -> Result<Tensor> {
     }
 }
 
+/// The error of a CPU kernel given an operand that is not contiguous f32 on the CPU (its
+/// callers check first, so this means a bug, named by the op).
+pub(crate) fn not_cpu_f32(op: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{op}: operands must be contiguous f32 on the CPU"))
+}
+
 /// The f32 elements of a contiguous CPU tensor's storage, or `None` (another device, dtype
 /// or a strided layout). For the CPU kernels that work on slices.
 pub(crate) fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {

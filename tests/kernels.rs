@@ -173,19 +173,29 @@ fn bias(mask: &[Vec<u8>]) -> Tensor {
     Tensor::from_vec(v, (b, 1, 1, t, t), &Device::Cpu).unwrap()
 }
 
+/// `(B, heads, kv_heads, T, head_dim)` for the attention tests: 150 tokens are three query
+/// blocks, the last one partial; GQA 4:2.
+const ATTENTION_DIMS: (usize, usize, usize, usize, usize) = (3, 4, 2, 150, 32);
+
+/// Prompt lengths and padding masks for [`ATTENTION_DIMS`]: one full prompt, one padded, one
+/// empty (every row masked).
+fn padded_prompts() -> ([usize; 3], Vec<Vec<u8>>) {
+    let t = ATTENTION_DIMS.3;
+    let lens = [t, 61, 0];
+    let mask = lens
+        .iter()
+        .map(|&l| (0..t).map(|j| u8::from(j < l)).collect())
+        .collect();
+    (lens, mask)
+}
+
 #[test]
 fn fused_attention_equals_the_composed_ops_on_every_real_token() {
     if !blas_loaded("fused attention") {
         return;
     }
-    // 150 tokens: three query blocks, the last one partial; GQA 4:2; batch with padding and
-    // an empty prompt (every row masked).
-    let (b, nh, nkv, t, hd) = (3, 4, 2, 150, 32);
-    let lens = [150usize, 61, 0];
-    let mask: Vec<Vec<u8>> = lens
-        .iter()
-        .map(|&l| (0..t).map(|j| u8::from(j < l)).collect())
-        .collect();
+    let (b, nh, nkv, t, hd) = ATTENTION_DIMS;
+    let (lens, mask) = padded_prompts();
     let q = randn(&[b, nh, t, hd], 30, 1.0);
     let k = randn(&[b, nkv, t, hd], 31, 1.0);
     let v = randn(&[b, nkv, t, hd], 32, 1.0);
@@ -458,14 +468,10 @@ fn fused_attention_gradients_match_the_composed_ops_in_f64() {
     if !blas_loaded("fused attention backward") {
         return;
     }
-    // Three query blocks (the last partial), GQA 4:2, padding and an empty prompt; the loss
-    // reads real tokens only (as the model's, whose padded outputs the resampler masks).
-    let (b, nh, nkv, t, hd) = (3, 4, 2, 150, 32);
-    let lens = [150usize, 61, 0];
-    let mask: Vec<Vec<u8>> = lens
-        .iter()
-        .map(|&l| (0..t).map(|j| u8::from(j < l)).collect())
-        .collect();
+    // The loss reads real tokens only (as the model's, whose padded outputs the resampler
+    // masks).
+    let (b, nh, nkv, t, hd) = ATTENTION_DIMS;
+    let (_, mask) = padded_prompts();
     let valid: Vec<f32> = mask.iter().flatten().map(|&m| f32::from(m)).collect();
     let valid = Tensor::from_vec(valid, (b, t, 1), &Device::Cpu).unwrap();
     let bias = bias(&mask);

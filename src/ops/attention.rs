@@ -82,7 +82,7 @@ struct Fused {
 }
 
 fn invalid() -> candle_core::Error {
-    candle_core::Error::Msg("attention: tensors must be contiguous f32 on the CPU".into())
+    super::not_cpu_f32("attention")
 }
 
 impl CustomOp3 for Fused {

@@ -21,7 +21,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 struct GeluErf;
 
 fn invalid() -> candle_core::Error {
-    candle_core::Error::Msg("gelu: input must be contiguous f32 on the CPU".into())
+    super::not_cpu_f32("gelu")
 }
 
 impl CustomOp1 for GeluErf {

@@ -36,7 +36,7 @@ struct LayerNorm {
 }
 
 fn invalid() -> candle_core::Error {
-    candle_core::Error::Msg("layer-norm: tensors must be contiguous f32 on the CPU".into())
+    super::not_cpu_f32("layer-norm")
 }
 
 impl LayerNorm {

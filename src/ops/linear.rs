@@ -79,7 +79,7 @@ fn blas_or_err() -> Result<&'static Blas> {
 }
 
 fn invalid() -> candle_core::Error {
-    candle_core::Error::Msg("linear: operands must be contiguous f32 on the CPU".into())
+    super::not_cpu_f32("linear")
 }
 
 /// Runs `f` on the f32 elements of contiguous CPU tensors.

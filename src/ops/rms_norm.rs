@@ -93,7 +93,7 @@ fn dot3(a: &[f32], b: &[f32], c: Option<&[f32]>) -> f32 {
 }
 
 fn invalid() -> candle_core::Error {
-    candle_core::Error::Msg("rms-norm: input must be contiguous f32 on the CPU".into())
+    super::not_cpu_f32("rms-norm")
 }
 
 impl CustomOp1 for RmsNorm {

@@ -47,7 +47,7 @@ enum Direction {
 }
 
 fn invalid() -> candle_core::Error {
-    candle_core::Error::Msg("rope: tensors must be contiguous f32 on the CPU".into())
+    super::not_cpu_f32("rope")
 }
 
 impl Rope {

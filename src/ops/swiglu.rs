@@ -23,7 +23,7 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 struct SiluMul;
 
 fn invalid() -> candle_core::Error {
-    candle_core::Error::Msg("silu-mul: operands must be contiguous f32 on the CPU".into())
+    super::not_cpu_f32("silu-mul")
 }
 
 impl CustomOp2 for SiluMul {

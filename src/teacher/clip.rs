@@ -52,7 +52,7 @@ impl Activation {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            Self::Gelu => x.gelu_erf(),
+            Self::Gelu => ops::gelu_erf(x),
             Self::GeluTanh => x.gelu(),
         }
     }
@@ -321,11 +321,10 @@ impl Attention {
         let q = split(self.q_proj.forward(x)?)?;
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?
-            .to_dtype(causal.dtype())?
-            .broadcast_add(causal)?;
-        let probs = ops::softmax(&scores, OpPath::Fast)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+        // The LLM's attention op (fused on the CPU): same scale, causal bias per prompt.
+        let bias = causal.broadcast_as((b, 1, 1, t, t))?.contiguous()?;
+        let out = ops::attention(&q, &k, &v, &bias, OpPath::Fast)?;
+        debug_assert_eq!(out.dims(), [b, t, h]);
         self.out_proj.forward(&out)
     }
 }

@@ -177,7 +177,6 @@ unsafe fn run(
     use rayon::prelude::*;
     let Dims { b, nh, nkv, t, hd } = d;
     let groups = nh / nkv;
-    let scale = (hd as f32).powf(-0.5);
     let blocks = t.div_ceil(QUERY_BLOCK);
     let out_addr = out as usize;
     (0..b * nh * blocks).into_par_iter().for_each(|task| {
@@ -186,47 +185,66 @@ unsafe fn run(
         let kv = bi * nkv + h / groups;
         let i0 = blk * QUERY_BLOCK;
         let i1 = (i0 + QUERY_BLOCK).min(t);
-        let rows = i1 - i0;
-        // Causal: queries i0..i1 see keys 0..i1 at most; later keys carry the mask value and
-        // would get exactly zero weight in the unfused softmax.
-        let keys = i1;
-        let q_blk = &q[(bh * t + i0) * hd..(bh * t + i1) * hd];
-        let k_seq = &k[kv * t * hd..(kv * t + keys) * hd];
+        let (rows, keys) = (i1 - i0, i1);
         let v_seq = &v[kv * t * hd..(kv * t + keys) * hd];
         let mut s = vec![0f32; rows * keys];
         let mut bias_blk = Vec::with_capacity(rows * keys);
-        for i in i0..i1 {
-            let row = (bi * t + i) * t;
-            bias_blk.extend_from_slice(&bias[row..row + keys]);
-        }
-        // SAFETY: the slices above cover the matrices described; `s` is this task's own.
-        unsafe {
-            blas.raw(
-                (rows, keys, hd),
-                q_blk.as_ptr(),
-                k_seq.as_ptr(),
-                hd,
-                true,
-                s.as_mut_ptr(),
-                keys,
-            );
-        }
-        vexp::softmax_rows(&mut s, &bias_blk, keys, scale);
+        block_probs(
+            blas,
+            d,
+            (q, k, bias),
+            (bh, kv, i0, i1),
+            &mut s,
+            &mut bias_blk,
+        );
         // Output rows i0..i1 of head h in [B, T, heads * hd] order: row stride heads * hd.
         let o = (bi * t + i0) * nh * hd + h * hd;
         // SAFETY: tasks write disjoint (rows, head) blocks of `out`, which outlives the loop.
         unsafe {
-            blas.raw(
+            blas.gemm(
                 (rows, hd, keys),
-                s.as_ptr(),
-                v_seq.as_ptr(),
-                hd,
-                false,
-                (out_addr as *mut f32).add(o),
-                nh * hd,
+                (s.as_ptr(), keys, false),
+                (v_seq.as_ptr(), hd, false),
+                0.0,
+                ((out_addr as *mut f32).add(o), nh * hd),
             );
         }
     });
+}
+
+/// The attention probabilities of head `bh`'s queries `i0..i1` over keys `0..i1` of KV head
+/// `kv` (causal: later keys carry the mask value and would get exactly zero weight), written
+/// to `p` `[i1 - i0, i1]`; `bias_blk` is scratch. The forward and the backward both call this,
+/// so the backward differentiates exactly the softmax the forward used.
+fn block_probs(
+    blas: &Blas,
+    d: Dims,
+    (q, k, bias): (&[f32], &[f32], &[f32]),
+    (bh, kv, i0, i1): (usize, usize, usize, usize),
+    p: &mut [f32],
+    bias_blk: &mut Vec<f32>,
+) {
+    let Dims { nh, t, hd, .. } = d;
+    let (rows, keys, bi) = (i1 - i0, i1, bh / nh);
+    let q_blk = &q[(bh * t + i0) * hd..(bh * t + i1) * hd];
+    let k_seq = &k[kv * t * hd..(kv * t + keys) * hd];
+    assert_eq!(p.len(), rows * keys);
+    bias_blk.clear();
+    for i in i0..i1 {
+        let r = (bi * t + i) * t;
+        bias_blk.extend_from_slice(&bias[r..r + keys]);
+    }
+    // SAFETY: `q_blk` is [rows, hd], `k_seq` [keys, hd] and `p` [rows, keys] (checked above).
+    unsafe {
+        blas.gemm(
+            (rows, keys, hd),
+            (q_blk.as_ptr(), hd, false),
+            (k_seq.as_ptr(), hd, true),
+            0.0,
+            (p.as_mut_ptr(), keys),
+        );
+    }
+    vexp::softmax_rows(p, bias_blk, keys, (hd as f32).powf(-0.5));
 }
 
 /// The gradients of `run`'s output with respect to q, k and v, given the output's gradient
@@ -267,23 +285,11 @@ fn backward(
                     let q_blk = q[(bh * t + i0) * hd..].as_ptr();
                     let g_blk = g[(bi * t + i0) * row + h * hd..].as_ptr();
                     let (p, dp) = (&mut p[..rows * keys], &mut dp[..rows * keys]);
-                    bias_blk.clear();
-                    for i in i0..i1 {
-                        let r = (bi * t + i) * t;
-                        bias_blk.extend_from_slice(&bias[r..r + keys]);
-                    }
+                    block_probs(blas, d, (q, k, bias), (bh, kv, i0, i1), p, &mut bias_blk);
                     // SAFETY (all products): the pointers cover the blocks described by the
                     // dimensions and leading dimensions; `p`, `dp`, `dk`, `dv` are this task's
                     // own and its `dq` rows (head h, rows i0..i1) are written by no other task.
                     unsafe {
-                        blas.gemm(
-                            (rows, keys, hd),
-                            (q_blk, hd, false),
-                            (k_seq.as_ptr(), hd, true),
-                            0.0,
-                            (p.as_mut_ptr(), keys),
-                        );
-                        vexp::softmax_rows(p, &bias_blk, keys, scale);
                         blas.gemm(
                             (rows, keys, hd),
                             (g_blk, row, false),

@@ -318,33 +318,6 @@ impl Blas {
         }
     }
 
-    /// One single-threaded CBLAS call: `c[m,n] (ldc) = a[m,k] (lda = k) @ op(b) (ldb)`.
-    ///
-    /// # Safety
-    /// As [`Blas::gemm`].
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn raw(
-        &self,
-        (m, n, k): (usize, usize, usize),
-        a: *const f32,
-        b: *const f32,
-        ldb: usize,
-        b_transposed: bool,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            self.gemm(
-                (m, n, k),
-                (a, k, false),
-                (b, ldb, b_transposed),
-                0.0,
-                (c, ldc),
-            )
-        }
-    }
-
     /// One single-threaded CBLAS call: `c[m,n] = op(a) @ op(b) + beta c`. Each operand is
     /// `(pointer, leading dimension, transposed)`: `op(a)` is `[m,k]` (stored `[k,m]` when
     /// transposed), `op(b)` is `[k,n]` (stored `[n,k]` when transposed); `c` is

@@ -18,7 +18,7 @@
 #include <stddef.h>
 
 // Version of this C interface; bumped on any incompatible change.
-#define QWENCLIP_ABI_VERSION 1
+#define QWENCLIP_ABI_VERSION 2
 
 // `qwenclip_capabilities()` bit: the CPU path (always set).
 #define QWENCLIP_CAP_CPU 1
@@ -58,33 +58,17 @@ typedef struct qwenclip_memory {
   uint64_t cuda_bytes;
 } qwenclip_memory;
 
-// What one `qwenclip_trainer_step` did.
-typedef struct qwenclip_step_report {
-  // Weighted total loss of this micro-batch.
-  double loss;
-  double loss_embeds;
-  double loss_pooled;
-  // Global gradient norm before clipping; NaN when the optimizer did not step.
-  double grad_norm;
-  // 1 when this call completed a gradient-accumulation cycle and updated the weights.
-  uint8_t optimizer_stepped;
-  // Optimizer steps taken so far.
-  uint64_t step;
-  double lr_lora;
-  double lr_resampler;
-} qwenclip_step_report;
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
 
-// Reports the bytes held by every live encoder and trainer.
+// Reports the bytes held by every live encoder and training run.
 //
 // `out` must point to a `qwenclip_memory` the caller owns.
 enum qwenclip_status qwenclip_memory_report(struct qwenclip_memory *out);
 
 // Releases the weights of every encoder (they reload on their next encode, with the same
-// adapter). Trainers keep their state. Use it when the host needs the memory back.
+// adapter). Training runs keep their state. Use it when the host needs the memory back.
 enum qwenclip_status qwenclip_release_memory(void);
 
 // The message of the last failed call on this thread ("" after a success). The pointer
@@ -142,40 +126,60 @@ enum qwenclip_status qwenclip_encode(uint64_t handle,
                                      float *pooled,
                                      size_t pooled_len);
 
-// Creates a trainer for the encoder's base model (and its adapter, if it has one: training
-// continues from it). The encoder itself is not changed; it shares the frozen weights.
-// `config_json`: optional TrainConfig fields and `dims` (see README); NULL = defaults.
-enum qwenclip_status qwenclip_trainer_new(uint64_t encoder,
-                                          const char *config_json,
-                                          uint64_t *out_handle);
+// Every training setting with its default, as a JSON object (`TrainConfig`): what a host
+// shows before the user changes anything. `buf`/`len`/`needed` as for `qwenclip_run_state`.
+enum qwenclip_status qwenclip_train_defaults(char *buf, size_t len, size_t *needed);
 
-// Recreates a trainer from a checkpoint written by `qwenclip_trainer_save`, on the
-// encoder's base model; training continues exactly where it was saved.
-enum qwenclip_status qwenclip_trainer_load(uint64_t encoder,
-                                           const char *checkpoint_path,
-                                           uint64_t *out_handle);
+// Reads a caption set by the library's caption rule, for a host to show before training.
+// `spec_json`: `{"paths": [...], "text": "...", "column": null}`. Writes
+// `{"captions": [...], "read": n, "empty": n, "duplicates": n, "kept": n, "source": "..."}`.
+enum qwenclip_status qwenclip_captions_read(const char *spec_json,
+                                            char *buf,
+                                            size_t len,
+                                            size_t *needed);
 
-// One micro-batch: `n_prompts` prompts with the teacher's outputs for them, `embeds`
-// `[n, seq, embed]` and `pooled` `[n, pooled]` f32 (sizes in floats, checked). Every
-// `grad_accum` calls the optimizer steps. On `QWENCLIP_NON_FINITE` nothing was changed.
-enum qwenclip_status qwenclip_trainer_step(uint64_t handle,
-                                           const char *const *prompts,
-                                           size_t n_prompts,
-                                           const float *embeds,
-                                           size_t embeds_len,
-                                           const float *pooled,
-                                           size_t pooled_len,
-                                           struct qwenclip_step_report *out_report);
+// Opens a training run on the encoder's base model (the encoder is not changed; the run
+// shares its frozen weights). `spec_json` (docs/c-api.md): `out` (the run folder),
+// `captions` (`{"paths", "text", "column"}`), `settings` (TrainConfig fields; the rest are
+// the defaults, or the checkpoint's when resuming), `dims` (SDXL by default), `resume`
+// (`"auto"`: continue the run in `out` if it has a checkpoint; `"never"`; `"always"`).
+// A fresh run starts from the encoder's adapter when it has one.
+enum qwenclip_status qwenclip_run_open(uint64_t encoder,
+                                       const char *spec_json,
+                                       uint64_t *out_handle);
 
-// Writes a checkpoint (weights, optimizer state, counters) to `path`, atomically: a failed
-// write leaves any previous file at `path` intact.
-enum qwenclip_status qwenclip_trainer_save(uint64_t handle, const char *path);
+// The run's state as JSON: `step`, `steps`, `epoch`, `done`, `need` (`"train"`, `"eval"`,
+// `"baseline"` or null when done), `captions` (the captions whose targets
+// `qwenclip_run_supply` takes next, in order), `events` (what the last supply did: steps,
+// evaluations, saves), `notes` (what opening decided about changed settings), `settings`,
+// `out`, `adapter`, `caption_count`, `summary`. A NULL `buf` asks only for `needed` (the size
+// with the NUL).
+enum qwenclip_status qwenclip_run_state(uint64_t handle, char *buf, size_t len, size_t *needed);
 
-// Writes the current LoRA + resampler as an adapter bundle into folder `dir`.
-enum qwenclip_status qwenclip_trainer_save_adapter(uint64_t handle, const char *dir);
+// The teacher's targets for the captions `qwenclip_run_state` listed: `embeds`
+// `[n, seq, embed]` and `pooled` `[n, pooled]`, f32, sizes in floats (checked). On
+// `QWENCLIP_NON_FINITE` the run stopped at its last good state (the checkpoint on disk is
+// the last good one).
+enum qwenclip_status qwenclip_run_supply(uint64_t handle,
+                                         const float *embeds,
+                                         size_t embeds_len,
+                                         const float *pooled,
+                                         size_t pooled_len);
 
-// Frees a trainer (its state is lost unless saved).
-enum qwenclip_status qwenclip_trainer_free(uint64_t handle);
+// Saves a checkpoint and the adapter now (a host's Cancel): the run resumes from here. A run
+// stopped before its end is marked interrupted in its metrics.
+enum qwenclip_status qwenclip_run_save(uint64_t handle);
+
+// The loss picture (what `loss.png` shows) as RGB bytes, row-major. `width`/`height` get its
+// size; a NULL `rgb` asks only for them; otherwise `len` must be `width * height * 3`.
+enum qwenclip_status qwenclip_run_loss_image(uint64_t handle,
+                                             uint8_t *rgb,
+                                             size_t len,
+                                             size_t *width,
+                                             size_t *height);
+
+// Frees a run (what was not saved is lost; `qwenclip_run_save` first to keep it).
+enum qwenclip_status qwenclip_run_free(uint64_t handle);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger("qwenclip")
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 CAP_CPU = 1
 CAP_CUDA = 2
 

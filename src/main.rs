@@ -3,11 +3,9 @@
 
 mod cli;
 
-use clap::Parser;
-
 fn main() {
     cli::tuning::tune_process();
-    let args = cli::Cli::parse();
+    let args = cli::parse();
     if let Err(e) = cli::run(args) {
         eprintln!("error: {e}");
         let mut cause = e.source();

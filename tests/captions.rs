@@ -35,6 +35,7 @@ fn kohya_folder_with_images_and_subfolders() {
     write(&d.join("sub/b.txt"), "in a subfolder");
     write(&d.join("sub/deeper/a.TXT"), "deeper");
     write(&d.join("sub/dup.txt"), "second image");
+    write(&d.join("empty.png"), [0x89, b'P', b'N', b'G']);
     write(&d.join("empty.txt"), "  \n ");
     write(&d.join("notes.md"), "not a caption");
     write(&d.join(".hidden/x.txt"), "hidden");

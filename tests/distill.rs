@@ -4,14 +4,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Tensor;
 use common::*;
 use qwenclip::data::{build_cache, CacheOptions, CaptionSet, TargetCache, TargetSource};
 use qwenclip::teacher::Teacher;
-use qwenclip::training::run::{self, RunOptions, RunSummary};
-use qwenclip::training::{Schedule, TrainConfig};
+use qwenclip::training::run::{self, Event, Resume, Run, RunSpec, RunSummary};
+use qwenclip::training::{Schedule, TargetDims, TrainConfig};
 use qwenclip::{Encoder, EncoderOptions, Error, LoraMode};
 
 /// 400 distinct spatial captions from a seeded template.
@@ -76,7 +76,12 @@ fn config(steps: u64) -> TrainConfig {
     TrainConfig {
         lr_lora: 3e-3,
         lr_resampler: 5e-3,
-        total_steps: steps,
+        steps,
+        batch_size: 8,
+        held_out: 0.1,
+        eval_every: 0,
+        save_every: 0,
+        eval_batch_size: 40,
         lora_r: 4,
         lora_alpha: 4.0,
         resampler_width: 64,
@@ -87,33 +92,56 @@ fn config(steps: u64) -> TrainConfig {
     }
 }
 
-fn options(out: &Path, steps: u64) -> RunOptions {
-    RunOptions {
-        out: out.to_path_buf(),
-        steps,
-        batch_size: 8,
-        held_out: 0.1,
-        eval_every: 0,
-        save_every: 0,
-        eval_batch_size: 40,
-    }
+/// Trains on `cache` into `out` (resuming the run in `resume`); with `stop_at`, stops there as
+/// Ctrl-C would (a checkpoint is saved and the run is marked interrupted).
+fn train_until(
+    cache: &TargetCache,
+    cfg: TrainConfig,
+    out: &Path,
+    resume: Option<&Path>,
+    stop_at: Option<u64>,
+) -> qwenclip::Result<RunSummary> {
+    let d = cache.dims();
+    let mut run = Run::open(
+        student(),
+        cache.captions().to_vec(),
+        RunSpec {
+            out: out.to_path_buf(),
+            settings: serde_json::to_value(cfg).unwrap(),
+            dims: TargetDims {
+                seq: d.seq,
+                embed: d.embed,
+                pooled: d.pooled,
+            },
+            resume: match resume {
+                Some(dir) => Resume::From(dir.to_path_buf()),
+                None => Resume::Never,
+            },
+        },
+    )?;
+    let stop = AtomicBool::new(false);
+    let device = candle_core::Device::Cpu;
+    run::drive(
+        &mut run,
+        &mut |idx| cache.get_batch(idx, &device),
+        &stop,
+        &mut |ev| {
+            if let Event::Step { report, .. } = ev {
+                if Some(report.step) == stop_at {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        },
+    )
 }
 
 fn train(
     cache: &TargetCache,
     cfg: TrainConfig,
-    opts: &RunOptions,
+    out: &Path,
     resume: Option<&Path>,
 ) -> qwenclip::Result<RunSummary> {
-    run::train(
-        student(),
-        cache,
-        cfg,
-        opts,
-        resume,
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
+    train_until(cache, cfg, out, resume, None)
 }
 
 #[test]
@@ -121,7 +149,7 @@ fn the_student_learns_the_teacher_and_beats_the_mean_on_held_out_captions() {
     let teacher = Teacher::load(&teacher_dir(), &candle_core::Device::Cpu).unwrap();
     let cache = cache("distill-learn", &teacher, &captions());
     let out = scratch("distill-learn-run");
-    let s = train(&cache, config(200), &options(&out, 200), None).unwrap();
+    let s = train(&cache, config(200), &out, None).unwrap();
     let total = |m: &qwenclip::training::EvalMetrics| m.mse_embeds + m.mse_pooled;
     eprintln!(
         "baseline {:?}\nfirst {:?}\nfinal {:?}",
@@ -193,37 +221,15 @@ fn a_resumed_run_ends_where_an_uninterrupted_one_does() {
         ..config(8)
     };
     let straight = scratch("distill-resume-straight");
-    train(
-        &cache,
-        cfg.clone(),
-        &RunOptions {
-            save_every: 4,
-            ..options(&straight, 8)
-        },
-        None,
-    )
-    .unwrap();
+    let cfg = TrainConfig {
+        save_every: 4,
+        ..cfg
+    };
+    train(&cache, cfg.clone(), &straight, None).unwrap();
     let split = scratch("distill-resume-split");
-    train(
-        &cache,
-        cfg.clone(),
-        &RunOptions {
-            save_every: 4,
-            ..options(&split, 4)
-        },
-        None,
-    )
-    .unwrap();
-    let s = train(
-        &cache,
-        cfg,
-        &RunOptions {
-            save_every: 4,
-            ..options(&split, 8)
-        },
-        Some(&split),
-    )
-    .unwrap();
+    let first = train_until(&cache, cfg.clone(), &split, None, Some(4)).unwrap();
+    assert!(first.interrupted && first.steps == 4, "{first:?}");
+    let s = train(&cache, cfg, &split, Some(&split)).unwrap();
     assert_eq!(s.steps, 8);
     for ((n, a), (_, b)) in adapter_tensors(&straight.join("adapter"))
         .iter()
@@ -284,12 +290,12 @@ fn nan_targets_stop_the_run_and_keep_the_last_good_checkpoint() {
     let out = scratch("distill-nan-run");
     let err = train(
         &cache,
-        config(100),
-        &RunOptions {
+        TrainConfig {
             save_every: 1,
             held_out: 0.0,
-            ..options(&out, 100)
+            ..config(100)
         },
+        &out,
         None,
     )
     .expect_err("NaN must stop the run");
@@ -326,16 +332,11 @@ fn a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact() {
     let set = CaptionSet::from_captions(captions().captions.into_iter().take(20), "20").unwrap();
     let cache = cache("distill-full", &teacher, &set);
     let out = scratch("distill-full-run");
-    train(
-        &cache,
-        config(4),
-        &RunOptions {
-            save_every: 2,
-            ..options(&out, 2)
-        },
-        None,
-    )
-    .unwrap();
+    let cfg = TrainConfig {
+        save_every: 2,
+        ..config(4)
+    };
+    train_until(&cache, cfg.clone(), &out, None, Some(2)).unwrap();
     let ckpt = out.join(run::CHECKPOINT_FILE);
     let before = std::fs::read(&ckpt).unwrap();
     // The next checkpoint's temporary file is a link to /dev/full: every write fails with ENOSPC.
@@ -345,16 +346,7 @@ fn a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact() {
         std::process::id()
     ));
     std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
-    let err = train(
-        &cache,
-        config(4),
-        &RunOptions {
-            save_every: 2,
-            ..options(&out, 4)
-        },
-        Some(&out),
-    )
-    .expect_err("the write must fail");
+    let err = train(&cache, cfg.clone(), &out, Some(&out)).expect_err("the write must fail");
     let msg = err.to_string();
     assert!(
         msg.contains("checkpoint.safetensors") && msg.to_lowercase().contains("no space left"),
@@ -366,16 +358,7 @@ fn a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_intact() {
     );
     assert!(!tmp.exists(), "the temporary file is cleaned up");
     // With space again, the run resumes from that checkpoint and finishes.
-    let s = train(
-        &cache,
-        config(4),
-        &RunOptions {
-            save_every: 2,
-            ..options(&out, 4)
-        },
-        Some(&out),
-    )
-    .unwrap();
+    let s = train(&cache, cfg, &out, Some(&out)).unwrap();
     assert_eq!(s.steps, 4);
 }
 

@@ -660,7 +660,7 @@ fn training_on_a_q4_k_base_lowers_the_loss_as_on_f32() {
         resampler_heads: 4,
         resampler_ff_mult: 2,
         resampler_layers: 2,
-        total_steps: 40,
+        steps: 40,
         max_grad_norm: 0.0,
         ..Default::default()
     };

@@ -39,7 +39,7 @@ fn config() -> TrainConfig {
         resampler_heads: 4,
         resampler_ff_mult: 2,
         resampler_layers: 2,
-        total_steps: 40,
+        steps: 40,
         max_grad_norm: 0.0,
         ..Default::default()
     }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -135,6 +135,13 @@ impl DTypeArg {
             DTypeArg::F16 => DType::F16,
         }
     }
+}
+
+/// Parses the command line; `train --help` ends with the library's defaults.
+pub fn parse() -> Cli {
+    let cmd = Cli::command().mut_subcommand("train", |c| c.after_help(train::defaults_help()));
+    let matches = cmd.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 pub fn run(cli: Cli) -> Result<()> {

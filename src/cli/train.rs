@@ -8,12 +8,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use qwenclip::data::TargetCache;
-use qwenclip::training::run::{self, Event, RunOptions};
+use qwenclip::training::run::{self, Event, Resume, Run, RunSpec};
 use qwenclip::training::{EvalMetrics, Schedule, TargetDims, TrainConfig, Trainer};
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
 use super::{DTypeArg, DeviceArg};
 
+/// Settings left out take the library's defaults (listed below), or on `--resume` the run's.
 #[derive(Args)]
 pub struct TrainArgs {
     /// Base model folder or hub id.
@@ -31,68 +32,128 @@ pub struct TrainArgs {
     /// Start from this adapter instead of fresh LoRA + resampler.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Optimizer steps in total.
-    #[arg(long, default_value_t = 1000)]
-    steps: u64,
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 1e-4)]
-    lr_lora: f64,
-    #[arg(long, default_value_t = 5e-4)]
-    lr_resampler: f64,
-    #[arg(long, default_value_t = 0.01)]
-    weight_decay: f64,
-    #[arg(long, default_value_t = 0)]
-    warmup: u64,
+    /// Optimizer steps in total (on --resume: a larger value extends the run).
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr_lora: Option<f64>,
+    #[arg(long)]
+    lr_resampler: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    warmup: Option<u64>,
     /// cosine or constant
-    #[arg(long, default_value = "cosine")]
-    schedule: String,
+    #[arg(long)]
+    schedule: Option<Schedule>,
     /// Global gradient-norm clip (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    max_grad_norm: f64,
-    #[arg(long, default_value_t = 1.0)]
-    loss_weight_embeds: f64,
-    #[arg(long, default_value_t = 1.0)]
-    loss_weight_pooled: f64,
-    #[arg(long, default_value_t = 100)]
-    eval_every: u64,
-    #[arg(long, default_value_t = 200)]
-    save_every: u64,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    loss_weight_embeds: Option<f64>,
+    #[arg(long)]
+    loss_weight_pooled: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    save_every: Option<u64>,
     /// Fraction of captions held out for evaluation.
-    #[arg(long, default_value_t = 0.05)]
-    held_out: f64,
-    #[arg(long, default_value_t = 16)]
-    lora_r: usize,
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "q_proj,k_proj,v_proj,o_proj"
-    )]
-    targets: Vec<String>,
-    #[arg(long, default_value_t = 2048)]
-    resampler_width: usize,
-    #[arg(long, default_value_t = 16)]
-    resampler_heads: usize,
-    #[arg(long, default_value_t = 4)]
-    resampler_ff_mult: usize,
-    #[arg(long, default_value_t = 4)]
-    resampler_layers: usize,
+    #[arg(long)]
+    held_out: Option<f64>,
+    #[arg(long)]
+    lora_r: Option<usize>,
+    #[arg(long)]
+    lora_alpha: Option<f64>,
+    /// Projections the LoRA trains (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
+    /// 0 = derived from the base model's width.
+    #[arg(long)]
+    resampler_width: Option<usize>,
+    /// 0 = derived from the resampler's width.
+    #[arg(long)]
+    resampler_heads: Option<usize>,
+    #[arg(long)]
+    resampler_ff_mult: Option<usize>,
+    #[arg(long)]
+    resampler_layers: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
     /// LLM hidden state the resampler reads (transformers' hidden_states index).
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     hidden_layer: i32,
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// Dtype of the frozen LLM (trainable weights are always f32).
     #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
     dtype: DTypeArg,
+}
+
+impl TrainArgs {
+    /// The settings given on the command line, as the JSON object the run takes.
+    fn settings(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        let mut put = |key: &str, v: Option<serde_json::Value>| {
+            if let Some(v) = v {
+                m.insert(key.to_string(), v);
+            }
+        };
+        use serde_json::json;
+        put("steps", self.steps.map(|v| json!(v)));
+        put("batch_size", self.batch_size.map(|v| json!(v)));
+        put("grad_accum", self.grad_accum.map(|v| json!(v)));
+        put("lr_lora", self.lr_lora.map(|v| json!(v)));
+        put("lr_resampler", self.lr_resampler.map(|v| json!(v)));
+        put(
+            "adamw",
+            self.weight_decay.map(|v| json!({ "weight_decay": v })),
+        );
+        put("warmup_steps", self.warmup.map(|v| json!(v)));
+        put("schedule", self.schedule.map(|v| json!(v)));
+        put("max_grad_norm", self.max_grad_norm.map(|v| json!(v)));
+        put(
+            "loss_weight_embeds",
+            self.loss_weight_embeds.map(|v| json!(v)),
+        );
+        put(
+            "loss_weight_pooled",
+            self.loss_weight_pooled.map(|v| json!(v)),
+        );
+        put("eval_every", self.eval_every.map(|v| json!(v)));
+        put("save_every", self.save_every.map(|v| json!(v)));
+        put("held_out", self.held_out.map(|v| json!(v)));
+        put("lora_r", self.lora_r.map(|v| json!(v)));
+        put("lora_alpha", self.lora_alpha.map(|v| json!(v)));
+        put("lora_targets", self.targets.as_ref().map(|v| json!(v)));
+        put("resampler_width", self.resampler_width.map(|v| json!(v)));
+        put("resampler_heads", self.resampler_heads.map(|v| json!(v)));
+        put(
+            "resampler_ff_mult",
+            self.resampler_ff_mult.map(|v| json!(v)),
+        );
+        put("resampler_layers", self.resampler_layers.map(|v| json!(v)));
+        put("seed", self.seed.map(|v| json!(v)));
+        serde_json::Value::Object(m)
+    }
+}
+
+/// The defaults table `qwenclip train --help` ends with (read from the library).
+pub fn defaults_help() -> String {
+    let d = serde_json::to_value(TrainConfig::default()).expect("defaults serialise");
+    let mut out =
+        String::from("Defaults (the library's, shared with the C ABI and the ComfyUI node):\n");
+    if let Some(m) = d.as_object() {
+        for (k, v) in m {
+            out.push_str(&format!("  {k} = {v}\n"));
+        }
+    }
+    out
 }
 
 #[derive(Args)]
@@ -118,7 +179,6 @@ pub struct EvalArgs {
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
     let cache = TargetCache::open(&a.cache)?;
-    let schedule: Schedule = a.schedule.parse().map_err(anyhow::Error::msg)?;
     let opts = EncoderOptions {
         device: a.device.device()?,
         dtype: a.dtype.dtype(),
@@ -128,39 +188,24 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     };
     let model_dir = qwenclip::hub::resolve_model(&a.model)?;
     let encoder = Encoder::load(&model_dir, a.adapter.as_deref(), opts)?;
-    let cfg = TrainConfig {
-        lr_lora: a.lr_lora,
-        lr_resampler: a.lr_resampler,
-        adamw: qwenclip::training::optim::AdamWConfig {
-            weight_decay: a.weight_decay,
-            ..Default::default()
-        },
-        schedule,
-        warmup_steps: a.warmup,
-        total_steps: a.steps,
-        grad_accum: a.grad_accum,
-        max_grad_norm: a.max_grad_norm,
-        loss_weight_embeds: a.loss_weight_embeds,
-        loss_weight_pooled: a.loss_weight_pooled,
-        lora_r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        lora_targets: a.targets.clone(),
-        use_rslora: false,
-        resampler_width: a.resampler_width,
-        resampler_heads: a.resampler_heads,
-        resampler_ff_mult: a.resampler_ff_mult,
-        resampler_layers: a.resampler_layers,
-        seed: a.seed,
-    };
-    let run_opts = RunOptions {
+    let d = cache.dims();
+    let spec = RunSpec {
         out: a.out.clone(),
-        steps: a.steps,
-        batch_size: a.batch_size,
-        held_out: a.held_out,
-        eval_every: a.eval_every,
-        save_every: a.save_every,
-        eval_batch_size: a.batch_size.max(8),
+        settings: a.settings(),
+        dims: TargetDims {
+            seq: d.seq,
+            embed: d.embed,
+            pooled: d.pooled,
+        },
+        resume: match &a.resume {
+            Some(dir) => Resume::From(dir.clone()),
+            None => Resume::Never,
+        },
     };
+    let mut run = Run::open(encoder, cache.captions().to_vec(), spec)?;
+    for note in run.notes() {
+        eprintln!("note: {note}");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -181,13 +226,11 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         a.cache.display(),
         a.out.display()
     );
+    let device = run.trainer().encoder().llm().device().clone();
     let started = Instant::now();
-    let summary = run::train(
-        encoder,
-        &cache,
-        cfg,
-        &run_opts,
-        a.resume.as_deref(),
+    let summary = run::drive(
+        &mut run,
+        &mut |indices| cache.get_batch(indices, &device),
         &stop,
         &mut |ev| match ev {
             Event::Step {
@@ -195,7 +238,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 samples_per_s,
                 total_steps,
             } => {
-                let done = report.step as f64 / total_steps.max(1) as f64;
+                let done = report.step as f64 / (*total_steps).max(1) as f64;
                 let elapsed = started.elapsed().as_secs_f64();
                 let eta = if done > 0.0 {
                     elapsed / done * (1.0 - done)
@@ -203,17 +246,17 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                     0.0
                 };
                 eprint!(
-                "\r{} {}/{} loss {:.5} (embeds {:.5}, pooled {:.5}) |g| {:.3} {:.1} samples/s ETA {}   ",
-                super::bar(done),
-                report.step,
-                total_steps,
-                report.loss,
-                report.loss_embeds,
-                report.loss_pooled,
-                report.grad_norm.unwrap_or(0.0),
-                samples_per_s,
-                super::hms(eta)
-            );
+                    "\r{} {}/{} loss {:.5} (embeds {:.5}, pooled {:.5}) |g| {:.3} {:.1} samples/s ETA {}   ",
+                    super::bar(done),
+                    report.step,
+                    total_steps,
+                    report.loss,
+                    report.loss_embeds,
+                    report.loss_pooled,
+                    report.grad_norm.unwrap_or(0.0),
+                    samples_per_s,
+                    super::hms(eta)
+                );
             }
             Event::Eval { step, metrics } => {
                 eprintln!("\nstep {step} held-out: {}", one_line(metrics))
@@ -281,13 +324,16 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     };
     // A trainer with no steps is the adapter as it is; it reuses the evaluation code.
     let trainer = Trainer::new(encoder, TrainConfig::default(), dims)?;
-    let m = run::evaluate(
-        &trainer,
-        &cache,
-        &indices,
-        a.batch_size,
-        trainer.encoder().llm().device(),
-    )?;
+    let device = trainer.encoder().llm().device().clone();
+    let mut m = EvalMetrics::default();
+    for chunk in indices.chunks(a.batch_size.max(1)) {
+        let prompts: Vec<&str> = chunk
+            .iter()
+            .map(|&i| cache.captions()[i].as_str())
+            .collect();
+        let (te, tp) = cache.get_batch(chunk, &device)?;
+        m = m.merge(&trainer.evaluate(&prompts, &te, &tp)?);
+    }
     println!("| metric | value |\n|---|---|");
     println!("| captions | {} |", m.count);
     println!("| MSE prompt_embeds | {:.6} |", m.mse_embeds);

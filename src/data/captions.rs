@@ -1,12 +1,20 @@
-//! Caption sets for distillation: a kohya-style folder of `.txt` files, `.jsonl`, `.csv`, or a
-//! plain file with one caption per line.
+//! Caption sets for distillation, read by one rule whatever the host (the CLI's
+//! `cache-targets`, the C ABI, the ComfyUI training node):
 //!
-//! Every caption is normalised the same way whatever its source: each of its lines is trimmed,
-//! blank lines are dropped and the rest joined with one space (so `"a cat\n  on a mat "` and
-//! `"a cat on a mat"` are the same caption). Empty captions are dropped, and so are exact
-//! duplicates (the first one is kept); both are counted in the [`CaptionReport`]. The order of
-//! the source is kept (a folder is read in path order), so a caption set, its
-//! [`CaptionSet::fingerprint`] and everything derived from it are reproducible.
+//! - a folder: every `.txt`, `.caption`, `.jsonl` and `.csv` file under it (recursively,
+//!   hidden entries skipped, sorted by path), each read by the rule for its kind;
+//! - a `.txt` or `.caption` file beside an image of the same name (kohya's layout): the whole
+//!   file is that image's caption;
+//! - any other text file, and inline text: one caption per line;
+//! - `.jsonl`: one JSON object per line (`caption`, `text`, or a named column);
+//! - `.csv`: RFC 4180 with a header row (`caption`, `text`, or a named column).
+//!
+//! In text files and inline text, a line starting with `#` is a comment. Every caption is
+//! normalised the same way: each of its lines is trimmed, blank lines are dropped and the rest
+//! joined with one space. Empty captions are dropped, and so are exact duplicates (the first
+//! one is kept); both are counted in the [`CaptionReport`]. The order of the sources is kept,
+//! so a caption set, its [`CaptionSet::fingerprint`] and everything derived from it are
+//! reproducible.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -165,67 +173,114 @@ pub fn normalize(s: &str) -> String {
     out
 }
 
-/// Loads captions from `src`:
-///
-/// - a folder: every `.txt` file under it (recursively, hidden entries skipped, sorted by
-///   path), one caption per file; images next to them are ignored (kohya layout);
-/// - `.jsonl`: one JSON object per line, the caption in `column` if given, else `caption`,
-///   else `text` (a line holding a bare JSON string is that caption); blank lines are skipped;
-/// - `.csv`: RFC 4180 (header row, `"`-quoted fields with commas, `""` and newlines), the
-///   caption in `column` if given, else `caption`, else `text`;
-/// - any other file: one caption per line (blank lines are empty captions).
-///
-/// `.json` is refused (it is not line based; write `.jsonl`). Errors name the file, and for
-/// JSONL and CSV the 1-based line of the bad record.
+/// Files a folder of captions is read from (lowercase extensions).
+pub const CAPTION_EXTENSIONS: [&str; 4] = ["txt", "caption", "jsonl", "csv"];
+/// Images that make a text file beside them that image's caption (kohya's layout).
+const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
+
+/// Loads captions from `src` (a folder or a file; see the module doc). `column` names the
+/// caption field of `.jsonl` and `.csv` files. `.json` is refused (it is not line based;
+/// write `.jsonl`). Errors name the file, and for JSONL and CSV the 1-based line of the bad
+/// record.
 pub fn load_captions(src: &Path, column: Option<&str>) -> Result<CaptionSet> {
-    let meta = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
-    if meta.is_dir() {
-        if column.is_some() {
-            return Err(Error::Invalid(format!(
-                "a caption column was given but {} is a folder of .txt files (columns apply to .jsonl and .csv)",
-                src.display()
-            )));
-        }
-        let mut files = Vec::new();
-        collect_txt(src, &mut files, &mut HashSet::new())?;
-        files.sort();
-        if files.is_empty() {
-            return Err(Error::format(
-                src,
-                "no captions in this folder (no .txt files found, subfolders included)",
-            ));
-        }
-        let mut raw = Vec::with_capacity(files.len());
-        for f in &files {
-            raw.push(read_text(f)?);
-        }
-        return CaptionSet::from_captions(raw, src);
+    CaptionSet::from_captions(read_source(src, column)?, src)
+}
+
+/// Captions from several sources, in order: each path (folder or file), then `text` (one
+/// caption per line). Duplicates across sources are dropped like any other.
+pub fn load_caption_sources(
+    paths: &[PathBuf],
+    text: Option<&str>,
+    column: Option<&str>,
+) -> Result<CaptionSet> {
+    let mut raw = Vec::new();
+    let mut named: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    for p in paths {
+        raw.extend(read_source(p, column)?);
     }
-    let text = read_text(src)?;
-    let ext = src
-        .extension()
+    if let Some(t) = text.filter(|t| !t.trim().is_empty()) {
+        raw.extend(caption_lines(t));
+        named.push("the captions text".into());
+    }
+    if named.is_empty() {
+        return Err(Error::Invalid(
+            "no captions given: name a captions folder or file, or give captions text".into(),
+        ));
+    }
+    CaptionSet::from_captions(raw, named.join(" + "))
+}
+
+/// The raw captions of one folder or file.
+fn read_source(src: &Path, column: Option<&str>) -> Result<Vec<String>> {
+    let meta = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
+    if !meta.is_dir() {
+        return read_file(src, column, false);
+    }
+    let mut files = Vec::new();
+    collect_files(src, &mut files, &mut HashSet::new())?;
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::format(
+            src,
+            format!(
+                "no captions in this folder (no {} files found, subfolders included)",
+                CAPTION_EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+            ),
+        ));
+    }
+    let mut raw = Vec::new();
+    for f in &files {
+        raw.extend(read_file(f, column, true)?);
+    }
+    Ok(raw)
+}
+
+fn extension(path: &Path) -> String {
+    path.extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
-        .unwrap_or_default();
-    let raw = match ext.as_str() {
-        "jsonl" => parse_jsonl(src, &text, column)?,
-        "csv" => parse_csv(src, &text, column)?,
-        "json" => {
-            return Err(Error::format(
-                src,
-                "a .json file is not a caption list; use .jsonl (one {\"caption\": ...} object per line), .csv or a text file with one caption per line",
-            ))
-        }
+        .unwrap_or_default()
+}
+
+/// One file's captions; `in_folder`: the column option may be meant for other files.
+fn read_file(path: &Path, column: Option<&str>, in_folder: bool) -> Result<Vec<String>> {
+    let text = read_text(path)?;
+    match extension(path).as_str() {
+        "jsonl" => parse_jsonl(path, &text, column),
+        "csv" => parse_csv(path, &text, column),
+        "json" => Err(Error::format(
+            path,
+            "a .json file is not a caption list; use .jsonl (one {\"caption\": ...} object per line), .csv or a text file with one caption per line",
+        )),
         _ => {
-            if let Some(c) = column {
+            if let (Some(c), false) = (column, in_folder) {
                 return Err(Error::Invalid(format!(
                     "a caption column (`{c}`) was given but {} is a plain text file (one caption per line); columns apply to .jsonl and .csv",
-                    src.display()
+                    path.display()
                 )));
             }
-            text.lines().map(str::to_string).collect()
+            if has_image_beside(path) {
+                Ok(vec![caption_lines(&text).join("\n")])
+            } else {
+                Ok(caption_lines(&text))
+            }
         }
-    };
-    CaptionSet::from_captions(raw, src)
+    }
+}
+
+/// The lines of a text file or inline text, comments (`#`) left out.
+fn caption_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(str::to_string)
+        .collect()
+}
+
+fn has_image_beside(path: &Path) -> bool {
+    IMAGE_EXTENSIONS.iter().any(|ext| {
+        [ext.to_string(), ext.to_ascii_uppercase()]
+            .iter()
+            .any(|e| path.with_extension(e).is_file())
+    })
 }
 
 /// Reads a file as UTF-8 (a leading BOM is dropped), naming it on failure.
@@ -249,7 +304,7 @@ fn read_text(path: &Path) -> Result<String> {
     }
 }
 
-fn collect_txt(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<()> {
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> Result<()> {
     // Guards against symlink loops.
     let canon = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
     if !seen.insert(canon) {
@@ -264,12 +319,8 @@ fn collect_txt(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) 
         }
         let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
         if meta.is_dir() {
-            collect_txt(&path, out, seen)?;
-        } else if meta.is_file()
-            && path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("txt"))
-        {
+            collect_files(&path, out, seen)?;
+        } else if meta.is_file() && CAPTION_EXTENSIONS.contains(&extension(&path).as_str()) {
             out.push(path);
         }
     }

@@ -11,5 +11,6 @@ pub use cache::{
     MANIFEST_FILE,
 };
 pub use captions::{
-    caption_hash, fingerprint_of_hashes, load_captions, normalize, CaptionReport, CaptionSet,
+    caption_hash, fingerprint_of_hashes, load_caption_sources, load_captions, normalize,
+    CaptionReport, CaptionSet, CAPTION_EXTENSIONS,
 };

@@ -37,7 +37,7 @@ pub enum qwenclip_status {
 }
 
 /// Version of this C interface; bumped on any incompatible change.
-pub const QWENCLIP_ABI_VERSION: u32 = 1;
+pub const QWENCLIP_ABI_VERSION: u32 = 2;
 /// `qwenclip_capabilities()` bit: the CPU path (always set).
 pub const QWENCLIP_CAP_CPU: u32 = 1;
 /// `qwenclip_capabilities()` bit: built with CUDA.

@@ -10,11 +10,10 @@
 mod boundary;
 pub mod encoder;
 mod registry;
-mod trainer;
+mod run;
 
 pub use boundary::qwenclip_status;
 pub use encoder::EncoderSpec;
-pub use trainer::qwenclip_step_report;
 
 /// Bytes of weights and training state held by live handles, per device.
 #[repr(C)]
@@ -24,7 +23,7 @@ pub struct qwenclip_memory {
     pub cuda_bytes: u64,
 }
 
-/// Reports the bytes held by every live encoder and trainer.
+/// Reports the bytes held by every live encoder and training run.
 ///
 /// `out` must point to a `qwenclip_memory` the caller owns.
 #[no_mangle]
@@ -32,10 +31,7 @@ pub extern "C" fn qwenclip_memory_report(out: *mut qwenclip_memory) -> qwenclip_
     boundary::call(|| {
         let out = boundary::out_ptr(out, "out")?;
         let mut m = qwenclip_memory::default();
-        for (bytes, cuda) in encoder::held_bytes()
-            .into_iter()
-            .chain(trainer::held_bytes())
-        {
+        for (bytes, cuda) in encoder::held_bytes().into_iter().chain(run::held_bytes()) {
             if cuda {
                 m.cuda_bytes += bytes as u64;
             } else {
@@ -48,7 +44,7 @@ pub extern "C" fn qwenclip_memory_report(out: *mut qwenclip_memory) -> qwenclip_
 }
 
 /// Releases the weights of every encoder (they reload on their next encode, with the same
-/// adapter). Trainers keep their state. Use it when the host needs the memory back.
+/// adapter). Training runs keep their state. Use it when the host needs the memory back.
 #[no_mangle]
 pub extern "C" fn qwenclip_release_memory() -> qwenclip_status {
     boundary::call(encoder::offload_all)

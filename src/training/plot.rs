@@ -15,15 +15,26 @@ pub struct Series<'a> {
     pub rgb: [u8; 3],
 }
 
+/// An RGB picture, row-major, 3 bytes a pixel.
+pub struct LossImage {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
 /// Renders `series` (x = step, y = loss) to an RGB PNG and writes it atomically.
 pub fn write_loss_png(path: &Path, series: &[Series]) -> Result<()> {
     let png = encode_png(&render(series), W, H);
     write_atomic(path, &png)
 }
 
-/// The same picture as PNG bytes (the ComfyUI node shows it as an IMAGE).
-pub fn render_loss_png(series: &[Series]) -> Vec<u8> {
-    encode_png(&render(series), W, H)
+/// The same picture as pixels (hosts show it without reading the PNG).
+pub fn render_loss_rgb(series: &[Series]) -> LossImage {
+    LossImage {
+        width: W,
+        height: H,
+        rgb: render(series),
+    }
 }
 
 fn render(series: &[Series]) -> Vec<u8> {

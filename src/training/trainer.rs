@@ -8,8 +8,9 @@ use std::path::Path;
 use candle_core::{DType, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
 
-use super::optim::{self, AdamW, AdamWConfig};
-use super::schedule::{self, Schedule};
+use super::config::{TargetDims, TrainConfig};
+use super::optim::{self, AdamW};
+use super::schedule;
 use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
 use crate::conditioning::Encoder;
 use crate::error::{Error, Result};
@@ -23,77 +24,6 @@ use crate::LoraMode;
 const LORA_GROUP: usize = 0;
 const RESAMPLER_GROUP: usize = 1;
 const CHECKPOINT_KEY: &str = "qwenclip.trainer";
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TrainConfig {
-    pub lr_lora: f64,
-    /// Higher than the LoRA's: the resampler starts from scratch.
-    pub lr_resampler: f64,
-    pub adamw: AdamWConfig,
-    pub schedule: Schedule,
-    pub warmup_steps: u64,
-    /// Optimizer steps the schedule spans (cosine reaches 0 there).
-    pub total_steps: u64,
-    pub grad_accum: usize,
-    /// Global gradient-norm clip; 0 disables.
-    pub max_grad_norm: f64,
-    pub loss_weight_embeds: f64,
-    pub loss_weight_pooled: f64,
-    pub lora_r: usize,
-    pub lora_alpha: f64,
-    pub lora_targets: Vec<String>,
-    pub use_rslora: bool,
-    pub resampler_width: usize,
-    pub resampler_heads: usize,
-    pub resampler_ff_mult: usize,
-    pub resampler_layers: usize,
-    pub seed: u64,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            lr_lora: 1e-4,
-            lr_resampler: 5e-4,
-            adamw: AdamWConfig::default(),
-            schedule: Schedule::Cosine,
-            warmup_steps: 0,
-            total_steps: 1000,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            loss_weight_embeds: 1.0,
-            loss_weight_pooled: 1.0,
-            lora_r: 16,
-            lora_alpha: 16.0,
-            lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .map(String::from)
-                .to_vec(),
-            use_rslora: false,
-            resampler_width: 2048,
-            resampler_heads: 16,
-            resampler_ff_mult: 4,
-            resampler_layers: 4,
-            seed: 0,
-        }
-    }
-}
-
-/// What the teacher produces: sequence length, embedding width, pooled width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TargetDims {
-    pub seq: usize,
-    pub embed: usize,
-    pub pooled: usize,
-}
-
-impl TargetDims {
-    pub const SDXL: Self = Self {
-        seq: 77,
-        embed: 2048,
-        pooled: 1280,
-    };
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepReport {
@@ -231,17 +161,7 @@ impl Trainer {
                 r.clone()
             }
             _ => {
-                let rc = ResamplerConfig {
-                    input_dim: llm_cfg.hidden_size,
-                    width: cfg.resampler_width,
-                    heads: cfg.resampler_heads,
-                    ff_mult: cfg.resampler_ff_mult,
-                    layers: cfg.resampler_layers,
-                    num_latents: dims.seq,
-                    output_dim: dims.embed,
-                    pooled_dim: dims.pooled,
-                    ..ResamplerConfig::for_input(llm_cfg.hidden_size)
-                };
+                let rc = cfg.resampler_for(llm_cfg.hidden_size, dims);
                 Resampler::init(rc, &mut rng, &device)?
             }
         };
@@ -303,6 +223,23 @@ impl Trainer {
         &self.cfg
     }
 
+    /// Takes new settings for what may change between steps (schedule, learning rates,
+    /// AdamW, clipping, loss weights, accumulation). The caller keeps the adapter's shape.
+    pub fn retune(&mut self, cfg: TrainConfig) -> Result<()> {
+        if cfg.grad_accum == 0 {
+            return Err(Error::Invalid("grad_accum must be at least 1".into()));
+        }
+        if self.micro >= cfg.grad_accum {
+            return Err(Error::Invalid(format!(
+                "grad_accum {} is not more than the {} micro-batches already accumulated",
+                cfg.grad_accum, self.micro
+            )));
+        }
+        self.opt.cfg = cfg.adamw;
+        self.cfg = cfg;
+        Ok(())
+    }
+
     pub fn dims(&self) -> TargetDims {
         self.dims
     }
@@ -344,7 +281,7 @@ impl Trainer {
             self.cfg.schedule,
             self.opt.t,
             self.cfg.warmup_steps,
-            self.cfg.total_steps,
+            self.cfg.steps,
         );
         (self.cfg.lr_lora * f, self.cfg.lr_resampler * f)
     }
@@ -571,6 +508,10 @@ impl Trainer {
         let device = encoder.llm().device().clone();
         let mut cfg = state.config.clone();
         cfg.lora_r = state.lora.r;
+        cfg.resampler_width = state.resampler.width;
+        cfg.resampler_heads = state.resampler.heads;
+        cfg.resampler_ff_mult = state.resampler.ff_mult;
+        cfg.resampler_layers = state.resampler.layers;
         let mut trainer = Trainer::new(encoder, cfg, state.dims)?;
         let weights =
             crate::formats::Weights::open(&[path.to_path_buf()], path, DType::F32, &device)?;

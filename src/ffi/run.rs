@@ -1,0 +1,323 @@
+//! Training exports: one training run (`training::Run`) per handle, driven by the host. The
+//! host opens a run on a folder, asks its state (the captions it needs targets for), supplies
+//! the teacher's targets for them, and saves or frees it; the library does everything else
+//! (caption set, data order, accumulation, evaluation, metrics, checkpoints, resume).
+
+use std::ffi::c_char;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use candle_core::{Device, Tensor};
+use once_cell::sync::Lazy;
+use serde::Deserialize;
+
+use super::boundary::{self, call, invalid, qwenclip_status, Failure, FfiResult};
+use super::encoder::ENCODERS;
+use super::registry::Registry;
+use crate::data::load_caption_sources;
+use crate::training::run::{Event, Need, Resume, Run, RunSpec};
+use crate::training::{TargetDims, TrainConfig};
+use crate::LoraMode;
+
+/// Where captions come from: folders and files (read by the library's one caption rule),
+/// then inline text, one caption per line.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct CaptionSpec {
+    paths: Vec<PathBuf>,
+    text: Option<String>,
+    column: Option<String>,
+}
+
+/// The JSON `qwenclip_run_open` takes (docs/c-api.md).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunOpenSpec {
+    out: PathBuf,
+    captions: CaptionSpec,
+    #[serde(default)]
+    settings: serde_json::Value,
+    #[serde(default)]
+    dims: TargetDims,
+    #[serde(default = "auto")]
+    resume: String,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> FfiResult<T> {
+    serde_json::from_str(text).map_err(|e| invalid(format!("{what} JSON: {e}")))
+}
+
+/// A JSON document written into a caller buffer: `needed` gets its size with the NUL; a NULL
+/// `buf` only asks for the size; a buffer that is too small is `QWENCLIP_BUFFER_SIZE`.
+fn json_out(
+    value: &serde_json::Value,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> FfiResult<()> {
+    let text = value.to_string();
+    *boundary::out_ptr(needed, "needed")? = text.len() + 1;
+    if buf.is_null() {
+        return Ok(());
+    }
+    if len < text.len() + 1 {
+        return Err(Failure::new(
+            qwenclip_status::QWENCLIP_BUFFER_SIZE,
+            format!("`buf` holds {len} bytes, {} are needed", text.len() + 1),
+        ));
+    }
+    // Safety: the caller promises `len` writable bytes at `buf`; checked above.
+    let out = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) };
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    out[text.len()] = 0;
+    Ok(())
+}
+
+/// A run and what its last supply reported.
+struct Slot {
+    run: Run,
+    events: Vec<Event>,
+}
+
+static RUNS: Lazy<Registry<Mutex<Slot>>> = Lazy::new(|| Registry::new("run", 0x7A1E));
+
+fn lock(s: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn held_bytes() -> Vec<(usize, bool)> {
+    RUNS.all()
+        .iter()
+        .map(|s| {
+            let s = lock(s);
+            let t = s.run.trainer();
+            (
+                t.encoder().weight_bytes() + t.state_bytes(),
+                t.encoder().llm().device().is_cuda(),
+            )
+        })
+        .collect()
+}
+
+/// Every training setting with its default, as a JSON object (`TrainConfig`): what a host
+/// shows before the user changes anything. `buf`/`len`/`needed` as for `qwenclip_run_state`.
+#[no_mangle]
+pub extern "C" fn qwenclip_train_defaults(
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> qwenclip_status {
+    call(|| {
+        let d = serde_json::to_value(TrainConfig::default()).expect("defaults serialise");
+        json_out(&d, buf, len, needed)
+    })
+}
+
+/// Reads a caption set by the library's caption rule, for a host to show before training.
+/// `spec_json`: `{"paths": [...], "text": "...", "column": null}`. Writes
+/// `{"captions": [...], "read": n, "empty": n, "duplicates": n, "kept": n, "source": "..."}`.
+#[no_mangle]
+pub extern "C" fn qwenclip_captions_read(
+    spec_json: *const c_char,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> qwenclip_status {
+    call(|| {
+        let spec: CaptionSpec = parse(boundary::str_arg(spec_json, "spec_json")?, "captions")?;
+        let set = load_caption_sources(&spec.paths, spec.text.as_deref(), spec.column.as_deref())?;
+        let r = &set.report;
+        let value = serde_json::json!({
+            "captions": set.captions, "read": r.read, "empty": r.empty,
+            "duplicates": r.duplicates, "kept": r.kept, "source": r.source,
+        });
+        json_out(&value, buf, len, needed)
+    })
+}
+
+/// Opens a training run on the encoder's base model (the encoder is not changed; the run
+/// shares its frozen weights). `spec_json` (docs/c-api.md): `out` (the run folder),
+/// `captions` (`{"paths", "text", "column"}`), `settings` (TrainConfig fields; the rest are
+/// the defaults, or the checkpoint's when resuming), `dims` (SDXL by default), `resume`
+/// (`"auto"`: continue the run in `out` if it has a checkpoint; `"never"`; `"always"`).
+/// A fresh run starts from the encoder's adapter when it has one.
+#[no_mangle]
+pub extern "C" fn qwenclip_run_open(
+    encoder: u64,
+    spec_json: *const c_char,
+    out_handle: *mut u64,
+) -> qwenclip_status {
+    call(|| {
+        let spec: RunOpenSpec = parse(boundary::str_arg(spec_json, "spec_json")?, "run")?;
+        let out = boundary::out_ptr(out_handle, "out_handle")?;
+        let resume = match spec.resume.as_str() {
+            "auto" => Resume::Auto,
+            "never" => Resume::Never,
+            "always" => Resume::From(spec.out.clone()),
+            other => {
+                return Err(invalid(format!(
+                    "run JSON: resume is \"{other}\"; expected \"auto\", \"never\" or \"always\""
+                )))
+            }
+        };
+        let c = &spec.captions;
+        let captions = load_caption_sources(&c.paths, c.text.as_deref(), c.column.as_deref())?;
+        let mut enc = ENCODERS.get(encoder)?.with(|e| Ok(e.clone()))?;
+        enc.set_lora_mode(LoraMode::Unmerged);
+        let run = Run::open(
+            enc,
+            captions.captions,
+            RunSpec {
+                out: spec.out,
+                settings: spec.settings,
+                dims: spec.dims,
+                resume,
+            },
+        )?;
+        *out = RUNS.insert(Mutex::new(Slot {
+            run,
+            events: Vec::new(),
+        }));
+        Ok(())
+    })
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    match e {
+        Event::Step {
+            report,
+            samples_per_s,
+            ..
+        } => serde_json::json!({"kind": "step", "report": report, "samples_per_s": samples_per_s}),
+        Event::Eval { step, metrics } => {
+            serde_json::json!({"kind": "eval", "step": step, "metrics": metrics})
+        }
+        Event::Saved { step, path } => {
+            serde_json::json!({"kind": "saved", "step": step, "path": path})
+        }
+    }
+}
+
+/// The run's state as JSON: `step`, `steps`, `epoch`, `done`, `need` (`"train"`, `"eval"`,
+/// `"baseline"` or null when done), `captions` (the captions whose targets
+/// `qwenclip_run_supply` takes next, in order), `events` (what the last supply did: steps,
+/// evaluations, saves), `notes` (what opening decided about changed settings), `settings`,
+/// `out`, `adapter`, `caption_count`, `summary`. A NULL `buf` asks only for `needed` (the size
+/// with the NUL).
+#[no_mangle]
+pub extern "C" fn qwenclip_run_state(
+    handle: u64,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> qwenclip_status {
+    call(|| {
+        let slot = RUNS.get(handle)?;
+        let mut s = lock(&slot);
+        let request = s.run.request().cloned();
+        let run = &s.run;
+        let (need, captions) = match &request {
+            Some(r) => (
+                Some(r.need),
+                r.indices
+                    .iter()
+                    .map(|&i| run.captions()[i].clone())
+                    .collect(),
+            ),
+            None => (None::<Need>, Vec::new()),
+        };
+        let value = serde_json::json!({
+            "step": run.step(), "steps": run.config().steps, "epoch": run.epoch(),
+            "done": run.is_done(), "need": need, "captions": captions,
+            "events": s.events.iter().map(event_json).collect::<Vec<_>>(),
+            "notes": run.notes(), "settings": run.config(), "out": run.out(),
+            "adapter": run.adapter_dir(), "caption_count": run.captions().len(),
+            "summary": run.summary(),
+        });
+        json_out(&value, buf, len, needed)
+    })
+}
+
+/// The teacher's targets for the captions `qwenclip_run_state` listed: `embeds`
+/// `[n, seq, embed]` and `pooled` `[n, pooled]`, f32, sizes in floats (checked). On
+/// `QWENCLIP_NON_FINITE` the run stopped at its last good state (the checkpoint on disk is
+/// the last good one).
+#[no_mangle]
+pub extern "C" fn qwenclip_run_supply(
+    handle: u64,
+    embeds: *const f32,
+    embeds_len: usize,
+    pooled: *const f32,
+    pooled_len: usize,
+) -> qwenclip_status {
+    call(|| {
+        let slot = RUNS.get(handle)?;
+        let mut s = lock(&slot);
+        let n = s
+            .run
+            .request()
+            .map(|r| r.indices.len())
+            .ok_or_else(|| invalid("the run is done: it needs no more targets"))?;
+        let d = s.run.trainer().dims();
+        let e = boundary::buffer(embeds, embeds_len, n * d.seq * d.embed, "embeds")?;
+        let p = boundary::buffer(pooled, pooled_len, n * d.pooled, "pooled")?;
+        let e = Tensor::from_slice(e, (n, d.seq, d.embed), &Device::Cpu)?;
+        let p = Tensor::from_slice(p, (n, d.pooled), &Device::Cpu)?;
+        s.events.clear();
+        s.events = s.run.supply(&e, &p)?;
+        Ok(())
+    })
+}
+
+/// Saves a checkpoint and the adapter now (a host's Cancel): the run resumes from here. A run
+/// stopped before its end is marked interrupted in its metrics.
+#[no_mangle]
+pub extern "C" fn qwenclip_run_save(handle: u64) -> qwenclip_status {
+    call(|| {
+        let slot = RUNS.get(handle)?;
+        let mut s = lock(&slot);
+        let saved = s.run.stop()?;
+        s.events = vec![saved];
+        Ok(())
+    })
+}
+
+/// The loss picture (what `loss.png` shows) as RGB bytes, row-major. `width`/`height` get its
+/// size; a NULL `rgb` asks only for them; otherwise `len` must be `width * height * 3`.
+#[no_mangle]
+pub extern "C" fn qwenclip_run_loss_image(
+    handle: u64,
+    rgb: *mut u8,
+    len: usize,
+    width: *mut usize,
+    height: *mut usize,
+) -> qwenclip_status {
+    call(|| {
+        let slot = RUNS.get(handle)?;
+        let img = lock(&slot).run.loss_image();
+        *boundary::out_ptr(width, "width")? = img.width;
+        *boundary::out_ptr(height, "height")? = img.height;
+        if rgb.is_null() {
+            return Ok(());
+        }
+        if len != img.rgb.len() {
+            return Err(Failure::new(
+                qwenclip_status::QWENCLIP_BUFFER_SIZE,
+                format!("`rgb` holds {len} bytes, {} are needed", img.rgb.len()),
+            ));
+        }
+        // Safety: the caller promises `len` writable bytes at `rgb`; checked above.
+        unsafe { std::slice::from_raw_parts_mut(rgb, len) }.copy_from_slice(&img.rgb);
+        Ok(())
+    })
+}
+
+/// Frees a run (what was not saved is lost; `qwenclip_run_save` first to keep it).
+#[no_mangle]
+pub extern "C" fn qwenclip_run_free(handle: u64) -> qwenclip_status {
+    call(|| RUNS.remove(handle).map(drop))
+}

@@ -1,0 +1,737 @@
+//! One training run, the same for every host (the CLI, the C ABI, the ComfyUI node): the
+//! caption set and its data order, gradient accumulation, held-out evaluation, metrics, the
+//! loss picture, atomic checkpoints, the adapter export and exact resume, in one run folder
+//! ([`folder`]).
+//!
+//! The run does not know where the teacher's targets come from. It is a state machine that
+//! asks for them: [`Run::request`] names the captions it needs next (a training micro-batch,
+//! a held-out batch, or training captions for the predict-the-mean baseline), and
+//! [`Run::supply`] takes the targets for exactly those captions. The CLI answers from a
+//! target cache ([`drive`]); the ComfyUI node answers with the checkpoint's own CLIP.
+
+mod folder;
+mod order;
+mod settings;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::config::{TargetDims, TrainConfig};
+use super::plot::LossImage;
+use super::trainer::{read_state, EvalMetrics, StepReport, Trainer};
+use crate::conditioning::Encoder;
+use crate::data::fingerprint_of_hashes;
+use crate::error::{Error, Result};
+
+use folder::RunFolder;
+pub use folder::{checkpoint_path, ADAPTER_DIR, CHECKPOINT_FILE, LOSS_PNG, METRICS_FILE};
+use order::DataOrder;
+
+/// Training captions per request while summing the baseline's mean target.
+const BASELINE_CHUNK: usize = 64;
+
+/// Whether a run continues from the checkpoint in a folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// Start fresh; a folder that already holds a run or an adapter is refused.
+    Never,
+    /// Continue the run in the output folder if it has a checkpoint, else start fresh.
+    Auto,
+    /// Continue the run whose checkpoint is in this folder (an error if there is none).
+    From(PathBuf),
+}
+
+/// Where and how to run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub out: PathBuf,
+    /// Some [`TrainConfig`] fields as a JSON object: over the defaults for a new run, over
+    /// the checkpoint's settings for a resumed one (see [`settings`]).
+    pub settings: serde_json::Value,
+    pub dims: TargetDims,
+    pub resume: Resume,
+}
+
+/// What the run asks targets for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Need {
+    /// Training captions, once, for the predict-the-mean baseline.
+    Baseline,
+    /// Held-out captions.
+    Eval,
+    /// The next micro-batch.
+    Train,
+}
+
+/// The captions (positions in the run's caption list) the next [`Run::supply`] answers for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub need: Need,
+    pub indices: Vec<usize>,
+}
+
+/// What happened during a [`Run::supply`] or [`Run::stop`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    Step {
+        report: StepReport,
+        samples_per_s: f64,
+        total_steps: u64,
+    },
+    Eval {
+        step: u64,
+        metrics: EvalMetrics,
+    },
+    Saved {
+        step: u64,
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub steps: u64,
+    pub baseline_mean: EvalMetrics,
+    pub first_eval: EvalMetrics,
+    pub final_eval: EvalMetrics,
+    pub interrupted: bool,
+    pub adapter: PathBuf,
+}
+
+/// Which caption set a run was made on; a resume on another one is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CaptionsRef {
+    count: usize,
+    fingerprint: String,
+}
+
+/// The run's own state, saved as the `extra` of every checkpoint next to the trainer's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LoopState {
+    #[serde(flatten)]
+    order: DataOrder,
+    #[serde(default)]
+    captions: Option<CaptionsRef>,
+    #[serde(default)]
+    baseline_mean: Option<EvalMetrics>,
+    #[serde(default)]
+    first_eval: Option<EvalMetrics>,
+    #[serde(default)]
+    last_eval: Option<EvalMetrics>,
+    /// An evaluation that was due when the checkpoint was written (a stop mid-evaluation).
+    #[serde(default)]
+    eval_due: Option<u64>,
+}
+
+enum Phase {
+    Baseline {
+        next: usize,
+        sum: Option<(Tensor, Tensor)>,
+    },
+    Eval {
+        step: u64,
+        next: usize,
+        metrics: EvalMetrics,
+        /// The mean training target and its score (the first evaluation only).
+        baseline: Option<((Tensor, Tensor), EvalMetrics)>,
+    },
+    Train,
+    Done,
+}
+
+pub struct Run {
+    trainer: Trainer,
+    captions: Vec<String>,
+    state: LoopState,
+    folder: RunFolder,
+    phase: Phase,
+    /// The request handed out and, for a training batch, the data order after it.
+    pending: Option<(Request, Option<DataOrder>)>,
+    micro: Vec<StepReport>,
+    started: Instant,
+    notes: Vec<String>,
+    interrupted: bool,
+}
+
+impl Run {
+    /// Opens a run on `captions` (the full caption set, in order) with `encoder` as the
+    /// student: fresh (from the encoder's adapter when it has one that fits, else from the
+    /// seed) or resumed from a checkpoint, as `spec.resume` says.
+    pub fn open(mut encoder: Encoder, captions: Vec<String>, spec: RunSpec) -> Result<Run> {
+        if captions.is_empty() {
+            return Err(Error::Invalid("there are no captions to train on".into()));
+        }
+        let folder = RunFolder::new(&spec.out);
+        let captions_ref = CaptionsRef {
+            count: captions.len(),
+            fingerprint: fingerprint_of_hashes(
+                &captions
+                    .iter()
+                    .map(|c| crate::data::caption_hash(c))
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        let from = match &spec.resume {
+            Resume::From(dir) => Some(dir.clone()),
+            Resume::Auto if folder.checkpoint().is_file() => Some(spec.out.clone()),
+            _ => {
+                refuse_to_overwrite(&spec.out)?;
+                None
+            }
+        };
+        let mut run = match from {
+            Some(dir) => {
+                encoder.set_adapter(None)?;
+                Self::resume(encoder, captions, captions_ref, spec, &dir, folder)?
+            }
+            None => {
+                let cfg = TrainConfig::overlay(&TrainConfig::default(), &spec.settings)?;
+                settings::validate(&cfg)?;
+                let order = DataOrder::new(captions.len(), cfg.held_out, cfg.seed);
+                if order.train().is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "all {} captions are held out: lower held_out",
+                        captions.len()
+                    )));
+                }
+                let trainer = Trainer::new(encoder, cfg, spec.dims)?;
+                let state = LoopState {
+                    order,
+                    captions: Some(captions_ref),
+                    baseline_mean: None,
+                    first_eval: None,
+                    last_eval: None,
+                    eval_due: None,
+                };
+                Run::assemble(trainer, captions, state, folder, Vec::new())
+            }
+        };
+        let resumed_at = (run.trainer.step_count() > 0 || run.state.first_eval.is_some())
+            .then(|| run.trainer.step_count());
+        run.folder.open(resumed_at)?;
+        run.start_without_held_out()?;
+        Ok(run)
+    }
+
+    /// Without held-out captions there is no baseline to compute and nothing to evaluate:
+    /// the first evaluation is logged as empty, as every later one is.
+    fn start_without_held_out(&mut self) -> Result<()> {
+        if !matches!(self.phase, Phase::Baseline { .. }) || !self.state.order.held_out().is_empty()
+        {
+            return Ok(());
+        }
+        let empty = EvalMetrics::default();
+        self.folder
+            .log(serde_json::json!({ "baseline_mean": empty }))?;
+        self.folder
+            .log(serde_json::json!({"step": 0, "eval": empty}))?;
+        self.state.baseline_mean = Some(empty.clone());
+        self.state.first_eval = Some(empty.clone());
+        self.state.last_eval = Some(empty);
+        self.phase = if self.step() >= self.config().steps {
+            Phase::Done
+        } else {
+            Phase::Train
+        };
+        Ok(())
+    }
+
+    fn resume(
+        encoder: Encoder,
+        captions: Vec<String>,
+        captions_ref: CaptionsRef,
+        spec: RunSpec,
+        dir: &Path,
+        folder: RunFolder,
+    ) -> Result<Run> {
+        let ckpt = checkpoint_path(dir);
+        if !ckpt.is_file() {
+            return Err(Error::format(
+                dir,
+                format!("no {CHECKPOINT_FILE} to resume from"),
+            ));
+        }
+        let saved = read_state(&ckpt)?;
+        let state: LoopState = serde_json::from_value(saved.extra.clone()).map_err(|e| {
+            Error::format(
+                &ckpt,
+                format!("no data order in this checkpoint ({e}): it was not written by a training run; train into a new folder"),
+            )
+        })?;
+        if saved.dims != spec.dims {
+            return Err(Error::Mismatch(format!(
+                "{} was trained for targets {:?}, these are {:?}",
+                ckpt.display(),
+                saved.dims,
+                spec.dims
+            )));
+        }
+        match &state.captions {
+            Some(c) if *c != captions_ref => {
+                return Err(Error::Invalid(format!(
+                    "{} was trained on another caption set ({} captions, {}); these are {} captions ({}): train into a new folder, or give it the captions it was trained on",
+                    ckpt.display(),
+                    c.count,
+                    c.fingerprint,
+                    captions_ref.count,
+                    captions_ref.fingerprint
+                )))
+            }
+            None if !state.order.fits(captions.len()) => {
+                return Err(Error::format(
+                    &ckpt,
+                    format!(
+                        "its data order does not fit this set of {} captions",
+                        captions.len()
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        let (mut trainer, _) = Trainer::resume(encoder, &ckpt)?;
+        let (cfg, notes) = settings::reconcile(
+            trainer.config(),
+            &spec.settings,
+            trainer.step_count(),
+            &ckpt,
+        )?;
+        trainer.retune(cfg)?;
+        let mut state = state;
+        state.captions = Some(captions_ref);
+        Ok(Run::assemble(trainer, captions, state, folder, notes))
+    }
+
+    fn assemble(
+        trainer: Trainer,
+        captions: Vec<String>,
+        state: LoopState,
+        folder: RunFolder,
+        notes: Vec<String>,
+    ) -> Run {
+        let step = trainer.step_count();
+        let phase = if let Some(s) = state.eval_due {
+            Phase::Eval {
+                step: s,
+                next: 0,
+                metrics: EvalMetrics::default(),
+                baseline: None,
+            }
+        } else if step == 0 && state.first_eval.is_none() {
+            Phase::Baseline { next: 0, sum: None }
+        } else if step >= trainer.config().steps {
+            Phase::Done
+        } else {
+            Phase::Train
+        };
+        Run {
+            trainer,
+            captions,
+            state,
+            folder,
+            phase,
+            pending: None,
+            micro: Vec::new(),
+            started: Instant::now(),
+            notes,
+            interrupted: false,
+        }
+    }
+
+    /// The captions, in the order indices refer to.
+    pub fn captions(&self) -> &[String] {
+        &self.captions
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        self.trainer.config()
+    }
+
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
+
+    /// Optimizer steps taken.
+    pub fn step(&self) -> u64 {
+        self.trainer.step_count()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.state.order.epoch()
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// What opening the run decided about settings that differ from a resumed checkpoint's.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    pub fn out(&self) -> &Path {
+        self.folder.dir()
+    }
+
+    pub fn adapter_dir(&self) -> PathBuf {
+        self.folder.adapter()
+    }
+
+    /// The loss picture as it is now (the same as `loss.png`).
+    pub fn loss_image(&self) -> LossImage {
+        self.folder.loss_image()
+    }
+
+    /// The captions whose targets the run needs next; `None` once the run is done. Asking
+    /// again before [`Run::supply`] gives the same request.
+    pub fn request(&mut self) -> Option<&Request> {
+        if self.pending.is_none() {
+            self.pending = self.next_request();
+        }
+        self.pending.as_ref().map(|(r, _)| r)
+    }
+
+    fn next_request(&self) -> Option<(Request, Option<DataOrder>)> {
+        let chunk = |from: &[usize], next: usize, size: usize| -> Vec<usize> {
+            from[next..(next + size).min(from.len())].to_vec()
+        };
+        match &self.phase {
+            Phase::Baseline { next, .. } => Some((
+                Request {
+                    need: Need::Baseline,
+                    indices: chunk(self.state.order.train(), *next, BASELINE_CHUNK),
+                },
+                None,
+            )),
+            Phase::Eval { next, .. } => Some((
+                Request {
+                    need: Need::Eval,
+                    indices: chunk(
+                        self.state.order.held_out(),
+                        *next,
+                        self.config().eval_batch_size.max(1),
+                    ),
+                },
+                None,
+            )),
+            Phase::Train => {
+                let (indices, order) = self.state.order.next_batch(self.config().batch_size);
+                Some((
+                    Request {
+                        need: Need::Train,
+                        indices,
+                    },
+                    Some(order),
+                ))
+            }
+            Phase::Done => None,
+        }
+    }
+
+    /// The teacher's targets for the captions of the current [`Run::request`]: prompt
+    /// embeddings `[n, seq, embed]` and pooled `[n, pooled]`, any float dtype and device.
+    pub fn supply(&mut self, embeds: &Tensor, pooled: &Tensor) -> Result<Vec<Event>> {
+        if self.pending.is_none() {
+            self.request();
+        }
+        let Some((req, order)) = self.pending.take() else {
+            return Err(Error::Invalid(
+                "the run is done: it needs no more targets".into(),
+            ));
+        };
+        let n = req.indices.len();
+        let d = self.trainer.dims();
+        if embeds.dims() != [n, d.seq, d.embed] || pooled.dims() != [n, d.pooled] {
+            let err = Error::Invalid(format!(
+                "teacher targets must be [{n}, {}, {}] and [{n}, {}] for {n} captions, got {:?} and {:?}",
+                d.seq,
+                d.embed,
+                d.pooled,
+                embeds.dims(),
+                pooled.dims()
+            ));
+            self.pending = Some((req, order));
+            return Err(err);
+        }
+        let device = self.trainer.encoder().llm().device().clone();
+        let te = embeds.to_device(&device)?.to_dtype(DType::F32)?;
+        let tp = pooled.to_device(&device)?.to_dtype(DType::F32)?;
+        let result = match req.need {
+            Need::Baseline => self.supply_baseline(n, te, tp),
+            Need::Eval => self.supply_eval(&req.indices, &te, &tp),
+            Need::Train => self.supply_train(&req.indices, &te, &tp, order),
+        };
+        if result.is_err() && self.pending.is_none() {
+            // Nothing was consumed: the same captions are asked for again.
+            self.pending = self.next_request();
+        }
+        result
+    }
+
+    fn supply_baseline(&mut self, n: usize, te: Tensor, tp: Tensor) -> Result<Vec<Event>> {
+        let Phase::Baseline { next, sum } = &mut self.phase else {
+            unreachable!("a baseline request comes from the baseline phase");
+        };
+        let part = (
+            te.to_dtype(DType::F64)?.sum_keepdim(0)?,
+            tp.to_dtype(DType::F64)?.sum_keepdim(0)?,
+        );
+        let total = match sum.take() {
+            None => part,
+            Some((a, b)) => ((a + part.0)?, (b + part.1)?),
+        };
+        *next += n;
+        if *next < self.state.order.train().len() {
+            *sum = Some(total);
+            return Ok(Vec::new());
+        }
+        let count = self.state.order.train().len() as f64;
+        let mean = (
+            (total.0 / count)?.to_dtype(DType::F32)?,
+            (total.1 / count)?.to_dtype(DType::F32)?,
+        );
+        self.phase = Phase::Eval {
+            step: 0,
+            next: 0,
+            metrics: EvalMetrics::default(),
+            baseline: Some((mean, EvalMetrics::default())),
+        };
+        Ok(Vec::new())
+    }
+
+    fn supply_eval(&mut self, indices: &[usize], te: &Tensor, tp: &Tensor) -> Result<Vec<Event>> {
+        let prompts: Vec<&str> = indices.iter().map(|&i| self.captions[i].as_str()).collect();
+        let part = self.trainer.evaluate(&prompts, te, tp)?;
+        let Phase::Eval {
+            next,
+            metrics,
+            baseline,
+            ..
+        } = &mut self.phase
+        else {
+            unreachable!("an evaluation request comes from the evaluation phase");
+        };
+        if let Some(((me, mp), score)) = baseline {
+            let k = indices.len();
+            let pred = (
+                me.broadcast_as(te.shape())?.contiguous()?,
+                mp.broadcast_as((k, mp.dim(1)?))?.contiguous()?,
+            );
+            *score = score.merge(&EvalMetrics::of((&pred.0, &pred.1), (te, tp))?);
+        }
+        *metrics = metrics.merge(&part);
+        *next += indices.len();
+        if *next < self.state.order.held_out().len() {
+            return Ok(Vec::new());
+        }
+        self.finish_eval()
+    }
+
+    /// An evaluation over no held-out captions completes at once (and scores nothing).
+    fn finish_eval_if_empty(&mut self) -> Result<Vec<Event>> {
+        if self.state.order.held_out().is_empty() {
+            self.finish_eval()
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    fn finish_eval(&mut self) -> Result<Vec<Event>> {
+        let Phase::Eval {
+            step,
+            metrics,
+            baseline,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Train)
+        else {
+            unreachable!("only an evaluation finishes one");
+        };
+        if let Some((_, score)) = baseline {
+            self.folder
+                .log(serde_json::json!({ "baseline_mean": score }))?;
+            self.state.baseline_mean = Some(score);
+        }
+        self.folder
+            .log(serde_json::json!({"step": step, "eval": metrics}))?;
+        if step == 0 && self.state.first_eval.is_none() {
+            self.state.first_eval = Some(metrics.clone());
+        }
+        self.state.last_eval = Some(metrics.clone());
+        self.state.eval_due = None;
+        let mut events = vec![Event::Eval { step, metrics }];
+        if step > 0 {
+            self.folder.refresh_plot()?;
+            events.extend(self.after_eval(step)?);
+        } else if self.step() >= self.config().steps {
+            self.phase = Phase::Done;
+        }
+        Ok(events)
+    }
+
+    fn supply_train(
+        &mut self,
+        indices: &[usize],
+        te: &Tensor,
+        tp: &Tensor,
+        order: Option<DataOrder>,
+    ) -> Result<Vec<Event>> {
+        let prompts: Vec<&str> = indices.iter().map(|&i| self.captions[i].as_str()).collect();
+        let t0 = Instant::now();
+        let report = match self.trainer.step(&prompts, te, tp) {
+            Ok(r) => r,
+            Err(e @ Error::NonFinite(_)) => {
+                self.folder
+                    .log(serde_json::json!({"step": self.step(), "error": e.to_string()}))?;
+                let ckpt = self.folder.checkpoint();
+                let kept = if ckpt.is_file() {
+                    format!("the last good checkpoint is kept: {}", ckpt.display())
+                } else {
+                    "no checkpoint was written before it".to_string()
+                };
+                return Err(Error::NonFinite(format!("{e}; {kept}")));
+            }
+            Err(e) => return Err(e),
+        };
+        self.state.order = order.expect("a training request carries the order after it");
+        let samples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        self.micro.push(report.clone());
+        if !report.optimizer_stepped {
+            return Ok(Vec::new());
+        }
+        let n = self.micro.len() as f64;
+        let mean = |f: fn(&StepReport) -> f64| self.micro.iter().map(f).sum::<f64>() / n;
+        let report = StepReport {
+            loss: mean(|r| r.loss),
+            loss_embeds: mean(|r| r.loss_embeds),
+            loss_pooled: mean(|r| r.loss_pooled),
+            ..report
+        };
+        self.micro.clear();
+        self.folder.log(serde_json::json!({
+            "step": report.step, "loss": report.loss, "loss_embeds": report.loss_embeds,
+            "loss_pooled": report.loss_pooled, "grad_norm": report.grad_norm,
+            "lr_lora": report.lr_lora, "lr_resampler": report.lr_resampler,
+            "samples_per_s": samples_per_s, "elapsed_s": self.started.elapsed().as_secs_f64(),
+        }))?;
+        let step = report.step;
+        let mut events = vec![Event::Step {
+            report,
+            samples_per_s,
+            total_steps: self.config().steps,
+        }];
+        let eval_every = self.config().eval_every;
+        if (eval_every > 0 && step % eval_every == 0) || step >= self.config().steps {
+            self.phase = Phase::Eval {
+                step,
+                next: 0,
+                metrics: EvalMetrics::default(),
+                baseline: None,
+            };
+            self.state.eval_due = Some(step);
+            events.extend(self.finish_eval_if_empty()?);
+        } else {
+            events.extend(self.after_eval(step)?);
+        }
+        Ok(events)
+    }
+
+    /// After a step's evaluation (or a step without one): save if due; done at the end.
+    fn after_eval(&mut self, step: u64) -> Result<Vec<Event>> {
+        let last = step >= self.config().steps;
+        let save_every = self.config().save_every;
+        let mut events = Vec::new();
+        if (save_every > 0 && step % save_every == 0) || last {
+            events.push(self.save()?);
+        }
+        self.phase = if last { Phase::Done } else { Phase::Train };
+        Ok(events)
+    }
+
+    /// Writes the checkpoint (first: a crash between the two leaves a resumable run), then
+    /// the adapter and the loss picture.
+    pub fn save(&mut self) -> Result<Event> {
+        let extra = serde_json::to_value(&self.state).expect("loop state serialises");
+        self.trainer.save(&self.folder.checkpoint(), extra)?;
+        self.trainer.save_adapter(&self.folder.adapter())?;
+        self.folder.refresh_plot()?;
+        Ok(Event::Saved {
+            step: self.step(),
+            path: self.folder.dir().to_path_buf(),
+        })
+    }
+
+    /// Stops before the end (Ctrl-C, Cancel): saves a checkpoint to resume from.
+    pub fn stop(&mut self) -> Result<Event> {
+        self.interrupted = !self.is_done();
+        let saved = self.save()?;
+        if self.interrupted {
+            self.folder.log(
+                serde_json::json!({"step": self.step(), "event": "interrupted, checkpoint saved"}),
+            )?;
+        }
+        Ok(saved)
+    }
+
+    pub fn summary(&self) -> RunSummary {
+        RunSummary {
+            steps: self.step(),
+            baseline_mean: self.state.baseline_mean.clone().unwrap_or_default(),
+            first_eval: self.state.first_eval.clone().unwrap_or_default(),
+            final_eval: self.state.last_eval.clone().unwrap_or_default(),
+            interrupted: self.interrupted,
+            adapter: self.folder.adapter(),
+        }
+    }
+}
+
+/// A fresh run never writes over a finished adapter or another run's checkpoint.
+fn refuse_to_overwrite(out: &Path) -> Result<()> {
+    let ckpt = checkpoint_path(out);
+    if ckpt.is_file() {
+        let at = read_state(&ckpt)
+            .map(|s| format!(" (at step {})", s.t))
+            .unwrap_or_default();
+        return Err(Error::Invalid(format!(
+            "{} already holds a training run{at}: resume it, or train into another folder",
+            out.display()
+        )));
+    }
+    for adapter in [out.join(ADAPTER_DIR), out.to_path_buf()] {
+        if adapter.join(crate::adapter::MANIFEST_FILE).is_file()
+            || adapter.join(crate::lora::CONFIG_FILE).is_file()
+        {
+            return Err(Error::Invalid(format!(
+                "{} already holds an adapter and no checkpoint to resume: training would overwrite it; train into another folder",
+                out.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `run` to its end, or until `stop` is set (then saves and marks it interrupted),
+/// answering its requests with `targets` (positions in the run's caption list -> the
+/// teacher's embeddings and pooled vectors).
+pub fn drive(
+    run: &mut Run,
+    targets: &mut dyn FnMut(&[usize]) -> Result<(Tensor, Tensor)>,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<RunSummary> {
+    while let Some(req) = run.request() {
+        if stop.load(Ordering::SeqCst) {
+            on_event(&run.stop()?);
+            break;
+        }
+        let indices = req.indices.clone();
+        let (e, p) = targets(&indices)?;
+        for ev in run.supply(&e, &p)? {
+            on_event(&ev);
+        }
+    }
+    Ok(run.summary())
+}

@@ -26,9 +26,8 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `x @ w.T + scale (x @ a.T) @ b.T` for a frozen `w` and trainable LoRA factors `a`
-/// `[r, in]`, `b` `[out, r]`, as one BLAS op with its own backward
-/// ([`linear`](mod@super::linear)); `None` where that does not apply (f32 CPU tensors and a
-/// system BLAS), for the caller to compose.
+/// `[r, in]`, `b` `[out, r]`, as one BLAS op with its own backward (`ops/linear.rs`); `None`
+/// where that does not apply (f32 CPU tensors and a system BLAS), for the caller to compose.
 pub fn frozen_linear_lora(
     x: &Tensor,
     w: &Tensor,

@@ -7,7 +7,7 @@ use super::{blas, cpu_f32};
 
 /// `x @ w.T` for `x` of any rank (`[..., in]`) as one 2-D GEMM over the `[out, in]` weight
 /// view (the layout candle's GEMM is fastest on). Tracked f32 CPU operands take the BLAS op
-/// with its own backward ([`linear`](mod@super::linear)).
+/// with its own backward (`ops/linear.rs`).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let tracked = x.track_op() || w.track_op();
     if tracked && super::linear::applies(x, &[w]) && x.dims().last() == w.dims().last() {
@@ -32,8 +32,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// `x @ w.T + b` (a resampler projection). Tracked f32 CPU operands take one BLAS op with
-/// its own backward for all three ([`linear`](mod@super::linear)); others [`matmul_t`] and a
-/// broadcast add.
+/// its own backward for all three (`ops/linear.rs`); others [`matmul_t`] and a broadcast add.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let Some(b) = b else {
         return matmul_t(x, w);

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use qwenclip::data::{
-    build_cache, caption_hash, progress_line, CacheOptions, CacheProgress, CaptionSet, TargetCache,
-    TargetSource, MANIFEST_FILE,
+    build_cache, caption_hash, CacheOptions, CacheProgress, CaptionSet, TargetCache, TargetSource,
+    MANIFEST_FILE,
 };
 use qwenclip::rng::Rng;
 
@@ -569,48 +569,6 @@ fn split_is_deterministic_and_disjoint() {
     assert_eq!(cache.split(1.0, 1).0.len(), 1);
     assert_eq!(qwenclip::data::split_indices(2, 0.01, 3).1.len(), 1);
     assert_eq!(qwenclip::data::split_indices(1, 0.5, 3), (vec![0], vec![]));
-}
-
-#[test]
-fn progress_line_renders() {
-    let p = CacheProgress {
-        done: 512,
-        total: 2000,
-        resumed: 0,
-        elapsed_s: 12.4,
-        eta_s: Some(36.1),
-        captions_per_s: 41.23,
-    };
-    let line = progress_line(&p);
-    assert!(line.starts_with("[=====>"), "{line}");
-    assert!(
-        line.ends_with("] 512/2000 25% 41.2 captions/s ETA 0:36"),
-        "{line}"
-    );
-    let done = progress_line(&CacheProgress {
-        done: 2000,
-        eta_s: Some(0.0),
-        ..p
-    });
-    assert!(
-        done.starts_with("[====================]") && done.contains("100%"),
-        "{done}"
-    );
-    let start = progress_line(&CacheProgress {
-        done: 0,
-        eta_s: None,
-        captions_per_s: 0.0,
-        ..p
-    });
-    assert!(
-        start.contains("ETA --:--") && start.starts_with("[>"),
-        "{start}"
-    );
-    let long = progress_line(&CacheProgress {
-        eta_s: Some(3725.0),
-        ..p
-    });
-    assert!(long.ends_with("ETA 1:02:05"), "{long}");
 }
 
 #[test]

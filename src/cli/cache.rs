@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use qwenclip::data::{build_cache, load_captions, progress_line, CacheOptions};
+use qwenclip::data::{build_cache, load_captions, CacheOptions, CacheProgress};
 use qwenclip::teacher::Teacher;
 
-use super::DeviceArg;
+use super::{bar, hms, DeviceArg};
 
 #[derive(Args)]
 pub struct CacheArgs {
@@ -65,4 +65,73 @@ pub fn run(a: CacheArgs) -> Result<()> {
         m.truncated
     );
     Ok(())
+}
+
+/// `[=====>    ] 512/2000 25% 41.2 captions/s ETA 0:36`: one line for a terminal (printed
+/// with `\r` to stderr).
+fn progress_line(p: &CacheProgress) -> String {
+    let frac = if p.total == 0 {
+        1.0
+    } else {
+        (p.done as f64 / p.total as f64).clamp(0.0, 1.0)
+    };
+    let eta = match p.eta_s {
+        Some(s) if s.is_finite() => hms(s),
+        _ => "--:--".to_string(),
+    };
+    format!(
+        "{} {}/{} {}% {:.1} captions/s ETA {eta}",
+        bar(frac),
+        p.done,
+        p.total,
+        (frac * 100.0).floor() as usize,
+        p.captions_per_s
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_line_renders() {
+        let p = CacheProgress {
+            done: 512,
+            total: 2000,
+            resumed: 0,
+            elapsed_s: 12.4,
+            eta_s: Some(36.1),
+            captions_per_s: 41.23,
+        };
+        let line = progress_line(&p);
+        assert!(line.starts_with("[=====>"), "{line}");
+        assert!(
+            line.ends_with("] 512/2000 25% 41.2 captions/s ETA 0:36"),
+            "{line}"
+        );
+        let done = progress_line(&CacheProgress {
+            done: 2000,
+            eta_s: Some(0.0),
+            ..p
+        });
+        assert!(
+            done.starts_with("[====================]") && done.contains("100%"),
+            "{done}"
+        );
+        let start = progress_line(&CacheProgress {
+            done: 0,
+            eta_s: None,
+            captions_per_s: 0.0,
+            ..p
+        });
+        assert!(
+            start.contains("ETA --:--") && start.starts_with("[>"),
+            "{start}"
+        );
+        let long = progress_line(&CacheProgress {
+            eta_s: Some(3725.0),
+            ..p
+        });
+        assert!(long.ends_with("ETA 1:02:05"), "{long}");
+    }
 }

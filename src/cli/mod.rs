@@ -252,17 +252,16 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `[=====>    ]` for a fraction in 0..=1.
+/// `[=====>    ]` for a fraction in 0..=1: a `=` per whole twentieth, then the head.
 pub fn bar(done: f64) -> String {
     const WIDTH: usize = 20;
-    let filled = ((done.clamp(0.0, 1.0)) * WIDTH as f64).round() as usize;
-    let head = if filled < WIDTH { ">" } else { "" };
-    format!(
-        "[{}{}{}]",
-        "=".repeat(filled.saturating_sub(head.len())),
-        head,
-        " ".repeat(WIDTH - filled.max(head.len()))
-    )
+    let filled = ((done.clamp(0.0, 1.0) * WIDTH as f64).floor() as usize).min(WIDTH);
+    let mut cells = "=".repeat(filled);
+    if filled < WIDTH {
+        cells.push('>');
+        cells.push_str(&" ".repeat(WIDTH - filled - 1));
+    }
+    format!("[{cells}]")
 }
 
 /// Seconds as `h:mm:ss` or `m:ss`.

@@ -1,0 +1,11 @@
+//! What every export shares: status codes and the last error ([`status`]), the panic
+//! boundary ([`guard`]) and argument checks ([`args`]).
+
+mod args;
+mod guard;
+mod status;
+
+pub(super) use args::{buffer, buffer_mut, opt_str_arg, out_ptr, prompts_arg, str_arg};
+pub(super) use guard::call;
+pub(super) use status::{invalid, last_error, FfiResult};
+pub use status::{qwenclip_status, Failure};

@@ -97,19 +97,6 @@ def _cuda_wanted() -> bool:
         return False
 
 
-class _StepReport(ctypes.Structure):
-    _fields_ = [
-        ("loss", ctypes.c_double),
-        ("loss_embeds", ctypes.c_double),
-        ("loss_pooled", ctypes.c_double),
-        ("grad_norm", ctypes.c_double),
-        ("optimizer_stepped", ctypes.c_uint8),
-        ("step", ctypes.c_uint64),
-        ("lr_lora", ctypes.c_double),
-        ("lr_resampler", ctypes.c_double),
-    ]
-
-
 class _Memory(ctypes.Structure):
     _fields_ = [("cpu_bytes", ctypes.c_uint64), ("cuda_bytes", ctypes.c_uint64)]
 
@@ -118,6 +105,8 @@ _u64 = ctypes.c_uint64
 _size = ctypes.c_size_t
 _str = ctypes.c_char_p
 _fptr = ctypes.c_void_p  # float buffers are passed as raw addresses (torch data_ptr)
+_buf = ctypes.c_char_p  # JSON written into a caller buffer (see _json)
+_sizep = ctypes.POINTER(_size)
 
 
 class Library:
@@ -151,16 +140,14 @@ class Library:
                 [_u64, ctypes.POINTER(_str), _size, _fptr, _size, _fptr, _size],
                 ctypes.c_int,
             ),
-            "qwenclip_trainer_new": ([_u64, _str, ctypes.POINTER(_u64)], ctypes.c_int),
-            "qwenclip_trainer_load": ([_u64, _str, ctypes.POINTER(_u64)], ctypes.c_int),
-            "qwenclip_trainer_step": (
-                [_u64, ctypes.POINTER(_str), _size, _fptr, _size, _fptr, _size,
-                 ctypes.POINTER(_StepReport)],
-                ctypes.c_int,
-            ),
-            "qwenclip_trainer_save": ([_u64, _str], ctypes.c_int),
-            "qwenclip_trainer_save_adapter": ([_u64, _str], ctypes.c_int),
-            "qwenclip_trainer_free": ([_u64], ctypes.c_int),
+            "qwenclip_train_defaults": ([_buf, _size, _sizep], ctypes.c_int),
+            "qwenclip_captions_read": ([_str, _buf, _size, _sizep], ctypes.c_int),
+            "qwenclip_run_open": ([_u64, _str, ctypes.POINTER(_u64)], ctypes.c_int),
+            "qwenclip_run_state": ([_u64, _buf, _size, _sizep], ctypes.c_int),
+            "qwenclip_run_supply": ([_u64, _fptr, _size, _fptr, _size], ctypes.c_int),
+            "qwenclip_run_save": ([_u64], ctypes.c_int),
+            "qwenclip_run_loss_image": ([_u64, _fptr, _size, _sizep, _sizep], ctypes.c_int),
+            "qwenclip_run_free": ([_u64], ctypes.c_int),
         }
         for name, (args, res) in sig.items():
             f = getattr(lib, name)  # AttributeError: not a qwenclip library
@@ -234,41 +221,67 @@ class Library:
             "encode",
         )
 
-    def trainer_new(self, encoder: int, config: dict | None) -> int:
-        h = _u64()
-        cfg = None if config is None else json.dumps(config).encode()
-        self._check(self._lib.qwenclip_trainer_new(encoder, cfg, ctypes.byref(h)), "trainer new")
-        return h.value
+    def _json(self, what: str, call) -> dict:
+        """A JSON document from an export that fills a caller buffer: size, then data."""
+        needed = _size()
+        self._check(call(None, 0, ctypes.byref(needed)), what)
+        buf = ctypes.create_string_buffer(needed.value)
+        self._check(call(buf, needed.value, ctypes.byref(needed)), what)
+        return json.loads(buf.value.decode("utf-8"))
 
-    def trainer_load(self, encoder: int, checkpoint: str) -> int:
+    def train_defaults(self) -> dict:
+        """Every training setting with its default (the library's TrainConfig)."""
+        return self._json("training defaults", self._lib.qwenclip_train_defaults)
+
+    def captions_read(self, paths: list[str], text: str | None = None) -> dict:
+        """A caption set by the library's caption rule: captions and counts."""
+        spec = json.dumps({"paths": [str(p) for p in paths], "text": text}).encode()
+        return self._json(
+            "captions", lambda b, n, need: self._lib.qwenclip_captions_read(spec, b, n, need)
+        )
+
+    def run_open(self, encoder: int, spec: dict) -> int:
         h = _u64()
         self._check(
-            self._lib.qwenclip_trainer_load(encoder, str(checkpoint).encode(), ctypes.byref(h)),
-            "trainer load",
+            self._lib.qwenclip_run_open(encoder, json.dumps(spec).encode(), ctypes.byref(h)),
+            "training run",
         )
         return h.value
 
-    def trainer_step(self, handle, prompts, embeds_ptr, embeds_len, pooled_ptr, pooled_len) -> dict:
-        arr, n = self._prompts(prompts)
-        r = _StepReport()
+    def run_state(self, handle: int) -> dict:
+        return self._json(
+            "training run state", lambda b, n, need: self._lib.qwenclip_run_state(handle, b, n, need)
+        )
+
+    def run_supply(self, handle, embeds_ptr, embeds_len, pooled_ptr, pooled_len) -> None:
         self._check(
-            self._lib.qwenclip_trainer_step(
-                handle, arr, n, embeds_ptr, embeds_len, pooled_ptr, pooled_len, ctypes.byref(r)
+            self._lib.qwenclip_run_supply(handle, embeds_ptr, embeds_len, pooled_ptr, pooled_len),
+            "training step",
+        )
+
+    def run_save(self, handle: int) -> None:
+        self._check(self._lib.qwenclip_run_save(handle), "training save")
+
+    def run_loss_image(self, handle: int):
+        """The run's loss picture as a uint8 numpy array [H, W, 3]."""
+        import numpy as np
+
+        w, h = _size(), _size()
+        self._check(
+            self._lib.qwenclip_run_loss_image(handle, None, 0, ctypes.byref(w), ctypes.byref(h)),
+            "loss picture",
+        )
+        rgb = np.empty((h.value, w.value, 3), np.uint8)
+        self._check(
+            self._lib.qwenclip_run_loss_image(
+                handle, rgb.ctypes.data, rgb.nbytes, ctypes.byref(w), ctypes.byref(h)
             ),
-            "trainer step",
+            "loss picture",
         )
-        return {name: getattr(r, name) for name, _ in _StepReport._fields_}
+        return rgb
 
-    def trainer_save(self, handle: int, path: str) -> None:
-        self._check(self._lib.qwenclip_trainer_save(handle, str(path).encode()), "trainer save")
-
-    def trainer_save_adapter(self, handle: int, folder: str) -> None:
-        self._check(
-            self._lib.qwenclip_trainer_save_adapter(handle, str(folder).encode()), "adapter save"
-        )
-
-    def trainer_free(self, handle: int) -> None:
-        self._check(self._lib.qwenclip_trainer_free(handle), "trainer free")
+    def run_free(self, handle: int) -> None:
+        self._check(self._lib.qwenclip_run_free(handle), "training run free")
 
 
 _lock = threading.Lock()

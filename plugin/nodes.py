@@ -28,6 +28,7 @@ NO_ADAPTER = "none"
 NO_FOLDER = "none (use captions_text)"
 HUB_IDS = ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B"]
 ENCODER = "QWEN_ENCODER"
+RUN_ADAPTER_DIR = "adapter"  # where a training run folder keeps its adapter (the library's layout)
 
 
 def register_models_folder() -> None:
@@ -58,7 +59,8 @@ def _sync_gguf_folders() -> None:
 
 
 def _subfolders(roots: list[str], marker) -> dict[str, str]:
-    """name -> path for folders up to two levels below each root that pass `marker`."""
+    """name -> path for folders up to two levels below each root that `marker` recognises
+    (it returns the path to use, or None)."""
     found: dict[str, str] = {}
 
     def dirs(p: Path) -> list[Path]:
@@ -69,21 +71,32 @@ def _subfolders(roots: list[str], marker) -> dict[str, str]:
 
     for root in roots:
         for d1 in dirs(Path(root)):
-            if marker(d1):
-                found.setdefault(d1.name, str(d1))
+            hit = marker(d1)
+            if hit:
+                found.setdefault(d1.name, hit)
                 continue
             for d2 in dirs(d1):
-                if marker(d2):
-                    found.setdefault(f"{d1.name}/{d2.name}", str(d2))
+                hit = marker(d2)
+                if hit:
+                    found.setdefault(f"{d1.name}/{d2.name}", hit)
     return found
 
 
-def _is_model(d: Path) -> bool:
-    return (d / "config.json").is_file()
+def _model_path(d: Path) -> str | None:
+    return str(d) if (d / "config.json").is_file() else None
 
 
 def _is_adapter(d: Path) -> bool:
     return (d / "qwenclip.json").is_file() or (d / "adapter_config.json").is_file()
+
+
+def _adapter_path(d: Path) -> str | None:
+    """An adapter folder, or a training run folder (its adapter is `adapter/`)."""
+    if _is_adapter(d):
+        return str(d)
+    if _is_adapter(d / RUN_ADAPTER_DIR):
+        return str(d / RUN_ADAPTER_DIR)
+    return None
 
 
 def _paths(key: str) -> list[str]:
@@ -107,8 +120,8 @@ def gguf_models() -> dict[str, str]:
 def base_models() -> dict[str, str]:
     """Model folders under `text_encoders` (and `qwenclip`) that hold a config.json, and
     `.gguf` files (quantized Qwen3) in the same places."""
-    found = _subfolders(_paths(BASE_KEY), _is_model)
-    for name, path in _subfolders(_paths(MODELS_KEY), _is_model).items():
+    found = _subfolders(_paths(BASE_KEY), _model_path)
+    for name, path in _subfolders(_paths(MODELS_KEY), _model_path).items():
         found.setdefault(name, path)
     for name, path in gguf_models().items():
         found.setdefault(name, path)
@@ -116,7 +129,7 @@ def base_models() -> dict[str, str]:
 
 
 def adapters() -> dict[str, str]:
-    return _subfolders(_paths(MODELS_KEY), _is_adapter)
+    return _subfolders(_paths(MODELS_KEY), _adapter_path)
 
 
 def adapter_choices() -> list[str]:
@@ -373,8 +386,8 @@ class _ComfyHooks:
             return True
         return False
 
-    def text(self, step, message):
-        if step % self.every == 0 or step == 1:
+    def text(self, step, message, force=False):
+        if force or step % self.every == 0 or step == 1:
             log.info("qwenclip: %s", message)
         try:
             from server import PromptServer
@@ -386,6 +399,7 @@ class _ComfyHooks:
 
 
 def caption_folders() -> list[str]:
+    """Folders under the input directory that hold caption files (read by the library)."""
     root = Path(folder_paths.get_input_directory())
     out = []
     if root.is_dir():
@@ -403,36 +417,61 @@ def _adapter_name_ok(name: str) -> str:
     return name
 
 
+def train_defaults() -> dict:
+    """The library's training defaults (TrainConfig::default(), the one place they are
+    written); empty when there is no library (the node then says so when it runs)."""
+    try:
+        return library.get().train_defaults()
+    except library.LibraryMissing:
+        return {}
+
+
+def _widget(kind: str, defaults: dict, key: str, **opts) -> tuple:
+    if key in defaults:
+        opts["default"] = defaults[key]
+    return (kind, opts)
+
+
+# Widget -> training setting, for the settings the node exposes.
+TRAIN_WIDGETS = {
+    "steps": int, "batch_size": int, "grad_accum": int, "lr_lora": float, "lr_resampler": float,
+    "save_every": int, "seed": int, "lora_r": int, "lora_alpha": float, "resampler_width": int,
+    "resampler_heads": int, "resampler_layers": int, "resampler_ff_mult": int,
+    "warmup_steps": int, "schedule": str,
+}
+
+
 class QwenAdapterTrain:
     """Distils the connected SDXL CLIP into a qwenclip adapter, step by step."""
 
     @classmethod
     def INPUT_TYPES(cls):
+        d = train_defaults()
         return {
             "required": {
                 "encoder": (ENCODER, {"tooltip": "The Qwen3 base model to train on (its adapter is the starting point when init is 'encoder adapter')."}),
                 "clip": ("CLIP", {"tooltip": "The SDXL checkpoint's CLIP: the teacher whose conditioning the adapter learns to reproduce."}),
-                "adapter_name": ("STRING", {"default": "my_adapter", "tooltip": "Folder under models/qwenclip; training resumes when it holds a checkpoint."}),
-                "captions_folder": (caption_folders(), {"tooltip": "A folder under ComfyUI's input directory: every line of every .txt/.caption file is a caption."}),
-                "captions_text": ("STRING", {"multiline": True, "default": "", "tooltip": "More captions, one per line."}),
-                "steps": ("INT", {"default": 1000, "min": 1, "max": 1_000_000, "tooltip": "Optimizer steps in total (a resumed run continues up to this)."}),
-                "batch_size": ("INT", {"default": 4, "min": 1, "max": 256}),
-                "grad_accum": ("INT", {"default": 1, "min": 1, "max": 256, "tooltip": "Micro-batches per optimizer step."}),
-                "lr_lora": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False}),
-                "lr_resampler": ("FLOAT", {"default": 5e-4, "min": 0.0, "max": 1.0, "step": 1e-5, "round": False}),
-                "save_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000, "tooltip": "Checkpoint + adapter every N optimizer steps (and on Cancel, and at the end)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False, "tooltip": "Caption order and initial weights. Fixed: a new seed would start another run."}),
+                "adapter_name": ("STRING", {"default": "my_adapter", "tooltip": "The run folder under models/qwenclip (checkpoint, adapter/, metrics.jsonl, loss.png); training resumes when it holds a checkpoint, and never writes over an adapter without one."}),
+                "captions_folder": (caption_folders(), {"default": NO_FOLDER, "tooltip": "A folder under ComfyUI's input directory: each .txt/.caption file beside an image of the same name is that image's caption; other .txt/.caption files hold one caption per line (# starts a comment); .jsonl and .csv files hold a caption column. The same rule as `qwenclip cache-targets`."}),
+                "captions_text": ("STRING", {"multiline": True, "default": "", "tooltip": "More captions, one per line (# starts a comment)."}),
+                "steps": _widget("INT", d, "steps", min=1, max=1_000_000, tooltip="Optimizer steps in total. A resumed run continues up to this; a larger value extends a finished run (the learning-rate schedule is re-planned over it)."),
+                "batch_size": _widget("INT", d, "batch_size", min=1, max=256),
+                "grad_accum": _widget("INT", d, "grad_accum", min=1, max=256, tooltip="Micro-batches per optimizer step."),
+                "lr_lora": _widget("FLOAT", d, "lr_lora", min=0.0, max=1.0, step=1e-5, round=False),
+                "lr_resampler": _widget("FLOAT", d, "lr_resampler", min=0.0, max=1.0, step=1e-5, round=False),
+                "save_every": _widget("INT", d, "save_every", min=1, max=1_000_000, tooltip="Checkpoint + adapter every N optimizer steps (and on Cancel, and at the end)."),
+                "seed": _widget("INT", d, "seed", min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Caption order, held-out split and initial weights. Fixed when a run starts: a resumed run keeps its own."),
             },
             "optional": {
                 "init": (["encoder adapter", "scratch"], {"default": "encoder adapter", "tooltip": "A new adapter starts from the encoder's adapter (when it has one) or from scratch."}),
-                "lora_r": ("INT", {"default": 16, "min": 1, "max": 1024}),
-                "lora_alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 4096.0, "step": 1.0}),
-                "resampler_width": ("INT", {"default": 2048, "min": 8, "max": 8192, "step": 8}),
-                "resampler_heads": ("INT", {"default": 16, "min": 1, "max": 128}),
-                "resampler_layers": ("INT", {"default": 4, "min": 1, "max": 64}),
-                "resampler_ff_mult": ("INT", {"default": 4, "min": 1, "max": 16}),
-                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000}),
-                "schedule": (["cosine", "constant"], {"default": "cosine"}),
+                "lora_r": _widget("INT", d, "lora_r", min=1, max=1024),
+                "lora_alpha": _widget("FLOAT", d, "lora_alpha", min=0.0, max=4096.0, step=1.0),
+                "resampler_width": _widget("INT", d, "resampler_width", min=0, max=8192, step=8, tooltip="0: derived from the base model's width (its hidden size, at most 2048), so a small base gets a small resampler."),
+                "resampler_heads": _widget("INT", d, "resampler_heads", min=0, max=128, tooltip="0: the width / 64, at most 16."),
+                "resampler_layers": _widget("INT", d, "resampler_layers", min=1, max=64),
+                "resampler_ff_mult": _widget("INT", d, "resampler_ff_mult", min=1, max=16),
+                "warmup_steps": _widget("INT", d, "warmup_steps", min=0, max=1_000_000),
+                "schedule": (["cosine", "constant"], {"default": d.get("schedule", "cosine")}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -444,36 +483,19 @@ class QwenAdapterTrain:
     CATEGORY = "qwenclip"
     DESCRIPTION = "Trains a qwenclip adapter so the Qwen encoder reproduces the connected SDXL CLIP's conditioning. Saves into models/qwenclip/<adapter_name>, resumes from there, stops cleanly on Cancel."
 
-    def train(self, encoder, clip, adapter_name, captions_folder, captions_text, steps, batch_size,
-              grad_accum, lr_lora, lr_resampler, save_every, seed, init="encoder adapter",
-              lora_r=16, lora_alpha=16.0, resampler_width=2048, resampler_heads=16,
-              resampler_layers=4, resampler_ff_mult=4, warmup_steps=0, schedule="cosine",
-              unique_id=None):
+    def train(self, encoder, clip, adapter_name, captions_folder, captions_text, init="encoder adapter",
+              unique_id=None, **settings):
         library.get()
         name = _adapter_name_ok(adapter_name)
-        folder = None
+        paths = []
         if captions_folder and captions_folder != NO_FOLDER:
-            folder = os.path.join(folder_paths.get_input_directory(), captions_folder)
-        captions = training.read_captions(folder, captions_text)
+            paths.append(os.path.join(folder_paths.get_input_directory(), captions_folder))
+        captions = {"paths": paths, "text": captions_text or None}
+        config = {k: TRAIN_WIDGETS[k](v) for k, v in settings.items() if k in TRAIN_WIDGETS}
         out_dir = Path(_paths(MODELS_KEY)[0]) / name
-        config = {
-            "lr_lora": float(lr_lora),
-            "lr_resampler": float(lr_resampler),
-            "lora_r": int(lora_r),
-            "lora_alpha": float(lora_alpha),
-            "resampler_width": int(resampler_width),
-            "resampler_heads": int(resampler_heads),
-            "resampler_layers": int(resampler_layers),
-            "resampler_ff_mult": int(resampler_ff_mult),
-            "warmup_steps": int(warmup_steps),
-            "schedule": schedule,
-        }
-        run = training.Run(
-            encoder, clip, captions, out_dir, steps=int(steps), batch_size=int(batch_size),
-            grad_accum=int(grad_accum), save_every=int(save_every), seed=int(seed), config=config,
-            init_from_encoder_adapter=(init == "encoder adapter"), hooks=_ComfyHooks(int(steps), unique_id),
-        )
-        return run.run()
+        hooks = _ComfyHooks(int(config.get("steps", 1)), unique_id)
+        return training.train(encoder, clip, out_dir, captions, config,
+                              init_from_encoder_adapter=(init == "encoder adapter"), hooks=hooks)
 
 
 NODE_CLASS_MAPPINGS = {

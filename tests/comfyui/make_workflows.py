@@ -9,6 +9,7 @@ Widget order per node is the frontend's (required inputs then optional ones, a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -30,6 +31,17 @@ CAPTIONS = "\n".join([
     "a watercolor of cherry blossoms over a river in spring",
     "a futuristic city street at night, neon signs, wet asphalt",
 ])
+
+
+
+def train_defaults() -> dict:
+    """The library's training defaults (the node's widget defaults), read through the pack's
+    ctypes layer from the built library (QWENCLIP_LIB, or target/)."""
+    spec = importlib.util.spec_from_file_location("qwenclip_library", ROOT / "plugin" / "library.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get().train_defaults()
+
 
 OUTPUT_TYPES = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
@@ -185,9 +197,10 @@ What to set:
 3. Qwen Adapter Train:
    - adapter_name: the folder models/qwenclip/<adapter_name>. If it holds a checkpoint,
      training RESUMES from it up to `steps`.
-   - captions_folder: a folder in ComfyUI's input directory with .txt files (one caption
-     per line), and/or captions_text (one caption per line). Use thousands of varied
-     captions for a useful adapter; the ones below only show the format.
+   - captions_folder: a folder in ComfyUI's input directory: a .txt beside an image is that
+     image's caption, other .txt files hold one caption per line, .jsonl/.csv a caption
+     column; and/or captions_text (one caption per line). Use thousands of varied captions
+     for a useful adapter; the ones below only show the format.
    - steps, batch_size, grad_accum, lr_lora, lr_resampler, save_every: the defaults suit
      a GPU run; a checkpoint + the adapter are written every save_every steps.
    - Cancel stops cleanly after saving; queue again to resume.
@@ -195,13 +208,14 @@ What to set:
 """, size=(460, 640))
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
     enc = loader(g, (0, 160), adapter="none")
+    d = train_defaults()
+    settings = ["steps", "batch_size", "grad_accum", "lr_lora", "lr_resampler", "save_every", "seed"]
+    optional = ["lora_r", "lora_alpha", "resampler_width", "resampler_heads", "resampler_layers",
+                "resampler_ff_mult", "warmup_steps", "schedule"]
     train = g.node("QwenAdapterTrain", (360, 0), (420, 640), [
         ("adapter_name", ADAPTER), ("captions_folder", "none (use captions_text)"),
-        ("captions_text", CAPTIONS), ("steps", 1000), ("batch_size", 4), ("grad_accum", 1),
-        ("lr_lora", 1e-4), ("lr_resampler", 5e-4), ("save_every", 100), ("seed", 0),
-        ("init", "encoder adapter"), ("lora_r", 16), ("lora_alpha", 16.0),
-        ("resampler_width", 2048), ("resampler_heads", 16), ("resampler_layers", 4),
-        ("resampler_ff_mult", 4), ("warmup_steps", 0), ("schedule", "cosine")],
+        ("captions_text", CAPTIONS), *[(k, d[k]) for k in settings],
+        ("init", "encoder adapter"), *[(k, d[k]) for k in optional]],
         [("encoder", "QWEN_ENCODER", (enc, 0)), ("clip", "CLIP", (ckpt, 1))])
     g.node("PreviewImage", (820, 700), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
     pos = qwen_encode(g, (820, 0), train, PROMPT, "Positive (trained adapter)")

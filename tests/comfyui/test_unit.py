@@ -394,8 +394,15 @@ def _train(pack, encoder, clip, name, steps, **kw):
 
 
 def _state(pack, name):
+    """What a run folder says: the checkpoint's trainer state, and the loss per step."""
+    from safetensors import safe_open
+
     folder = Path(pack.nodes._paths("qwenclip")[0]) / name
-    return json.loads((folder / "train_state.json").read_text()), folder
+    with safe_open(str(folder / "checkpoint.safetensors"), "pt") as f:
+        trainer = json.loads(f.metadata()["qwenclip.trainer"])
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = [(x["step"], x["loss"]) for x in lines if "loss" in x]
+    return {"step": trainer["t"], "trainer": trainer, "losses": losses}, folder
 
 
 def test_train_progress_saves_and_outputs(pack, encoder, teacher_clip, progress_hook):
@@ -407,13 +414,20 @@ def test_train_progress_saves_and_outputs(pack, encoder, teacher_clip, progress_
     assert hook.calls[-1][2], "the last update carries the loss-curve preview"
     state, folder = _state(pack, "unit_run")
     assert state["step"] == 4 and [s for s, _ in state["losses"]] == [1, 2, 3, 4]
-    assert state["micro"] == 8  # grad_accum 2
-    for f in ("checkpoint.safetensors", "qwenclip.json", "resampler.safetensors", "adapter_model.safetensors"):
+    assert state["trainer"]["config"]["grad_accum"] == 2 and state["trainer"]["micro"] == 0
+    for f in ("checkpoint.safetensors", "metrics.jsonl", "loss.png", "adapter/qwenclip.json",
+              "adapter/resampler.safetensors", "adapter/adapter_model.safetensors"):
         assert (folder / f).is_file(), f
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0
+    # the picture is the library's: the run folder's loss.png, pixel for pixel
+    from PIL import Image
+
+    png = torch.from_numpy(__import__("numpy").asarray(Image.open(folder / "loss.png").convert("RGB")))
+    assert torch.equal((image[0] * 255).round().to(torch.uint8), png)
     # the output encoder carries the new adapter; the input encoder is unchanged
-    assert out_encoder.adapter == str(folder) and encoder.adapter != str(folder)
+    adapter = str(folder / "adapter")
+    assert out_encoder.adapter == adapter and encoder.adapter != adapter
     cond = pack.nodes.QwenTextEncodeSDXL().encode(out_encoder, "a lighthouse", 1024, 1024, 0, 0, 1024, 1024)[0]
     assert cond[0][0].shape == (1, 77, 2048)
     # and it is listed for the loader
@@ -431,7 +445,7 @@ def test_train_cancel_saves_then_resume_matches_an_uninterrupted_run(pack, encod
         _train(pack, encoder, teacher_clip, "unit_cancel", steps=6, save_every=100)
     state, folder = _state(pack, "unit_cancel")
     assert state["step"] == 3, "Cancel saved the state it stopped at"
-    assert (folder / "checkpoint.safetensors").is_file() and (folder / "qwenclip.json").is_file()
+    assert (folder / "checkpoint.safetensors").is_file() and (folder / "adapter" / "qwenclip.json").is_file()
 
     hook = progress_hook(Progress())
     resumed, _ = _train(pack, encoder, teacher_clip, "unit_cancel", steps=6, save_every=100)
@@ -467,12 +481,12 @@ def test_train_reads_a_captions_folder(pack, comfy_dirs):
     (d / "002.caption").write_text("a blue sphere")
     (d / "notes.md").write_text("ignored")
     assert "captions/set1" in pack.nodes.caption_folders()
-    caps = pack.training.read_captions(str(d), "one more\n")
+    caps = pack.library.get().captions_read([str(d)], "one more\n")["captions"]
     assert caps == ["a red cube", "a blue sphere", "one more"]
 
 
 def test_train_errors_are_clear(pack, encoder, teacher_clip):
-    with pytest.raises(ValueError, match="no captions"):
+    with pytest.raises(pack.library.QwenclipError, match="no captions"):
         _train(pack, encoder, teacher_clip, "unit_empty", steps=1, captions_text="\n \n")
     with pytest.raises(ValueError, match="not a usable folder name"):
         _train(pack, encoder, teacher_clip, "../escape", steps=1)
@@ -499,22 +513,6 @@ def test_teacher_targets_come_from_comfyui_clip_and_are_cached(pack, teacher_cli
     # parentheses are text for the teacher too, not a weight
     literal = teacher_clip.tokenize("a \\(dog\\)")
     assert torch.allclose(e[1], teacher_clip.encode_from_tokens(literal, return_pooled=True)[0][0], atol=1e-6)
-
-
-def test_loss_curve_without_pil(pack, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_pil(name, *a, **k):
-        if name == "PIL" or name.startswith("PIL."):
-            raise ImportError("no PIL")
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_pil)
-    img = pack.training.loss_curve([(1, 2.0), (2, 1.0), (3, 0.5)], 200, 120)
-    assert img.shape == (120, 200, 3) and img.dtype.name == "uint8"
-    assert (img == [200, 40, 40]).all(axis=-1).any(), "the curve is drawn"
 
 
 def test_workflow_files_are_what_make_workflows_writes(tmp_path, monkeypatch):

@@ -95,7 +95,8 @@ impl RunFolder {
         render_loss_rgb(&series(&train, &eval))
     }
 
-    fn loss_series(&self) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    /// (step, training loss) and (step, held-out MSE) from the metrics.
+    fn loss_series(&self) -> (Vec<Point>, Vec<Point>) {
         let text = std::fs::read_to_string(self.metrics_path()).unwrap_or_default();
         let (mut train, mut eval) = (Vec::new(), Vec::new());
         for v in text
@@ -117,7 +118,9 @@ impl RunFolder {
     }
 }
 
-fn series<'a>(train: &'a [(f64, f64)], eval: &'a [(f64, f64)]) -> [Series<'a>; 2] {
+type Point = (f64, f64);
+
+fn series<'a>(train: &'a [Point], eval: &'a [Point]) -> [Series<'a>; 2] {
     [
         Series {
             points: train,

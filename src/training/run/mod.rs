@@ -624,7 +624,7 @@ impl Run {
             total_steps: self.config().steps,
         }];
         let eval_every = self.config().eval_every;
-        if (eval_every > 0 && step % eval_every == 0) || step >= self.config().steps {
+        if (eval_every > 0 && step.is_multiple_of(eval_every)) || step >= self.config().steps {
             self.phase = Phase::Eval {
                 step,
                 next: 0,
@@ -644,7 +644,7 @@ impl Run {
         let last = step >= self.config().steps;
         let save_every = self.config().save_every;
         let mut events = Vec::new();
-        if (save_every > 0 && step % save_every == 0) || last {
+        if (save_every > 0 && step.is_multiple_of(save_every)) || last {
             events.push(self.save()?);
         }
         self.phase = if last { Phase::Done } else { Phase::Train };
@@ -713,12 +713,15 @@ fn refuse_to_overwrite(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The teacher's targets (prompt embeddings, pooled) for captions at these positions.
+pub type Targets<'a> = dyn FnMut(&[usize]) -> Result<(Tensor, Tensor)> + 'a;
+
 /// Runs `run` to its end, or until `stop` is set (then saves and marks it interrupted),
 /// answering its requests with `targets` (positions in the run's caption list -> the
 /// teacher's embeddings and pooled vectors).
 pub fn drive(
     run: &mut Run,
-    targets: &mut dyn FnMut(&[usize]) -> Result<(Tensor, Tensor)>,
+    targets: &mut Targets,
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<RunSummary> {

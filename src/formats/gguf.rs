@@ -786,34 +786,14 @@ impl GgufBuilder {
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensor_refs: Vec<(&str, &QTensor)> =
             self.tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let dir = out
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let file_name = out
-            .file_name()
-            .ok_or_else(|| Error::Invalid(format!("{} is not a file path", out.display())))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp{}",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
-        let result = (|| -> Result<()> {
-            let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        crate::formats::atomic::replace_atomic(out, |f| {
             let mut w = BufWriter::new(f);
             candle_core::quantized::gguf_file::write(&mut w, &meta_refs, &tensor_refs)
                 .map_err(|e| Error::format(out, format!("cannot write GGUF: {e}")))?;
-            let f = w
-                .into_inner()
-                .map_err(|e| Error::io(&tmp, e.into_error()))?;
-            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-            std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map(|_| notes)
+            w.into_inner().map_err(|e| Error::io(out, e.into_error()))?;
+            Ok(())
+        })?;
+        Ok(notes)
     }
 }
 

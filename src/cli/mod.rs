@@ -231,7 +231,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(p) => qwenclip::formats::pth::KeyMap::load(&p)?,
                 None => Default::default(),
             };
-            let r = qwenclip::formats::pth::load_resampler(&pth, &map, &Device::Cpu)?;
+            let r = qwenclip::resampler::pth::load_resampler(&pth, &map, &Device::Cpu)?;
             r.save(&out)?;
             println!(
                 "{} -> {} ({} parameters, config {})",

@@ -15,6 +15,8 @@ use crate::llm::Qwen3Config;
 use crate::lora::{Lora, LoraConfig, LoraPair, Site};
 use crate::resampler::{Resampler, ResamplerConfig};
 use crate::rng::Rng;
+use crate::teacher::schema::{self as clip_schema, Field, Param as ClipParam};
+use crate::teacher::ClipTextConfig;
 
 /// Named architectures: `tiny` for tests, the others shaped like the released models.
 pub fn shape(name: &str) -> Result<Qwen3Config> {
@@ -255,70 +257,54 @@ pub fn write_tiny_teacher(dir: &Path, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
     for (name, h, ffn, act, proj) in encoders {
         let sub = dir.join(name);
-        let mut tensors = HashMap::new();
-        let mut put = |key: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
-            let data = normal_around(&mut rng, &shape, std, mean);
-            tensors.insert(key, Tensor::from_vec(data, shape, &Device::Cpu)?);
-            Ok(())
+        let cfg = ClipTextConfig {
+            vocab_size: vocab,
+            hidden_size: h,
+            intermediate_size: ffn,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            max_position_embeddings: max_pos,
+            hidden_act: act.to_string(),
+            layer_norm_eps: 1e-5,
+            projection_dim: proj,
+            eos_token_id: 2,
         };
-        let t = "text_model";
-        put(
-            format!("{t}.embeddings.token_embedding.weight"),
-            vec![vocab, h],
-            0.5,
-            0.0,
-        )?;
-        put(
-            format!("{t}.embeddings.position_embedding.weight"),
-            vec![max_pos, h],
-            0.1,
-            0.0,
-        )?;
-        let lin = |out: usize, inp: usize| (vec![out, inp], 1.0 / (inp as f64).sqrt());
-        for l in 0..layers {
-            let p = format!("{t}.encoder.layers.{l}");
-            for (m, out, inp) in [
-                ("self_attn.q_proj", h, h),
-                ("self_attn.k_proj", h, h),
-                ("self_attn.v_proj", h, h),
-                ("self_attn.out_proj", h, h),
-                ("mlp.fc1", ffn, h),
-                ("mlp.fc2", h, ffn),
-            ] {
-                let (shape, std) = lin(out, inp);
-                put(format!("{p}.{m}.weight"), shape, std, 0.0)?;
-                put(format!("{p}.{m}.bias"), vec![out], 0.02, 0.0)?;
-            }
-            for ln in ["layer_norm1", "layer_norm2"] {
-                put(format!("{p}.{ln}.weight"), vec![h], 0.1, 1.0)?;
-                put(format!("{p}.{ln}.bias"), vec![h], 0.1, 0.0)?;
-            }
-        }
-        put(format!("{t}.final_layer_norm.weight"), vec![h], 0.1, 1.0)?;
-        put(format!("{t}.final_layer_norm.bias"), vec![h], 0.1, 0.0)?;
-        if let Some(p) = proj {
-            let (shape, std) = lin(p, h);
-            put("text_projection.weight".into(), shape, std, 0.0)?;
+        let mut tensors = HashMap::new();
+        for p in clip_schema::tensors(&cfg) {
+            let shape = p.shape(&cfg);
+            let (std, mean) = match p {
+                ClipParam::TokenEmbedding => (0.5, 0.0),
+                ClipParam::PositionEmbedding => (0.1, 0.0),
+                ClipParam::FinalNorm(field) | ClipParam::Layer { field, .. } if p.is_norm() => {
+                    (0.1, if field == Field::Weight { 1.0 } else { 0.0 })
+                }
+                ClipParam::Layer {
+                    field: Field::Bias, ..
+                } => (0.02, 0.0),
+                _ => (1.0 / (shape[1] as f64).sqrt(), 0.0),
+            };
+            let data = normal_around(&mut rng, &shape, std, mean);
+            tensors.insert(p.hf_name(), Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         save_atomic(&tensors, Some(meta), &sub.join("model.safetensors"))?;
-        let config = serde_json::json!({
-            "architectures": [if proj.is_some() { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
+        let mut config = serde_json::to_value(&cfg).expect("config serialises");
+        let class = if proj.is_some() {
+            "CLIPTextModelWithProjection"
+        } else {
+            "CLIPTextModel"
+        };
+        let extra = serde_json::json!({
+            "architectures": [class],
             "model_type": "clip_text_model",
-            "vocab_size": vocab,
-            "hidden_size": h,
-            "intermediate_size": ffn,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "max_position_embeddings": max_pos,
-            "hidden_act": act,
-            "layer_norm_eps": 1e-5,
             "projection_dim": proj.unwrap_or(h),
             "bos_token_id": 0,
-            "eos_token_id": 2,
             "pad_token_id": 1,
             "torch_dtype": "float32",
         });
+        for (k, v) in extra.as_object().expect("an object") {
+            config[k] = v.clone();
+        }
         let json = serde_json::to_vec_pretty(&config).expect("config serialises");
         crate::formats::safetensors::write_atomic(&sub.join("config.json"), &json)?;
     }

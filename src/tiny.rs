@@ -9,8 +9,9 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
 use crate::error::{Error, Result};
-use crate::formats::gguf::{hf_to_gguf, GgufBuilder, QuantizeSpec};
+use crate::formats::gguf::{GgufBuilder, QuantizeSpec};
 use crate::formats::save_atomic;
+use crate::llm::schema::{Group, Param, TensorSpec};
 use crate::llm::Qwen3Config;
 use crate::lora::{Lora, LoraConfig, LoraPair, Site};
 use crate::resampler::{Resampler, ResamplerConfig};
@@ -59,65 +60,25 @@ fn normal_around(rng: &mut Rng, shape: &[usize], std: f64, mean: f32) -> Vec<f32
         .collect()
 }
 
-/// Every tensor of a random Qwen3 for `cfg`, in a fixed order, as (Hugging Face name,
-/// shape, f32 values): the same seed gives the same weights in every format.
+/// Every tensor of a random Qwen3 for `cfg`, in schema order, with f32 values: the same
+/// seed gives the same weights in every format. Matrices are drawn at PyTorch's default
+/// scale (`1/sqrt(in)`), norms around 1.
 fn random_tensors(
     cfg: &Qwen3Config,
     seed: u64,
-    mut emit: impl FnMut(String, Vec<usize>, Vec<f32>) -> Result<()>,
+    mut emit: impl FnMut(TensorSpec, Vec<f32>) -> Result<()>,
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
-    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let mut put = |name: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
-        let data = normal_around(&mut rng, &shape, std, mean);
-        emit(name, shape, data)
-    };
-    put(
-        "model.embed_tokens.weight".into(),
-        vec![cfg.vocab_size, h],
-        0.02,
-        0.0,
-    )?;
-    let lin_std = 1.0 / (h as f64).sqrt();
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let a = format!("{p}.self_attn");
-        put(format!("{a}.q_proj.weight"), vec![nh * hd, h], lin_std, 0.0)?;
-        put(
-            format!("{a}.k_proj.weight"),
-            vec![nkv * hd, h],
-            lin_std,
-            0.0,
-        )?;
-        put(
-            format!("{a}.v_proj.weight"),
-            vec![nkv * hd, h],
-            lin_std,
-            0.0,
-        )?;
-        let o_std = 1.0 / ((nh * hd) as f64).sqrt();
-        put(format!("{a}.o_proj.weight"), vec![h, nh * hd], o_std, 0.0)?;
-        put(format!("{a}.q_norm.weight"), vec![hd], 0.1, 1.0)?;
-        put(format!("{a}.k_norm.weight"), vec![hd], 0.1, 1.0)?;
-        put(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![i, h],
-            lin_std,
-            0.0,
-        )?;
-        put(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin_std, 0.0)?;
-        let d_std = 1.0 / (i as f64).sqrt();
-        put(format!("{p}.mlp.down_proj.weight"), vec![h, i], d_std, 0.0)?;
-        put(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0)?;
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            0.1,
-            1.0,
-        )?;
+    for t in cfg.tensors() {
+        let (std, mean) = match t.param {
+            Param::Embedding => (0.02, 0.0),
+            p if p.group() == Group::Norms => (0.1, 1.0),
+            _ => (1.0 / (t.shape[1] as f64).sqrt(), 0.0),
+        };
+        let data = normal_around(&mut rng, &t.shape, std, mean);
+        emit(t, data)?;
     }
-    put("model.norm.weight".into(), vec![h], 0.1, 1.0)
+    Ok(())
 }
 
 /// Writes a Qwen3 with random weights in Hugging Face layout (`config.json`,
@@ -131,9 +92,9 @@ pub fn write_model(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = HashMap::new();
-    random_tensors(cfg, seed, |name, shape, data| {
-        let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?;
-        tensors.insert(name, t);
+    random_tensors(cfg, seed, |t, data| {
+        let value = Tensor::from_vec(data, t.shape, &Device::Cpu)?.to_dtype(dtype)?;
+        tensors.insert(t.hf_name, value);
         Ok(())
     })?;
     let mut meta = HashMap::new();
@@ -165,9 +126,11 @@ pub fn write_gguf_model(
     seed: u64,
 ) -> Result<()> {
     let mut b = GgufBuilder::new(spec);
-    random_tensors(cfg, seed, |name, shape, data| {
-        let g = hf_to_gguf(&name).expect("random_tensors emits Qwen3 names");
-        b.add(&g, &Tensor::from_vec(data, shape, &Device::Cpu)?)
+    random_tensors(cfg, seed, |t, data| {
+        b.add(
+            &t.gguf_name,
+            &Tensor::from_vec(data, t.shape, &Device::Cpu)?,
+        )
     })?;
     let name = out.file_stem().map_or("qwen3-random".to_string(), |n| {
         n.to_string_lossy().into_owned()
@@ -186,15 +149,10 @@ pub fn make_adapter(
     let mut rng = Rng::new(seed);
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj"];
     let r = 4;
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim());
     let mut pairs = std::collections::BTreeMap::new();
     for layer in 0..cfg.num_hidden_layers {
         for m in targets {
-            let (out, inp) = match m {
-                "q_proj" => (cfg.num_attention_heads * hd, h),
-                "o_proj" => (h, cfg.num_attention_heads * hd),
-                _ => (cfg.num_key_value_heads * hd, h),
-            };
+            let (out, inp) = cfg.projection_shape(m).expect("a Qwen3 projection");
             let a = Tensor::from_vec(
                 rng.normal_vec(r * inp, 1.0 / (inp as f64).sqrt()),
                 (r, inp),

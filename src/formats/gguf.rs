@@ -19,6 +19,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::llm::schema::{self, Group, Param};
 use crate::llm::Qwen3Config;
 use crate::ops::QMatrix;
 
@@ -96,68 +97,6 @@ pub fn is_gguf(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         && !path.is_dir()
-}
-
-/// Hugging Face tensor name -> llama.cpp's, for the tensors a Qwen3 has.
-pub fn hf_to_gguf(name: &str) -> Option<String> {
-    let fixed = match name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let module = rest.strip_suffix(".weight")?;
-    let g = match module {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.weight"))
-}
-
-/// llama.cpp's name of decoder projection `module` (`q_proj` ... `down_proj`) in layer `i`.
-pub fn projection_name(layer: usize, module: &str) -> String {
-    let g = match module {
-        "q_proj" => "attn_q",
-        "k_proj" => "attn_k",
-        "v_proj" => "attn_v",
-        "o_proj" => "attn_output",
-        "gate_proj" => "ffn_gate",
-        "up_proj" => "ffn_up",
-        "down_proj" => "ffn_down",
-        other => other,
-    };
-    format!("blk.{layer}.{g}.weight")
-}
-
-/// The group `qwenclip info` reports a tensor under.
-pub fn tensor_group(name: &str) -> &'static str {
-    if name.ends_with("_norm.weight") {
-        "norms"
-    } else if name.starts_with("token_embd.") || name.starts_with("output.") {
-        "embeddings"
-    } else if name.contains(".attn_") {
-        "attention"
-    } else if name.contains(".ffn_") {
-        "mlp"
-    } else {
-        "other"
-    }
 }
 
 /// An opened GGUF: metadata and tensor directory (the tensor data stays on disk until read).
@@ -412,7 +351,7 @@ impl GgufFile {
         };
         let hidden = need("embedding_length")?;
         let heads = need("attention.head_count")?;
-        let emb = self.entry("token_embd.weight")?;
+        let emb = self.entry(&Param::Embedding.gguf_name())?;
         if emb.shape.len() != 2 || emb.shape[1] != hidden {
             return Err(Error::Shape {
                 path: self.path.clone(),
@@ -441,7 +380,7 @@ impl GgufFile {
             rms_norm_eps: self
                 .meta_float("qwen3.attention.layer_norm_rms_epsilon")?
                 .unwrap_or(1e-6),
-            tie_word_embeddings: !self.contains("output.weight"),
+            tie_word_embeddings: !self.contains(&Param::LmHead.gguf_name()),
             attention_bias: false,
             max_position_embeddings: self.meta_uint("qwen3.context_length")?,
         };
@@ -671,11 +610,10 @@ impl QuantizeSpec {
     /// row that is not a whole number of blocks falls back to Q8_0 (32), then F32 (tiny
     /// test models).
     pub fn type_for(&self, gguf_name: &str, shape: &[usize]) -> (GgmlDType, bool) {
-        if shape.len() < 2 || gguf_name.ends_with("_norm.weight") {
-            return (GgmlDType::F32, false);
-        }
-        let want = match tensor_group(gguf_name) {
-            "embeddings" => self.embedding,
+        let want = match schema::parse_gguf(gguf_name).map(|(p, _)| p.group()) {
+            _ if shape.len() < 2 => return (GgmlDType::F32, false),
+            Some(Group::Norms) => return (GgmlDType::F32, false),
+            Some(Group::Embeddings) => self.embedding,
             _ => self.linear,
         };
         let row = shape[shape.len() - 1];
@@ -899,7 +837,7 @@ pub fn quantize_model(dir: &Path, spec: QuantizeSpec, out: &Path) -> Result<Quan
     let weights = crate::formats::Weights::open_model_dir(dir, DType::F32, &Device::Cpu)?;
     let mut names: BTreeMap<String, String> = BTreeMap::new();
     for n in weights.names() {
-        match hf_to_gguf(&n) {
+        match schema::hf_to_gguf(&n) {
             Some(g) => {
                 names.insert(g, n);
             }
@@ -941,11 +879,13 @@ pub struct GroupSummary {
     pub types: BTreeMap<&'static str, usize>,
 }
 
-/// Totals per group (embeddings, attention, mlp, norms) for `qwenclip info`.
+/// Totals per group (embeddings, attention, mlp, norms, and `other` for tensors that are not
+/// part of a Qwen3) for `qwenclip info`.
 pub fn group_summary(gguf: &GgufFile) -> BTreeMap<&'static str, GroupSummary> {
     let mut groups: BTreeMap<&'static str, GroupSummary> = BTreeMap::new();
     for e in gguf.tensors() {
-        let g = groups.entry(tensor_group(&e.name)).or_default();
+        let group = schema::parse_gguf(&e.name).map_or("other", |(p, _)| p.group().name());
+        let g = groups.entry(group).or_default();
         g.tensors += 1;
         g.parameters += e.shape.iter().product::<usize>();
         g.bytes += e.bytes;

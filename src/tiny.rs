@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
 use crate::error::{Error, Result};
-use crate::formats::gguf::{GgufBuilder, QuantizeSpec};
 use crate::formats::save_atomic;
+use crate::llm::quantize::{GgufBuilder, QuantizeSpec};
 use crate::llm::schema::{Group, Param, TensorSpec};
 use crate::llm::Qwen3Config;
 use crate::lora::{Lora, LoraConfig, LoraPair, Site};

@@ -213,7 +213,7 @@ impl Qwen3 {
         device: &Device,
         opts: GgufOptions,
     ) -> Result<Self> {
-        let mut cfg = g.qwen3_config()?;
+        let mut cfg = Qwen3Config::from_gguf(g)?;
         if let Some(n) = opts.max_layers {
             cfg.num_hidden_layers = n.min(cfg.num_hidden_layers);
         }

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::adapter::Adapter;
 use crate::error::{Error, Result};
 use crate::formats::gguf::{self, GgufFile};
+use crate::llm::gguf::check_architecture;
 use crate::llm::qwen3::LoraMode;
 use crate::llm::Qwen3;
 use crate::ops::Path as OpPath;
@@ -111,12 +112,12 @@ impl Encoder {
     /// one, else the one embedded in the GGUF (Qwen's byte-level BPE), rebuilt.
     fn load_gguf(path: &Path, opts: &EncoderOptions) -> Result<(PromptTokenizer, Qwen3)> {
         let file = GgufFile::open(path)?;
-        file.check_qwen3()?;
+        check_architecture(&file)?;
         let beside = path.with_file_name("tokenizer.json");
         let tokenizer = if beside.is_file() {
             PromptTokenizer::load(&beside)?
         } else {
-            let inner = file.tokenizer().map_err(|e| match e {
+            let inner = crate::tokenizer::gguf::read(&file).map_err(|e| match e {
                 Error::Format { path, msg } => Error::Tokenizer {
                     path,
                     msg: format!("no tokenizer.json beside it, and {msg}"),

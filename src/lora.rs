@@ -10,18 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{read_json, Error, Result};
 use crate::formats::{save_atomic, Weights};
+use crate::llm::schema::Module;
 use crate::ops::{self, Path as OpPath, QMatrix};
 
-/// The projections a LoRA may target, with the sub-module PEFT nests them under.
-pub const TARGETS: [(&str, &str); 7] = [
-    ("q_proj", "self_attn"),
-    ("k_proj", "self_attn"),
-    ("v_proj", "self_attn"),
-    ("o_proj", "self_attn"),
-    ("gate_proj", "mlp"),
-    ("up_proj", "mlp"),
-    ("down_proj", "mlp"),
-];
+/// PEFT's name of the model a LoRA wraps, before the base model's own tensor names.
+const PEFT_ROOT: &str = "base_model.model.";
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -115,9 +108,11 @@ impl LoraConfig {
             other => return Err(format!("target_modules must be a list, got {other}")),
         };
         for t in &list {
-            if !TARGETS.iter().any(|(n, _)| n == t) {
+            if Module::from_name(t).is_none() {
+                let all: Vec<&str> = Module::ALL.iter().map(|m| m.name()).collect();
                 return Err(format!(
-                    "target module \"{t}\" is not a Qwen3 projection (expected any of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+                    "target module \"{t}\" is not a Qwen3 projection (expected any of {})",
+                    all.join(", ")
                 ));
             }
         }
@@ -166,40 +161,34 @@ pub struct Site {
 }
 
 impl Site {
+    /// The projection's path in the base model (`model.layers.3.self_attn.q_proj`): its
+    /// weight is this plus `.weight`.
+    pub fn module_path(&self) -> String {
+        match Module::from_name(&self.module) {
+            Some(m) => m.path(self.layer),
+            // Unknown modules are refused before a site is used; this only names one.
+            None => format!("model.layers.{}.{}", self.layer, self.module),
+        }
+    }
+
     /// PEFT's tensor name prefix for this site (without `.lora_A.weight`).
     pub fn peft_prefix(&self) -> String {
-        let parent = TARGETS
-            .iter()
-            .find(|(n, _)| *n == self.module)
-            .map(|(_, p)| *p)
-            .unwrap_or("self_attn");
-        format!(
-            "base_model.model.model.layers.{}.{}.{}",
-            self.layer, parent, self.module
-        )
+        format!("{PEFT_ROOT}{}", self.module_path())
     }
 
     fn parse(name: &str) -> Option<(Site, char)> {
-        let rest = name.strip_prefix("base_model.model.model.layers.")?;
-        let (layer, rest) = rest.split_once('.')?;
-        let layer: usize = layer.parse().ok()?;
-        let (parent, rest) = rest.split_once('.')?;
-        let (module, rest) = rest.split_once('.')?;
-        let which = match rest {
-            "lora_A.weight" => 'A',
-            "lora_B.weight" => 'B',
-            _ => return None,
-        };
-        let expected_parent = TARGETS.iter().find(|(n, _)| *n == module)?.1;
-        (parent == expected_parent).then(|| {
-            (
-                Site {
-                    layer,
-                    module: module.to_string(),
-                },
-                which,
-            )
-        })
+        let rest = name.strip_prefix(PEFT_ROOT)?;
+        let (path, which) = [("lora_A", 'A'), ("lora_B", 'B')]
+            .into_iter()
+            .find_map(|(half, c)| Some((rest.strip_suffix(&format!(".{half}.weight"))?, c)))?;
+        let (layer, m) = Module::parse_path(path)?;
+        Some((
+            Site {
+                layer,
+                module: m.name().to_string(),
+            },
+            which,
+        ))
     }
 }
 

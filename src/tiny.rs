@@ -9,12 +9,15 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapter::{Adapter, AdapterManifest, BaseModelRef};
 use crate::error::{Error, Result};
-use crate::formats::gguf::{hf_to_gguf, GgufBuilder, QuantizeSpec};
 use crate::formats::save_atomic;
+use crate::llm::quantize::{GgufBuilder, QuantizeSpec};
+use crate::llm::schema::{Group, Param, TensorSpec};
 use crate::llm::Qwen3Config;
 use crate::lora::{Lora, LoraConfig, LoraPair, Site};
 use crate::resampler::{Resampler, ResamplerConfig};
 use crate::rng::Rng;
+use crate::teacher::schema::{self as clip_schema, Field, Param as ClipParam};
+use crate::teacher::ClipTextConfig;
 
 /// Named architectures: `tiny` for tests, the others shaped like the released models.
 pub fn shape(name: &str) -> Result<Qwen3Config> {
@@ -57,65 +60,25 @@ fn normal_around(rng: &mut Rng, shape: &[usize], std: f64, mean: f32) -> Vec<f32
         .collect()
 }
 
-/// Every tensor of a random Qwen3 for `cfg`, in a fixed order, as (Hugging Face name,
-/// shape, f32 values): the same seed gives the same weights in every format.
+/// Every tensor of a random Qwen3 for `cfg`, in schema order, with f32 values: the same
+/// seed gives the same weights in every format. Matrices are drawn at PyTorch's default
+/// scale (`1/sqrt(in)`), norms around 1.
 fn random_tensors(
     cfg: &Qwen3Config,
     seed: u64,
-    mut emit: impl FnMut(String, Vec<usize>, Vec<f32>) -> Result<()>,
+    mut emit: impl FnMut(TensorSpec, Vec<f32>) -> Result<()>,
 ) -> Result<()> {
     let mut rng = Rng::new(seed);
-    let (h, hd, i) = (cfg.hidden_size, cfg.head_dim(), cfg.intermediate_size);
-    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-    let mut put = |name: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
-        let data = normal_around(&mut rng, &shape, std, mean);
-        emit(name, shape, data)
-    };
-    put(
-        "model.embed_tokens.weight".into(),
-        vec![cfg.vocab_size, h],
-        0.02,
-        0.0,
-    )?;
-    let lin_std = 1.0 / (h as f64).sqrt();
-    for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        let a = format!("{p}.self_attn");
-        put(format!("{a}.q_proj.weight"), vec![nh * hd, h], lin_std, 0.0)?;
-        put(
-            format!("{a}.k_proj.weight"),
-            vec![nkv * hd, h],
-            lin_std,
-            0.0,
-        )?;
-        put(
-            format!("{a}.v_proj.weight"),
-            vec![nkv * hd, h],
-            lin_std,
-            0.0,
-        )?;
-        let o_std = 1.0 / ((nh * hd) as f64).sqrt();
-        put(format!("{a}.o_proj.weight"), vec![h, nh * hd], o_std, 0.0)?;
-        put(format!("{a}.q_norm.weight"), vec![hd], 0.1, 1.0)?;
-        put(format!("{a}.k_norm.weight"), vec![hd], 0.1, 1.0)?;
-        put(
-            format!("{p}.mlp.gate_proj.weight"),
-            vec![i, h],
-            lin_std,
-            0.0,
-        )?;
-        put(format!("{p}.mlp.up_proj.weight"), vec![i, h], lin_std, 0.0)?;
-        let d_std = 1.0 / (i as f64).sqrt();
-        put(format!("{p}.mlp.down_proj.weight"), vec![h, i], d_std, 0.0)?;
-        put(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0)?;
-        put(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            0.1,
-            1.0,
-        )?;
+    for t in cfg.tensors() {
+        let (std, mean) = match t.param {
+            Param::Embedding => (0.02, 0.0),
+            p if p.group() == Group::Norms => (0.1, 1.0),
+            _ => (1.0 / (t.shape[1] as f64).sqrt(), 0.0),
+        };
+        let data = normal_around(&mut rng, &t.shape, std, mean);
+        emit(t, data)?;
     }
-    put("model.norm.weight".into(), vec![h], 0.1, 1.0)
+    Ok(())
 }
 
 /// Writes a Qwen3 with random weights in Hugging Face layout (`config.json`,
@@ -129,9 +92,9 @@ pub fn write_model(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = HashMap::new();
-    random_tensors(cfg, seed, |name, shape, data| {
-        let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?;
-        tensors.insert(name, t);
+    random_tensors(cfg, seed, |t, data| {
+        let value = Tensor::from_vec(data, t.shape, &Device::Cpu)?.to_dtype(dtype)?;
+        tensors.insert(t.hf_name, value);
         Ok(())
     })?;
     let mut meta = HashMap::new();
@@ -163,9 +126,11 @@ pub fn write_gguf_model(
     seed: u64,
 ) -> Result<()> {
     let mut b = GgufBuilder::new(spec);
-    random_tensors(cfg, seed, |name, shape, data| {
-        let g = hf_to_gguf(&name).expect("random_tensors emits Qwen3 names");
-        b.add(&g, &Tensor::from_vec(data, shape, &Device::Cpu)?)
+    random_tensors(cfg, seed, |t, data| {
+        b.add(
+            &t.gguf_name,
+            &Tensor::from_vec(data, t.shape, &Device::Cpu)?,
+        )
     })?;
     let name = out.file_stem().map_or("qwen3-random".to_string(), |n| {
         n.to_string_lossy().into_owned()
@@ -184,15 +149,10 @@ pub fn make_adapter(
     let mut rng = Rng::new(seed);
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj"];
     let r = 4;
-    let (h, hd) = (cfg.hidden_size, cfg.head_dim());
     let mut pairs = std::collections::BTreeMap::new();
     for layer in 0..cfg.num_hidden_layers {
         for m in targets {
-            let (out, inp) = match m {
-                "q_proj" => (cfg.num_attention_heads * hd, h),
-                "o_proj" => (h, cfg.num_attention_heads * hd),
-                _ => (cfg.num_key_value_heads * hd, h),
-            };
+            let (out, inp) = cfg.projection_shape(m).expect("a Qwen3 projection");
             let a = Tensor::from_vec(
                 rng.normal_vec(r * inp, 1.0 / (inp as f64).sqrt()),
                 (r, inp),
@@ -255,70 +215,54 @@ pub fn write_tiny_teacher(dir: &Path, seed: u64) -> Result<()> {
     let mut rng = Rng::new(seed);
     for (name, h, ffn, act, proj) in encoders {
         let sub = dir.join(name);
-        let mut tensors = HashMap::new();
-        let mut put = |key: String, shape: Vec<usize>, std: f64, mean: f32| -> Result<()> {
-            let data = normal_around(&mut rng, &shape, std, mean);
-            tensors.insert(key, Tensor::from_vec(data, shape, &Device::Cpu)?);
-            Ok(())
+        let cfg = ClipTextConfig {
+            vocab_size: vocab,
+            hidden_size: h,
+            intermediate_size: ffn,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            max_position_embeddings: max_pos,
+            hidden_act: act.to_string(),
+            layer_norm_eps: 1e-5,
+            projection_dim: proj,
+            eos_token_id: 2,
         };
-        let t = "text_model";
-        put(
-            format!("{t}.embeddings.token_embedding.weight"),
-            vec![vocab, h],
-            0.5,
-            0.0,
-        )?;
-        put(
-            format!("{t}.embeddings.position_embedding.weight"),
-            vec![max_pos, h],
-            0.1,
-            0.0,
-        )?;
-        let lin = |out: usize, inp: usize| (vec![out, inp], 1.0 / (inp as f64).sqrt());
-        for l in 0..layers {
-            let p = format!("{t}.encoder.layers.{l}");
-            for (m, out, inp) in [
-                ("self_attn.q_proj", h, h),
-                ("self_attn.k_proj", h, h),
-                ("self_attn.v_proj", h, h),
-                ("self_attn.out_proj", h, h),
-                ("mlp.fc1", ffn, h),
-                ("mlp.fc2", h, ffn),
-            ] {
-                let (shape, std) = lin(out, inp);
-                put(format!("{p}.{m}.weight"), shape, std, 0.0)?;
-                put(format!("{p}.{m}.bias"), vec![out], 0.02, 0.0)?;
-            }
-            for ln in ["layer_norm1", "layer_norm2"] {
-                put(format!("{p}.{ln}.weight"), vec![h], 0.1, 1.0)?;
-                put(format!("{p}.{ln}.bias"), vec![h], 0.1, 0.0)?;
-            }
-        }
-        put(format!("{t}.final_layer_norm.weight"), vec![h], 0.1, 1.0)?;
-        put(format!("{t}.final_layer_norm.bias"), vec![h], 0.1, 0.0)?;
-        if let Some(p) = proj {
-            let (shape, std) = lin(p, h);
-            put("text_projection.weight".into(), shape, std, 0.0)?;
+        let mut tensors = HashMap::new();
+        for p in clip_schema::tensors(&cfg) {
+            let shape = p.shape(&cfg);
+            let (std, mean) = match p {
+                ClipParam::TokenEmbedding => (0.5, 0.0),
+                ClipParam::PositionEmbedding => (0.1, 0.0),
+                ClipParam::FinalNorm(field) | ClipParam::Layer { field, .. } if p.is_norm() => {
+                    (0.1, if field == Field::Weight { 1.0 } else { 0.0 })
+                }
+                ClipParam::Layer {
+                    field: Field::Bias, ..
+                } => (0.02, 0.0),
+                _ => (1.0 / (shape[1] as f64).sqrt(), 0.0),
+            };
+            let data = normal_around(&mut rng, &shape, std, mean);
+            tensors.insert(p.hf_name(), Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         save_atomic(&tensors, Some(meta), &sub.join("model.safetensors"))?;
-        let config = serde_json::json!({
-            "architectures": [if proj.is_some() { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
+        let mut config = serde_json::to_value(&cfg).expect("config serialises");
+        let class = if proj.is_some() {
+            "CLIPTextModelWithProjection"
+        } else {
+            "CLIPTextModel"
+        };
+        let extra = serde_json::json!({
+            "architectures": [class],
             "model_type": "clip_text_model",
-            "vocab_size": vocab,
-            "hidden_size": h,
-            "intermediate_size": ffn,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "max_position_embeddings": max_pos,
-            "hidden_act": act,
-            "layer_norm_eps": 1e-5,
             "projection_dim": proj.unwrap_or(h),
             "bos_token_id": 0,
-            "eos_token_id": 2,
             "pad_token_id": 1,
             "torch_dtype": "float32",
         });
+        for (k, v) in extra.as_object().expect("an object") {
+            config[k] = v.clone();
+        }
         let json = serde_json::to_vec_pretty(&config).expect("config serialises");
         crate::formats::safetensors::write_atomic(&sub.join("config.json"), &json)?;
     }

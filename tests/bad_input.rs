@@ -6,8 +6,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use common::*;
-use qwenclip::formats::pth::{load_resampler, KeyMap};
+use qwenclip::formats::pth::KeyMap;
 use qwenclip::llm::Qwen3;
+use qwenclip::resampler::pth::load_resampler;
 use qwenclip::{Encoder, EncoderOptions, Error};
 
 fn copy_dir(from: &Path, to: &Path) {

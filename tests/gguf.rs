@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use qwenclip::formats::gguf::{quantize_model, GgufFile, QuantizeSpec};
+use qwenclip::formats::gguf::GgufFile;
+use qwenclip::llm::quantize::{quantize_model, QuantizeSpec};
 use qwenclip::llm::{GgufOptions, Qwen3, Qwen3Config};
 use qwenclip::lora::{Lora, LoraPair, QLoraLinear};
 use qwenclip::ops::{self, QMatMulKernel, QMatrix};
@@ -112,7 +113,7 @@ fn f32_gguf_written_by_gguf_py_matches_transformers() {
     let path = fixture("gqa2_untied-f32.gguf");
     let hf = Qwen3Config::load(&parity("models/gqa2_untied/config.json")).unwrap();
     let g = GgufFile::open(&path).unwrap();
-    let cfg = g.qwen3_config().unwrap();
+    let cfg = Qwen3Config::from_gguf(&g).unwrap();
     assert_eq!(cfg.fingerprint(), hf.fingerprint(), "{cfg:?}");
     assert_eq!(
         (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings),
@@ -219,10 +220,10 @@ fn embedded_tokenizer_gives_the_ids_transformers_gives() {
     let reference = load(&fixture("reference.safetensors"));
     let info = safetensors_metadata(&fixture("reference.safetensors"));
     let prompts: Vec<String> = serde_json::from_value(info["prompts"].clone()).unwrap();
-    let tok = GgufFile::open(&fixture("gqa2_untied-q8_0.gguf"))
-        .unwrap()
-        .tokenizer()
-        .unwrap();
+    let tok = qwenclip::tokenizer::gguf::read(
+        &GgufFile::open(&fixture("gqa2_untied-q8_0.gguf")).unwrap(),
+    )
+    .unwrap();
     for (i, p) in prompts.iter().enumerate() {
         let want: Vec<u32> = reference[&format!("prompt_ids_{i}")]
             .flatten_all()
@@ -827,7 +828,7 @@ fn a_gguf_without_tokenizer_asks_for_tokenizer_json_beside_it() {
 #[test]
 fn tokenizer_rebuilt_from_a_quantized_tiny_model_equals_tokenizer_json() {
     let g = tiny_gguf("tiny-q8_0", spec(GgmlDType::Q8_0, GgmlDType::Q8_0));
-    let rebuilt = GgufFile::open(&g).unwrap().tokenizer().unwrap();
+    let rebuilt = qwenclip::tokenizer::gguf::read(&GgufFile::open(&g).unwrap()).unwrap();
     let original = tokenizers::Tokenizer::from_file(qwen_tokenizer()).unwrap();
     let prompts = [
         "a red cube left of a blue sphere",

@@ -5,9 +5,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use qwenclip::formats::pth::{load_resampler, KeyMap};
+use qwenclip::formats::pth::KeyMap;
 use qwenclip::llm::Qwen3;
 use qwenclip::lora::Lora;
+use qwenclip::resampler::pth::load_resampler;
 use qwenclip::resampler::Resampler;
 use qwenclip::{ForwardPath, LoraMode};
 

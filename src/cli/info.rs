@@ -101,9 +101,10 @@ pub fn run(path: &Path) -> Result<()> {
 
 /// A GGUF Qwen3: shape, tokenizer, and type and size of each tensor group.
 fn gguf_info(path: &Path) -> Result<()> {
-    use qwenclip::formats::gguf::{group_summary, GgufFile};
+    use qwenclip::formats::gguf::GgufFile;
+    use qwenclip::llm::gguf::group_summary;
     let g = GgufFile::open(path)?;
-    let cfg = g.qwen3_config()?;
+    let cfg = Qwen3Config::from_gguf(&g)?;
     let file_bytes = std::fs::metadata(path)?.len();
     println!(
         "GGUF Qwen3 model: {} ({})",
@@ -120,7 +121,7 @@ fn gguf_info(path: &Path) -> Result<()> {
     let tok = if beside.is_file() {
         format!("{} (beside the file)", beside.display())
     } else {
-        match g.tokenizer() {
+        match qwenclip::tokenizer::gguf::read(&g) {
             Ok(t) => format!("embedded, {} tokens", t.get_vocab_size(true)),
             Err(e) => format!("MISSING: {e}"),
         }

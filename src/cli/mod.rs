@@ -154,7 +154,8 @@ pub fn run(cli: Cli) -> Result<()> {
             embed_type,
             out,
         } => {
-            use qwenclip::formats::gguf::{quantize_model, QuantizeSpec};
+            use qwenclip::formats::gguf::parse_type;
+            use qwenclip::llm::quantize::{quantize_model, QuantizeSpec};
             let dir = qwenclip::hub::resolve_model(&model)?;
             if qwenclip::formats::gguf::is_gguf(&dir) {
                 bail!(
@@ -163,8 +164,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
             let spec = QuantizeSpec {
-                linear: QuantizeSpec::parse_type(&qtype)?,
-                embedding: QuantizeSpec::parse_type(&embed_type)?,
+                linear: parse_type(&qtype)?,
+                embedding: parse_type(&embed_type)?,
             };
             let t0 = std::time::Instant::now();
             let r = quantize_model(&dir, spec, &out)?;
@@ -213,9 +214,9 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = qwenclip::tiny::shape(&shape)?;
             if let Some(t) = gguf {
-                use qwenclip::formats::gguf::QuantizeSpec;
+                use qwenclip::llm::quantize::QuantizeSpec;
                 let spec = QuantizeSpec {
-                    linear: QuantizeSpec::parse_type(&t)?,
+                    linear: qwenclip::formats::gguf::parse_type(&t)?,
                     embedding: candle_core::quantized::GgmlDType::Q8_0,
                 };
                 qwenclip::tiny::write_gguf_model(&cfg, &out, Some(&tokenizer), spec, seed)?;
@@ -231,7 +232,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Some(p) => qwenclip::formats::pth::KeyMap::load(&p)?,
                 None => Default::default(),
             };
-            let r = qwenclip::formats::pth::load_resampler(&pth, &map, &Device::Cpu)?;
+            let r = qwenclip::resampler::pth::load_resampler(&pth, &map, &Device::Cpu)?;
             r.save(&out)?;
             println!(
                 "{} -> {} ({} parameters, config {})",

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use super::atomic::replace_atomic;
 use crate::error::{read_json, Error, Result};
 
 /// A set of safetensors files (one file, or the shards of an index) whose headers are read
@@ -226,33 +227,10 @@ pub fn save_atomic(
     write_atomic(path, &data)
 }
 
-/// Atomic replacement of a whole file (temp + fsync + rename).
+/// Atomic replacement of a whole file (see [`replace_atomic`]).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
+    replace_atomic(path, |f| f.write_all(data).map_err(|e| Error::io(path, e)))
 }
 
 /// Adapts a candle tensor to the `safetensors` crate's view trait without an extra copy.

@@ -32,11 +32,11 @@ pub struct Qwen3Config {
     pub max_position_embeddings: Option<usize>,
 }
 
-fn default_rope_theta() -> f64 {
+pub(super) fn default_rope_theta() -> f64 {
     1_000_000.0
 }
 
-fn default_eps() -> f64 {
+pub(super) fn default_eps() -> f64 {
     1e-6
 }
 
@@ -98,46 +98,31 @@ impl Qwen3Config {
 
     /// A short text naming the architecture's shape, for error messages and `info`.
     pub fn shape_summary(&self) -> String {
-        format!(
-            "hidden {} x {} layers, {} heads / {} KV heads of {}, ffn {}, vocab {}",
-            self.hidden_size,
-            self.num_hidden_layers,
-            self.num_attention_heads,
-            self.num_key_value_heads,
-            self.head_dim(),
-            self.intermediate_size,
-            self.vocab_size
-        )
+        let [h, l, heads, kv, hd, ffn, vocab] = self.dims();
+        format!("hidden {h} x {l} layers, {heads} heads / {kv} KV heads of {hd}, ffn {ffn}, vocab {vocab}")
     }
 
     /// sha256 over the fields that decide whether weights made for one base fit another.
     pub fn fingerprint(&self) -> String {
-        let key = format!(
-            "qwen3;h={};l={};heads={};kv={};hd={};ffn={};vocab={}",
-            self.hidden_size,
-            self.num_hidden_layers,
-            self.num_attention_heads,
-            self.num_key_value_heads,
-            self.head_dim(),
-            self.intermediate_size,
-            self.vocab_size
-        );
+        let [h, l, heads, kv, hd, ffn, vocab] = self.dims();
+        let key =
+            format!("qwen3;h={h};l={l};heads={heads};kv={kv};hd={hd};ffn={ffn};vocab={vocab}");
         let digest = Sha256::digest(key.as_bytes());
         let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
         format!("sha256:{hex}")
     }
 
-    /// `[out, in]` of a decoder projection (`q_proj` ... `down_proj`).
-    pub fn projection_shape(&self, module: &str) -> Option<(usize, usize)> {
-        let (h, hd, i) = (self.hidden_size, self.head_dim(), self.intermediate_size);
-        Some(match module {
-            "q_proj" => (self.num_attention_heads * hd, h),
-            "k_proj" | "v_proj" => (self.num_key_value_heads * hd, h),
-            "o_proj" => (h, self.num_attention_heads * hd),
-            "gate_proj" | "up_proj" => (i, h),
-            "down_proj" => (h, i),
-            _ => return None,
-        })
+    /// The sizes that decide every tensor's shape (see [`Qwen3Config::tensors`]).
+    fn dims(&self) -> [usize; 7] {
+        [
+            self.hidden_size,
+            self.num_hidden_layers,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim(),
+            self.intermediate_size,
+            self.vocab_size,
+        ]
     }
 
     /// Resolves a `transformers`-style `hidden_states` index (negative counts from the end)

@@ -12,11 +12,13 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::Qwen3Config;
+use super::load::{GgufSource, Matrix, TensorSource};
+use super::schema::{Module, Param};
 use crate::error::{Error, Result};
-use crate::formats::gguf::{self, GgufFile, TensorReader};
+use crate::formats::gguf::{self, GgufFile};
 use crate::formats::Weights;
 use crate::lora::{Lora, Projection, Site};
-use crate::ops::{self, Path as OpPath, QMatrix, MASKED};
+use crate::ops::{self, Path as OpPath, MASKED};
 
 /// How a LoRA is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,14 +62,6 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// The token embedding table: dense, or quantized GGUF blocks of which only the looked-up
-/// rows are dequantized.
-#[derive(Clone)]
-enum Embedding {
-    Dense(Tensor),
-    Quantized(Arc<QMatrix>),
-}
-
 /// Where the weights came from.
 #[derive(Clone)]
 enum Source {
@@ -89,7 +83,7 @@ pub struct GgufOptions {
 #[derive(Clone)]
 pub struct Qwen3 {
     cfg: Qwen3Config,
-    embed_tokens: Embedding,
+    embed_tokens: Matrix,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     source: Source,
@@ -99,23 +93,6 @@ pub struct Qwen3 {
 }
 
 impl Attention {
-    fn load(w: &Weights, p: &str, cfg: &Qwen3Config) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        Ok(Self {
-            q_proj: Projection::dense(w.get(&format!("{p}.q_proj.weight"), &[nh * hd, h])?),
-            k_proj: Projection::dense(w.get(&format!("{p}.k_proj.weight"), &[nkv * hd, h])?),
-            v_proj: Projection::dense(w.get(&format!("{p}.v_proj.weight"), &[nkv * hd, h])?),
-            o_proj: Projection::dense(w.get(&format!("{p}.o_proj.weight"), &[h, nh * hd])?),
-            q_norm: w.get(&format!("{p}.q_norm.weight"), &[hd])?,
-            k_norm: w.get(&format!("{p}.k_norm.weight"), &[hd])?,
-            n_heads: nh,
-            n_kv: nkv,
-            head_dim: hd,
-            eps: cfg.rms_norm_eps,
-        })
-    }
-
     /// `x`: `[B,T,H]`; `bias`: `[B,1,1,T,T]` additive mask in the softmax dtype (f32, or f64
     /// for an f64 model); `cos`/`sin`: `[T, hd/2]`.
     fn forward(
@@ -139,52 +116,40 @@ impl Attention {
         let out = ops::attention(&q, &k, &v, bias, path)?;
         self.o_proj.forward(&out, path)
     }
-
-    fn linears_mut(&mut self) -> [(&'static str, &mut Projection); 4] {
-        [
-            ("q_proj", &mut self.q_proj),
-            ("k_proj", &mut self.k_proj),
-            ("v_proj", &mut self.v_proj),
-            ("o_proj", &mut self.o_proj),
-        ]
-    }
 }
 
 impl Mlp {
-    fn load(w: &Weights, p: &str, cfg: &Qwen3Config) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        Ok(Self {
-            gate_proj: Projection::dense(w.get(&format!("{p}.gate_proj.weight"), &[i, h])?),
-            up_proj: Projection::dense(w.get(&format!("{p}.up_proj.weight"), &[i, h])?),
-            down_proj: Projection::dense(w.get(&format!("{p}.down_proj.weight"), &[h, i])?),
-        })
-    }
-
     fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x, path)?;
         let up = self.up_proj.forward(x, path)?;
         self.down_proj.forward(&ops::silu_mul(&gate, &up)?, path)
     }
-
-    fn linears_mut(&mut self) -> [(&'static str, &mut Projection); 3] {
-        [
-            ("gate_proj", &mut self.gate_proj),
-            ("up_proj", &mut self.up_proj),
-            ("down_proj", &mut self.down_proj),
-        ]
-    }
 }
 
 impl DecoderLayer {
-    fn load(w: &Weights, i: usize, cfg: &Qwen3Config) -> Result<Self> {
-        let p = format!("model.layers.{i}");
-        let h = cfg.hidden_size;
+    fn load(src: &mut impl TensorSource, cfg: &Qwen3Config, i: usize) -> Result<Self> {
+        let t = |p| cfg.layer_tensor(i, p);
+        let proj = |m| t(Param::Projection(m));
         Ok(Self {
-            input_layernorm: w.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            post_attention_layernorm: w
-                .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            self_attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
-            mlp: Mlp::load(w, &format!("{p}.mlp"), cfg)?,
+            input_layernorm: src.dense(&t(Param::InputNorm))?,
+            post_attention_layernorm: src.dense(&t(Param::PostAttentionNorm))?,
+            self_attn: Attention {
+                q_proj: src.projection(&proj(Module::QProj))?,
+                k_proj: src.projection(&proj(Module::KProj))?,
+                v_proj: src.projection(&proj(Module::VProj))?,
+                o_proj: src.projection(&proj(Module::OProj))?,
+                q_norm: src.dense(&t(Param::QNorm))?,
+                k_norm: src.dense(&t(Param::KNorm))?,
+                n_heads: cfg.num_attention_heads,
+                n_kv: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim(),
+                eps: cfg.rms_norm_eps,
+            },
+            mlp: Mlp {
+                gate_proj: src.projection(&proj(Module::GateProj))?,
+                up_proj: src.projection(&proj(Module::UpProj))?,
+                down_proj: src.projection(&proj(Module::DownProj))?,
+            },
         })
     }
 
@@ -203,59 +168,17 @@ impl DecoderLayer {
         x + self.mlp.forward(&h, path)?
     }
 
-    fn linear_mut(&mut self, module: &str) -> Option<&mut Projection> {
-        let attn = self.self_attn.linears_mut().into_iter();
-        let mlp = self.mlp.linears_mut().into_iter();
-        attn.chain(mlp).find(|(n, _)| *n == module).map(|(_, l)| l)
-    }
-}
-
-impl Attention {
-    fn load_gguf(r: &mut Loader<'_, '_>, i: usize, cfg: &Qwen3Config) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        Ok(Self {
-            q_proj: r.projection(&gguf::projection_name(i, "q_proj"), (nh * hd, h))?,
-            k_proj: r.projection(&gguf::projection_name(i, "k_proj"), (nkv * hd, h))?,
-            v_proj: r.projection(&gguf::projection_name(i, "v_proj"), (nkv * hd, h))?,
-            o_proj: r.projection(&gguf::projection_name(i, "o_proj"), (h, nh * hd))?,
-            q_norm: r.norm(&format!("blk.{i}.attn_q_norm.weight"), hd)?,
-            k_norm: r.norm(&format!("blk.{i}.attn_k_norm.weight"), hd)?,
-            n_heads: nh,
-            n_kv: nkv,
-            head_dim: hd,
-            eps: cfg.rms_norm_eps,
-        })
-    }
-}
-
-/// Reads a GGUF's tensors into model parts.
-struct Loader<'g, 'r> {
-    reader: &'r mut TensorReader<'g>,
-    gguf: &'g GgufFile,
-    dtype: DType,
-    device: Device,
-    opts: GgufOptions,
-}
-
-impl Loader<'_, '_> {
-    /// Float tensors (and everything when dequantizing) become dense weights of the model
-    /// dtype; quantized ones stay quantized.
-    fn projection(&mut self, name: &str, shape: (usize, usize)) -> Result<Projection> {
-        let entry = self.gguf.entry(name)?;
-        if self.opts.dequantize || gguf::is_float(entry.dtype) {
-            let w = self
-                .reader
-                .dense(name, &[shape.0, shape.1], self.dtype, &self.device)?;
-            Ok(Projection::dense(w))
-        } else {
-            let q = self.reader.qmatrix(name, shape, &self.device)?;
-            Ok(Projection::quantized(Arc::new(q)))
+    fn projection_mut(&mut self, m: Module) -> &mut Projection {
+        let (a, f) = (&mut self.self_attn, &mut self.mlp);
+        match m {
+            Module::QProj => &mut a.q_proj,
+            Module::KProj => &mut a.k_proj,
+            Module::VProj => &mut a.v_proj,
+            Module::OProj => &mut a.o_proj,
+            Module::GateProj => &mut f.gate_proj,
+            Module::UpProj => &mut f.up_proj,
+            Module::DownProj => &mut f.down_proj,
         }
-    }
-
-    fn norm(&mut self, name: &str, n: usize) -> Result<Tensor> {
-        self.reader.dense(name, &[n], self.dtype, &self.device)
     }
 }
 
@@ -290,69 +213,53 @@ impl Qwen3 {
         device: &Device,
         opts: GgufOptions,
     ) -> Result<Self> {
-        let mut cfg = g.qwen3_config()?;
+        let mut cfg = Qwen3Config::from_gguf(g)?;
         if let Some(n) = opts.max_layers {
             cfg.num_hidden_layers = n.min(cfg.num_hidden_layers);
         }
-        let mut reader = g.reader()?;
-        let mut r = Loader {
-            reader: &mut reader,
+        let mut src = GgufSource {
+            reader: g.reader()?,
             gguf: g,
             dtype,
             device: device.clone(),
             opts,
         };
-        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-        let emb = g.entry("token_embd.weight")?;
-        let embed_tokens = if opts.dequantize || gguf::is_float(emb.dtype) {
-            Embedding::Dense(r.reader.dense(&emb.name, &[v, h], dtype, device)?)
-        } else {
-            Embedding::Quantized(Arc::new(r.reader.qmatrix(&emb.name, (v, h), device)?))
-        };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let i_ = cfg.intermediate_size;
-            layers.push(DecoderLayer {
-                input_layernorm: r.norm(&format!("blk.{i}.attn_norm.weight"), h)?,
-                post_attention_layernorm: r.norm(&format!("blk.{i}.ffn_norm.weight"), h)?,
-                self_attn: Attention::load_gguf(&mut r, i, &cfg)?,
-                mlp: Mlp {
-                    gate_proj: r.projection(&gguf::projection_name(i, "gate_proj"), (i_, h))?,
-                    up_proj: r.projection(&gguf::projection_name(i, "up_proj"), (i_, h))?,
-                    down_proj: r.projection(&gguf::projection_name(i, "down_proj"), (h, i_))?,
-                },
-            });
-        }
-        let norm = r.norm("output_norm.weight", h)?;
+        let source = Source::Gguf(g.path().to_path_buf());
+        Self::build(cfg, &mut src, source, dtype, device)
+    }
+
+    pub fn from_weights(cfg: Qwen3Config, w: Arc<Weights>) -> Result<Self> {
+        let (dtype, device) = (w.dtype(), w.device().clone());
+        Self::build(
+            cfg,
+            &mut &*w,
+            Source::Safetensors(w.clone()),
+            dtype,
+            &device,
+        )
+    }
+
+    /// Reads every tensor the encoder needs, in checkpoint order.
+    fn build(
+        cfg: Qwen3Config,
+        src: &mut impl TensorSource,
+        source: Source,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let embed_tokens = src.matrix(&cfg.tensor(Param::Embedding))?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(src, &cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = src.dense(&cfg.tensor(Param::FinalNorm))?;
         Ok(Self {
             cfg,
             embed_tokens,
             layers,
             norm,
-            source: Source::Gguf(g.path().to_path_buf()),
+            source,
             dtype,
             device: device.clone(),
-            lora: None,
-        })
-    }
-
-    pub fn from_weights(cfg: Qwen3Config, w: Arc<Weights>) -> Result<Self> {
-        let embed_tokens = w.get(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size, cfg.hidden_size],
-        )?;
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&w, i, &cfg))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = w.get("model.norm.weight", &[cfg.hidden_size])?;
-        Ok(Self {
-            cfg,
-            dtype: embed_tokens.dtype(),
-            device: embed_tokens.device().clone(),
-            embed_tokens: Embedding::Dense(embed_tokens),
-            layers,
-            norm,
-            source: Source::Safetensors(w),
             lora: None,
         })
     }
@@ -380,7 +287,7 @@ impl Qwen3 {
 
     /// True when at least one projection (or the embedding) is held quantized.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.embed_tokens, Embedding::Quantized(_))
+        matches!(self.embed_tokens, Matrix::Quantized(_))
             || self
                 .projections()
                 .any(|p| matches!(p, Projection::Quantized(_)))
@@ -416,8 +323,8 @@ impl Qwen3 {
             })
             .sum();
         let embed = match &self.embed_tokens {
-            Embedding::Dense(t) => size(t),
-            Embedding::Quantized(q) => q.storage_bytes(),
+            Matrix::Dense(t) => size(t),
+            Matrix::Quantized(q) => q.storage_bytes(),
         };
         let projections: usize = self.projections().map(Projection::weight_bytes).sum();
         embed + size(&self.norm) + norms + projections
@@ -448,8 +355,8 @@ impl Qwen3 {
         }
         let flat = ids.flatten_all()?;
         let mut x = match &self.embed_tokens {
-            Embedding::Dense(e) => e.index_select(&flat, 0)?,
-            Embedding::Quantized(q) => q.embedding(&flat)?.to_dtype(self.dtype)?,
+            Matrix::Dense(e) => e.index_select(&flat, 0)?,
+            Matrix::Quantized(q) => q.embedding(&flat)?.to_dtype(self.dtype)?,
         }
         .reshape((b, t, self.cfg.hidden_size))?;
         let bias =
@@ -515,11 +422,7 @@ impl Qwen3 {
             if let (LoraMode::Merged, Source::Safetensors(w), Projection::Dense(l)) =
                 (mode, source, lin)
             {
-                let name = format!(
-                    "model.{}.weight",
-                    &site.peft_prefix()["base_model.model.model.".len()..]
-                );
-                l.weight = w.get(&name, &[out, inp])?;
+                l.weight = w.get(&format!("{}.weight", site.module_path()), &[out, inp])?;
             }
         }
         Ok(())
@@ -538,9 +441,9 @@ impl Qwen3 {
                 site.layer
             ))
         })?;
-        layer
-            .linear_mut(&site.module)
-            .ok_or_else(|| Error::Mismatch(format!("unknown projection {}", site.module)))
+        let m = Module::from_name(&site.module)
+            .ok_or_else(|| Error::Mismatch(format!("unknown projection {}", site.module)))?;
+        Ok(layer.projection_mut(m))
     }
 }
 

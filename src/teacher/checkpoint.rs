@@ -3,9 +3,10 @@
 //! Stability layout: CLIP-L in Hugging Face names under `conditioner.embedders.0.transformer.`,
 //! CLIP-G in open_clip names under `conditioner.embedders.1.model.`).
 //!
-//! The model code asks for Hugging Face names only; a `Source` translates them, splits
-//! open_clip's fused `in_proj` into q/k/v, transposes open_clip's `text_projection`, and
-//! remembers every tensor it handed out (for the fingerprint).
+//! The model code asks for [`Param`]s; a `Source` reads each under its name in the file's
+//! layout (see [`super::schema`]), splits open_clip's fused `in_proj` into q/k/v, transposes
+//! open_clip's `text_projection`, and remembers every tensor it handed out (for the
+//! fingerprint).
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::clip::{ClipTextConfig, Pooling};
+use super::schema::{LayerModule, OpenClipKey, Param, HF_LAYERS, OPEN_CLIP_LAYERS};
 use crate::error::{Error, Result};
 use crate::formats::Weights;
 
@@ -30,10 +32,33 @@ pub(crate) enum Layout {
     OpenClip { prefix: String },
 }
 
-/// A view of a [`Weights`] set in Hugging Face names.
+impl Layout {
+    /// The name `param` has in the file (for open_clip, of the tensor it is read from).
+    fn key(&self, param: Param) -> String {
+        match self {
+            Self::Hf { prefix } => format!("{prefix}{}", param.hf_name()),
+            Self::OpenClip { prefix } => match param.open_clip() {
+                OpenClipKey::Renamed(k)
+                | OpenClipKey::InProj { key: k, .. }
+                | OpenClipKey::Transposed(k) => format!("{prefix}{k}"),
+            },
+        }
+    }
+
+    /// Where the encoder layers are.
+    fn layers_prefix(&self) -> String {
+        match self {
+            Self::Hf { prefix } => format!("{prefix}{HF_LAYERS}"),
+            Self::OpenClip { prefix } => format!("{prefix}{OPEN_CLIP_LAYERS}"),
+        }
+    }
+}
+
+/// A view of a [`Weights`] set by [`Param`], for one encoder config.
 pub(crate) struct Source<'a> {
     w: &'a Weights,
     layout: Layout,
+    cfg: &'a ClipTextConfig,
     /// The last fused open_clip `in_proj` tensor loaded, so q, k and v read it once.
     fused: RefCell<Option<(String, Tensor)>>,
     /// Every tensor handed out, under its Hugging Face name.
@@ -41,10 +66,11 @@ pub(crate) struct Source<'a> {
 }
 
 impl<'a> Source<'a> {
-    pub fn new(w: &'a Weights, layout: Layout) -> Self {
+    pub fn new(w: &'a Weights, layout: Layout, cfg: &'a ClipTextConfig) -> Self {
         Self {
             w,
             layout,
+            cfg,
             fused: RefCell::new(None),
             loaded: RefCell::new(Vec::new()),
         }
@@ -59,62 +85,27 @@ impl<'a> Source<'a> {
         std::mem::take(&mut *self.loaded.borrow_mut())
     }
 
-    /// The tensor that the Hugging Face checkpoint calls `name`, checked against `shape`
-    /// (Hugging Face orientation). Errors name the file and the key actually read.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = match &self.layout {
-            Layout::Hf { prefix } => self.w.get(&format!("{prefix}{name}"), shape)?,
-            Layout::OpenClip { prefix } => self.get_open_clip(prefix, name, shape)?,
-        };
-        self.loaded.borrow_mut().push((name.to_string(), t.clone()));
-        Ok(t)
+    pub fn config(&self) -> &ClipTextConfig {
+        self.cfg
     }
 
-    fn get_open_clip(&self, prefix: &str, name: &str, shape: &[usize]) -> Result<Tensor> {
-        if name == "text_projection.weight" {
-            // open_clip computes `x @ text_projection` with a `[H, P]` matrix.
-            let key = format!("{prefix}text_projection");
-            let t = self.w.get(&key, &[shape[1], shape[0]])?;
-            return Ok(t.t()?.contiguous()?);
-        }
-        let rest = name.strip_prefix("text_model.").unwrap_or(name);
-        let direct = match rest {
-            "embeddings.token_embedding.weight" => Some("token_embedding.weight".to_string()),
-            "embeddings.position_embedding.weight" => Some("positional_embedding".to_string()),
-            "final_layer_norm.weight" => Some("ln_final.weight".to_string()),
-            "final_layer_norm.bias" => Some("ln_final.bias".to_string()),
-            _ => None,
-        };
-        if let Some(key) = direct {
-            return self.w.get(&format!("{prefix}{key}"), shape);
-        }
-        let unknown = || {
-            Error::format(
-                self.w.origin(),
-                format!("no open_clip equivalent for `{name}` (internal name mapping)"),
-            )
-        };
-        let layer_rest = rest.strip_prefix("encoder.layers.").ok_or_else(unknown)?;
-        let (layer, field) = layer_rest.split_once('.').ok_or_else(unknown)?;
-        let block = format!("{prefix}transformer.resblocks.{layer}.");
-        for (qkv, i) in [("q_proj", 0), ("k_proj", 1), ("v_proj", 2)] {
-            if let Some(kind) = field.strip_prefix(&format!("self_attn.{qkv}.")) {
-                let key = format!("{block}attn.in_proj_{kind}");
-                let fused = self.fused_in_proj(&key, shape)?;
-                return Ok(fused.narrow(0, i * shape[0], shape[0])?.contiguous()?);
+    /// The tensor `param`, checked against its shape (Hugging Face orientation). Errors name
+    /// the file and the key actually read.
+    pub fn get(&self, param: Param) -> Result<Tensor> {
+        let shape = param.shape(self.cfg);
+        let key = self.layout.key(param);
+        let t = match (&self.layout, param.open_clip()) {
+            (Layout::OpenClip { .. }, OpenClipKey::InProj { part, .. }) => {
+                let fused = self.fused_in_proj(&key, &shape)?;
+                fused.narrow(0, part * shape[0], shape[0])?.contiguous()?
             }
-        }
-        let mapped = [
-            ("layer_norm1.", "ln_1."),
-            ("layer_norm2.", "ln_2."),
-            ("self_attn.out_proj.", "attn.out_proj."),
-            ("mlp.fc1.", "mlp.c_fc."),
-            ("mlp.fc2.", "mlp.c_proj."),
-        ]
-        .iter()
-        .find_map(|(hf, oc)| field.strip_prefix(hf).map(|k| format!("{oc}{k}")))
-        .ok_or_else(unknown)?;
-        self.w.get(&format!("{block}{mapped}"), shape)
+            (Layout::OpenClip { .. }, OpenClipKey::Transposed(_)) => {
+                self.w.get(&key, &[shape[1], shape[0]])?.t()?.contiguous()?
+            }
+            _ => self.w.get(&key, &shape)?,
+        };
+        self.loaded.borrow_mut().push((param.hf_name(), t.clone()));
+        Ok(t)
     }
 
     /// `attn.in_proj_weight` `[3H,H]` / `in_proj_bias` `[3H]`: rows q, then k, then v (torch's
@@ -194,40 +185,10 @@ pub(crate) fn single_file_clip_l(
     w: &Weights,
     names: &[String],
 ) -> Result<(ClipTextConfig, Pooling, Layout)> {
-    let p = SINGLE_L_PREFIX;
-    let (vocab, hidden) = shape2(
-        w,
-        &format!("{p}text_model.embeddings.token_embedding.weight"),
-    )?;
-    let (max_pos, _) = shape2(
-        w,
-        &format!("{p}text_model.embeddings.position_embedding.weight"),
-    )?;
-    let layers = count_layers(names, &format!("{p}text_model.encoder.layers."));
-    if layers == 0 {
-        return Err(Error::format(
-            w.origin(),
-            format!("no `{p}text_model.encoder.layers.*` tensors (CLIP-L layers)"),
-        ));
-    }
-    let (ffn, _) = shape2(w, &format!("{p}text_model.encoder.layers.0.mlp.fc1.weight"))?;
-    let cfg = inferred_config(
-        w.origin(),
-        vocab,
-        hidden,
-        ffn,
-        layers,
-        max_pos,
-        "quick_gelu",
-        None,
-    )?;
-    Ok((
-        cfg,
-        pooling_for_vocab(vocab),
-        Layout::Hf {
-            prefix: p.to_string(),
-        },
-    ))
+    let layout = Layout::Hf {
+        prefix: SINGLE_L_PREFIX.to_string(),
+    };
+    single_file_encoder(w, names, layout, "CLIP-L", "quick_gelu", false)
 }
 
 /// Config, pooling rule and layout of CLIP-G in a single-file SDXL checkpoint (open_clip
@@ -236,26 +197,48 @@ pub(crate) fn single_file_clip_g(
     w: &Weights,
     names: &[String],
 ) -> Result<(ClipTextConfig, Pooling, Layout)> {
-    let p = SINGLE_G_PREFIX;
-    let (vocab, hidden) = shape2(w, &format!("{p}token_embedding.weight"))?;
-    let (max_pos, _) = shape2(w, &format!("{p}positional_embedding"))?;
-    let layers = count_layers(names, &format!("{p}transformer.resblocks."));
+    let layout = Layout::OpenClip {
+        prefix: SINGLE_G_PREFIX.to_string(),
+    };
+    single_file_encoder(w, names, layout, "CLIP-G", "gelu", true)
+}
+
+/// One encoder's config read off its tensor shapes; `projected`: it has `text_projection`.
+fn single_file_encoder(
+    w: &Weights,
+    names: &[String],
+    layout: Layout,
+    what: &str,
+    act: &str,
+    projected: bool,
+) -> Result<(ClipTextConfig, Pooling, Layout)> {
+    let (vocab, hidden) = shape2(w, &layout.key(Param::TokenEmbedding))?;
+    let (max_pos, _) = shape2(w, &layout.key(Param::PositionEmbedding))?;
+    let layers_prefix = layout.layers_prefix();
+    let layers = count_layers(names, &layers_prefix);
     if layers == 0 {
         return Err(Error::format(
             w.origin(),
-            format!("no `{p}transformer.resblocks.*` tensors (CLIP-G layers)"),
+            format!("no `{layers_prefix}*` tensors ({what} layers)"),
         ));
     }
-    let (ffn, _) = shape2(w, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))?;
-    let (proj_in, proj) = shape2(w, &format!("{p}text_projection"))?;
-    if proj_in != hidden {
-        return Err(Error::format(
-            w.origin(),
-            format!(
-                "tensor `{p}text_projection` has shape [{proj_in}, {proj}], expected [{hidden}, P] (open_clip applies it as x @ text_projection)"
-            ),
-        ));
-    }
+    let [fc1, _] = Param::module(0, LayerModule::Fc1);
+    let (ffn, _) = shape2(w, &layout.key(fc1))?;
+    let projection_dim = if projected {
+        let key = layout.key(Param::Projection);
+        let (proj_in, proj) = shape2(w, &key)?;
+        if proj_in != hidden {
+            return Err(Error::format(
+                w.origin(),
+                format!(
+                    "tensor `{key}` has shape [{proj_in}, {proj}], expected [{hidden}, P] (open_clip applies it as x @ text_projection)"
+                ),
+            ));
+        }
+        Some(proj)
+    } else {
+        None
+    };
     let cfg = inferred_config(
         w.origin(),
         vocab,
@@ -263,16 +246,10 @@ pub(crate) fn single_file_clip_g(
         ffn,
         layers,
         max_pos,
-        "gelu",
-        Some(proj),
+        act,
+        projection_dim,
     )?;
-    Ok((
-        cfg,
-        pooling_for_vocab(vocab),
-        Layout::OpenClip {
-            prefix: p.to_string(),
-        },
-    ))
+    Ok((cfg, pooling_for_vocab(vocab), layout))
 }
 
 /// CLIP's vocabulary ends with the start and end tokens (49406, 49407): without a config the

@@ -7,16 +7,17 @@
 //! `gelu`, the end-token pooling rule of `transformers`, `text_projection`, and it stops after
 //! the penultimate layer when only `hidden_states[-2]` is needed (CLIP-L in SDXL).
 //!
-//! Weights are named as in the Hugging Face checkpoint (`text_model.encoder.layers.N...`); a
-//! `checkpoint::Source` maps those names onto the file actually read (a diffusers
-//! folder, or a single-file SDXL checkpoint in open_clip layout).
+//! Each block pulls its weights by [`Param`] (see [`super::schema`] for the names); a
+//! `checkpoint::Source` reads them from the file actually opened (a diffusers folder, or a
+//! single-file SDXL checkpoint in open_clip layout).
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::checkpoint::Source;
+use super::schema::{LayerModule, Param};
 use crate::error::{read_json, Error, Result};
 use crate::ops::{self, Path as OpPath, MASKED};
 
@@ -104,7 +105,7 @@ impl Pooling {
 
 /// The fields of a Hugging Face `CLIPTextConfig` (`config.json`) that shape the computation.
 /// Missing optional fields take `transformers`' defaults; the four size fields are required.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipTextConfig {
     #[serde(default = "default_vocab")]
     pub vocab_size: usize,
@@ -221,10 +222,10 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(src: &Source, p: &str, out: usize, inp: usize) -> Result<Self> {
+    fn load(src: &Source, [weight, bias]: [Param; 2]) -> Result<Self> {
         Ok(Self {
-            weight: src.get(&format!("{p}.weight"), &[out, inp])?,
-            bias: src.get(&format!("{p}.bias"), &[out])?,
+            weight: src.get(weight)?,
+            bias: src.get(bias)?,
         })
     }
 
@@ -241,11 +242,11 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(src: &Source, p: &str, h: usize, eps: f64) -> Result<Self> {
+    fn load(src: &Source, [weight, bias]: [Param; 2]) -> Result<Self> {
         Ok(Self {
-            weight: src.get(&format!("{p}.weight"), &[h])?,
-            bias: src.get(&format!("{p}.bias"), &[h])?,
-            eps,
+            weight: src.get(weight)?,
+            bias: src.get(bias)?,
+            eps: src.config().layer_norm_eps,
         })
     }
 
@@ -261,17 +262,10 @@ struct Embeddings {
 }
 
 impl Embeddings {
-    fn load(src: &Source, cfg: &ClipTextConfig) -> Result<Self> {
-        let h = cfg.hidden_size;
+    fn load(src: &Source) -> Result<Self> {
         Ok(Self {
-            token_embedding: src.get(
-                "text_model.embeddings.token_embedding.weight",
-                &[cfg.vocab_size, h],
-            )?,
-            position_embedding: src.get(
-                "text_model.embeddings.position_embedding.weight",
-                &[cfg.max_position_embeddings, h],
-            )?,
+            token_embedding: src.get(Param::TokenEmbedding)?,
+            position_embedding: src.get(Param::PositionEmbedding)?,
         })
     }
 
@@ -299,13 +293,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(src: &Source, p: &str, cfg: &ClipTextConfig) -> Result<Self> {
-        let h = cfg.hidden_size;
+    fn load(src: &Source, layer: usize) -> Result<Self> {
+        let cfg = src.config();
+        let linear = |m| Linear::load(src, Param::module(layer, m));
         Ok(Self {
-            q_proj: Linear::load(src, &format!("{p}.q_proj"), h, h)?,
-            k_proj: Linear::load(src, &format!("{p}.k_proj"), h, h)?,
-            v_proj: Linear::load(src, &format!("{p}.v_proj"), h, h)?,
-            out_proj: Linear::load(src, &format!("{p}.out_proj"), h, h)?,
+            q_proj: linear(LayerModule::QProj)?,
+            k_proj: linear(LayerModule::KProj)?,
+            v_proj: linear(LayerModule::VProj)?,
+            out_proj: linear(LayerModule::OutProj)?,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         })
@@ -337,11 +332,10 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(src: &Source, p: &str, cfg: &ClipTextConfig, act: Activation) -> Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    fn load(src: &Source, layer: usize, act: Activation) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::load(src, &format!("{p}.fc1"), i, h)?,
-            fc2: Linear::load(src, &format!("{p}.fc2"), h, i)?,
+            fc1: Linear::load(src, Param::module(layer, LayerModule::Fc1))?,
+            fc2: Linear::load(src, Param::module(layer, LayerModule::Fc2))?,
             act,
         })
     }
@@ -360,14 +354,13 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(src: &Source, i: usize, cfg: &ClipTextConfig, act: Activation) -> Result<Self> {
-        let p = format!("text_model.encoder.layers.{i}");
-        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+    fn load(src: &Source, layer: usize, act: Activation) -> Result<Self> {
+        let norm = |m| LayerNorm::load(src, Param::module(layer, m));
         Ok(Self {
-            layer_norm1: LayerNorm::load(src, &format!("{p}.layer_norm1"), h, eps)?,
-            self_attn: Attention::load(src, &format!("{p}.self_attn"), cfg)?,
-            layer_norm2: LayerNorm::load(src, &format!("{p}.layer_norm2"), h, eps)?,
-            mlp: Mlp::load(src, &format!("{p}.mlp"), cfg, act)?,
+            layer_norm1: norm(LayerModule::LayerNorm1)?,
+            self_attn: Attention::load(src, layer)?,
+            layer_norm2: norm(LayerModule::LayerNorm2)?,
+            mlp: Mlp::load(src, layer, act)?,
         })
     }
 
@@ -410,14 +403,10 @@ pub struct ClipTextModel {
 }
 
 impl ClipTextModel {
-    /// Loads the weights `role` needs through `src` (Hugging Face names). `pooling` is given by
+    /// Loads the weights `role` needs through `src` (for `src`'s config). `pooling` is given by
     /// the caller: from `eos_token_id` for a config, inferred for a single-file checkpoint.
-    pub(crate) fn load(
-        cfg: ClipTextConfig,
-        pooling: Pooling,
-        role: Role,
-        src: &Source,
-    ) -> Result<Self> {
+    pub(crate) fn load(pooling: Pooling, role: Role, src: &Source) -> Result<Self> {
+        let cfg = src.config().clone();
         let act = cfg
             .activation()
             .map_err(|msg| Error::format(src.origin(), msg))?;
@@ -425,28 +414,22 @@ impl ClipTextModel {
             Role::Penultimate => cfg.num_hidden_layers - 1,
             Role::PenultimateAndPooled => cfg.num_hidden_layers,
         };
-        let embeddings = Embeddings::load(src, &cfg)?;
+        let embeddings = Embeddings::load(src)?;
         let layers = (0..n)
-            .map(|i| EncoderLayer::load(src, i, &cfg, act))
+            .map(|i| EncoderLayer::load(src, i, act))
             .collect::<Result<Vec<_>>>()?;
         let (final_layer_norm, text_projection) = match role {
             Role::Penultimate => (None, None),
             Role::PenultimateAndPooled => {
-                let p = cfg.projection_dim.ok_or_else(|| {
-                    Error::format(
+                if cfg.projection_dim.is_none() {
+                    return Err(Error::format(
                         src.origin(),
                         "no projection_dim: CLIP-G needs text_projection",
-                    )
-                })?;
-                let h = cfg.hidden_size;
+                    ));
+                }
                 (
-                    Some(LayerNorm::load(
-                        src,
-                        "text_model.final_layer_norm",
-                        h,
-                        cfg.layer_norm_eps,
-                    )?),
-                    Some(src.get("text_projection.weight", &[p, h])?),
+                    Some(LayerNorm::load(src, Param::final_norm())?),
+                    Some(src.get(Param::Projection)?),
                 )
             }
         };

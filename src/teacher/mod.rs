@@ -16,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod schema;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};
@@ -322,8 +323,8 @@ fn load_encoder(
     pooling: Pooling,
     role: Role,
 ) -> Result<(ClipTextModel, Vec<(String, Tensor)>)> {
-    let src = Source::new(w, layout);
-    let model = ClipTextModel::load(cfg, pooling, role, &src)?;
+    let src = Source::new(w, layout, &cfg);
+    let model = ClipTextModel::load(pooling, role, &src)?;
     Ok((model, src.take_loaded()))
 }
 

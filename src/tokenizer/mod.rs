@@ -1,6 +1,8 @@
 //! Prompt tokenization for the LLM: `tokenizer.json` through `tokenizers` 0.23, a token limit
 //! with a warning per truncated prompt, and right padding with an attention mask.
 
+pub mod gguf;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};

@@ -3,6 +3,8 @@
 //! `docs/adapter-format.md`; `tests/reference/resampler.py` is the PyTorch twin it is tested
 //! against.
 
+pub mod pth;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 

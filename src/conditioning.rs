@@ -11,7 +11,7 @@ use crate::formats::gguf::{self, GgufFile};
 use crate::llm::gguf::check_architecture;
 use crate::llm::qwen3::LoraMode;
 use crate::llm::Qwen3;
-use crate::ops::Path as OpPath;
+use crate::ops::ForwardMode;
 use crate::resampler::Resampler;
 use crate::tokenizer::{PromptTokenizer, TokenBatch, DEFAULT_MAX_TOKENS};
 
@@ -236,12 +236,12 @@ impl Encoder {
     }
 
     /// LLM hidden states for a batch (all prompts in one pass, right padded).
-    pub fn hidden_states(&self, prompts: &[&str], path: OpPath) -> Result<HiddenStates> {
+    pub fn hidden_states(&self, prompts: &[&str], path: ForwardMode) -> Result<HiddenStates> {
         let tokens = self.tokenize(prompts)?;
         self.hidden_states_of(tokens, path)
     }
 
-    pub fn hidden_states_of(&self, tokens: TokenBatch, path: OpPath) -> Result<HiddenStates> {
+    pub fn hidden_states_of(&self, tokens: TokenBatch, path: ForwardMode) -> Result<HiddenStates> {
         if tokens.ids.is_empty() {
             return Err(Error::Invalid("no prompts given".into()));
         }
@@ -283,8 +283,8 @@ impl Encoder {
                 }
             })
         })?;
-        let h = self.hidden_states(prompts, OpPath::Fast)?;
-        let (prompt_embeds, pooled) = resampler.forward(&h.states, &h.mask, OpPath::Fast)?;
+        let h = self.hidden_states(prompts, ForwardMode::Fast)?;
+        let (prompt_embeds, pooled) = resampler.forward(&h.states, &h.mask, ForwardMode::Fast)?;
         Ok(Conditioning {
             prompt_embeds,
             pooled,

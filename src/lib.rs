@@ -27,5 +27,5 @@ pub use adapter::Adapter;
 pub use conditioning::{Conditioning, Encoder, EncoderOptions};
 pub use error::{Error, Result};
 pub use llm::qwen3::LoraMode;
-pub use ops::Path as ForwardPath;
+pub use ops::ForwardMode;
 pub mod ffi;

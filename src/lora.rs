@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{read_json, Error, Result};
 use crate::formats::{save_atomic, Weights};
 use crate::llm::schema::Module;
-use crate::ops::{self, Path as OpPath, QMatrix};
+use crate::ops::{self, ForwardMode, QMatrix};
 
 /// PEFT's name of the model a LoRA wraps, before the base model's own tensor names.
 const PEFT_ROOT: &str = "base_model.model.";
@@ -314,15 +314,15 @@ impl LoraLinear {
         (d[0], d[1])
     }
 
-    pub fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
-        if let (OpPath::Differentiable, Some((pair, s))) = (path, &self.lora) {
+    pub fn forward(&self, x: &Tensor, path: ForwardMode) -> candle_core::Result<Tensor> {
+        if let (ForwardMode::Differentiable, Some((pair, s))) = (path, &self.lora) {
             if let Some(y) = ops::frozen_linear_lora(x, &self.weight, (&pair.a, &pair.b, *s))? {
                 return Ok(y);
             }
         }
         let y = match path {
-            OpPath::Fast => ops::matmul_t(x, &self.weight)?,
-            OpPath::Differentiable => ops::frozen_linear(x, &self.weight)?,
+            ForwardMode::Fast => ops::matmul_t(x, &self.weight)?,
+            ForwardMode::Differentiable => ops::frozen_linear(x, &self.weight)?,
         };
         add_lora(x, y, self.lora.as_ref())
     }
@@ -362,7 +362,7 @@ pub struct QLoraLinear {
 }
 
 impl QLoraLinear {
-    pub fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, path: ForwardMode) -> candle_core::Result<Tensor> {
         let y = ops::quantized_linear(x, &self.weight, path)?;
         add_lora(x, y, self.lora.as_ref())
     }
@@ -384,7 +384,7 @@ impl Projection {
         Self::Quantized(QLoraLinear { weight, lora: None })
     }
 
-    pub fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, path: ForwardMode) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(l) => l.forward(x, path),
             Self::Quantized(l) => l.forward(x, path),

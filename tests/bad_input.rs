@@ -198,7 +198,7 @@ fn tokenizer_bigger_than_the_model_vocab() {
     let err = enc
         .hidden_states(
             &["a long word list of rare tokens"],
-            qwenclip::ForwardPath::Fast,
+            qwenclip::ForwardMode::Fast,
         )
         .err()
         .expect("must fail")

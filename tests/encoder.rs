@@ -106,12 +106,12 @@ fn swapping_the_adapter_does_not_need_a_reload() {
     )
     .unwrap();
     let with = enc
-        .hidden_states(&["a cat"], qwenclip::ForwardPath::Fast)
+        .hidden_states(&["a cat"], qwenclip::ForwardMode::Fast)
         .unwrap()
         .states;
     enc.set_adapter(None).unwrap();
     let without = enc
-        .hidden_states(&["a cat"], qwenclip::ForwardPath::Fast)
+        .hidden_states(&["a cat"], qwenclip::ForwardMode::Fast)
         .unwrap()
         .states;
     assert!(
@@ -124,13 +124,13 @@ fn swapping_the_adapter_does_not_need_a_reload() {
     );
     enc.set_adapter(Some(&d.join("adapter"))).unwrap();
     let again = enc
-        .hidden_states(&["a cat"], qwenclip::ForwardPath::Fast)
+        .hidden_states(&["a cat"], qwenclip::ForwardMode::Fast)
         .unwrap()
         .states;
     assert_close("adapter re-attached", &again, &with, 1e-6);
     let fresh = Encoder::load(&d.join("model"), None, EncoderOptions::default()).unwrap();
     let base = fresh
-        .hidden_states(&["a cat"], qwenclip::ForwardPath::Fast)
+        .hidden_states(&["a cat"], qwenclip::ForwardMode::Fast)
         .unwrap()
         .states;
     assert_close("removed adapter = fresh base", &without, &base, 0.0);
@@ -155,7 +155,7 @@ fn token_limit_comes_from_the_adapter_unless_overridden() {
     let h = enc
         .hidden_states(
             &["one two three four five six seven eight nine ten eleven"],
-            qwenclip::ForwardPath::Fast,
+            qwenclip::ForwardMode::Fast,
         )
         .unwrap();
     assert_eq!(h.states.dims()[1], 8);

@@ -18,7 +18,7 @@ use qwenclip::ops::{self, QMatMulKernel, QMatrix};
 use qwenclip::resampler::ResamplerConfig;
 use qwenclip::rng::Rng;
 use qwenclip::training::{TargetDims, TrainConfig, Trainer};
-use qwenclip::{Encoder, EncoderOptions, Error, ForwardPath, LoraMode};
+use qwenclip::{Encoder, EncoderOptions, Error, ForwardMode, LoraMode};
 
 const CAPTIONS: [&str; 8] = [
     "a red cube left of a blue sphere",
@@ -121,7 +121,7 @@ fn f32_gguf_written_by_gguf_py_matches_transformers() {
     );
     let mut model = Qwen3::load(&path, DType::F32, &Device::Cpu).unwrap();
     assert!(!model.is_quantized());
-    for path in [ForwardPath::Fast, ForwardPath::Differentiable] {
+    for path in [ForwardMode::Fast, ForwardMode::Differentiable] {
         for (layer, key) in [(-1, "hidden_last"), (-2, "hidden_penult")] {
             let got = model.forward(&ids, &mask, layer, path).unwrap();
             check_batch(
@@ -138,7 +138,7 @@ fn f32_gguf_written_by_gguf_py_matches_transformers() {
     let lora = Lora::load(&parity("models/gqa2_untied/lora"), &Device::Cpu).unwrap();
     model.set_lora(lora, LoraMode::Merged).unwrap();
     assert_eq!(model.lora().unwrap().1, LoraMode::Unmerged);
-    let got = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+    let got = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
     check_batch(
         "f32 gguf + LoRA",
         &got,
@@ -147,7 +147,7 @@ fn f32_gguf_written_by_gguf_py_matches_transformers() {
         1e-4,
     );
     model.clear_lora().unwrap();
-    let got = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+    let got = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
     check_batch(
         "f32 gguf after clear",
         &got,
@@ -179,7 +179,7 @@ fn q8_0_gguf_written_by_gguf_py_matches_transformers_reading_the_same_file() {
     // Our dequantization (candle's Q8_0 blocks, the F16 attn_v) = gguf-py's, read by transformers.
     for (layer, key) in [(-1, "hidden_last_q8_0"), (-2, "hidden_penult_q8_0")] {
         let got = dense
-            .forward(&ids, &mask, layer, ForwardPath::Fast)
+            .forward(&ids, &mask, layer, ForwardMode::Fast)
             .unwrap();
         check_batch(
             &format!("dequantized {key}"),
@@ -190,7 +190,7 @@ fn q8_0_gguf_written_by_gguf_py_matches_transformers_reading_the_same_file() {
         );
     }
     // The quantized model on a 36-row batch dequantizes each weight for the product: same math.
-    let got = quant.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+    let got = quant.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
     check_batch(
         "quantized batch",
         &got,
@@ -207,7 +207,7 @@ fn q8_0_gguf_written_by_gguf_py_matches_transformers_reading_the_same_file() {
     let len = lengths(&mask)[0];
     let one = ids.narrow(0, 0, 1).unwrap().narrow(1, 0, len).unwrap();
     let got = quant
-        .forward(&one, &[vec![1; len]], -1, ForwardPath::Fast)
+        .forward(&one, &[vec![1; len]], -1, ForwardMode::Fast)
         .unwrap();
     let want = valid_rows(&reference["hidden_last_q8_0"], len, 0);
     let g = gap(&got, &want, &[vec![1; len]]);
@@ -309,16 +309,16 @@ fn measure(model: &Path, adapter: &Path, gguf: &Path) -> (Gap, Gap, f64, f64) {
     let f32_enc = Encoder::load(model, Some(adapter), opts.clone()).unwrap();
     let q_enc = Encoder::load(gguf, Some(adapter), opts).unwrap();
     assert!(q_enc.llm().is_quantized());
-    let h32 = f32_enc.hidden_states(&CAPTIONS, ForwardPath::Fast).unwrap();
-    let hq = q_enc.hidden_states(&CAPTIONS, ForwardPath::Fast).unwrap();
+    let h32 = f32_enc.hidden_states(&CAPTIONS, ForwardMode::Fast).unwrap();
+    let hq = q_enc.hidden_states(&CAPTIONS, ForwardMode::Fast).unwrap();
     assert_eq!(
         hq.tokens.ids, h32.tokens.ids,
         "the GGUF's tokenizer differs"
     );
     let batch = gap(&hq.states, &h32.states, &h32.tokens.mask);
     let short = ["a fox"];
-    let s32 = f32_enc.hidden_states(&short, ForwardPath::Fast).unwrap();
-    let sq = q_enc.hidden_states(&short, ForwardPath::Fast).unwrap();
+    let s32 = f32_enc.hidden_states(&short, ForwardMode::Fast).unwrap();
+    let sq = q_enc.hidden_states(&short, ForwardMode::Fast).unwrap();
     let single = gap(&sq.states, &s32.states, &s32.tokens.mask);
     let c32 = f32_enc.encode(&CAPTIONS).unwrap();
     let cq = q_enc.encode(&CAPTIONS).unwrap();
@@ -399,10 +399,10 @@ fn a_prompt_alone_equals_the_same_prompt_in_a_padded_batch_on_a_quantized_base()
     let g = t.gguf("q4_k", spec(GgmlDType::Q4K, GgmlDType::Q8_0));
     let enc = Encoder::load(&g, None, EncoderOptions::default()).unwrap();
     let batch = enc
-        .hidden_states(&CAPTIONS[..3], ForwardPath::Fast)
+        .hidden_states(&CAPTIONS[..3], ForwardMode::Fast)
         .unwrap();
     for (i, p) in CAPTIONS[..3].iter().enumerate() {
-        let alone = enc.hidden_states(&[p], ForwardPath::Fast).unwrap();
+        let alone = enc.hidden_states(&[p], ForwardMode::Fast).unwrap();
         let len = alone.tokens.lengths[0];
         // Alone: fewer than 16 rows, the integer kernel (8-bit activations); in the batch:
         // dequantized weights and the f32 GEMM. Measured: rel_rms 0.023, cosine >= 0.9995.
@@ -504,7 +504,7 @@ fn quantized_linear_input_gradient_matches_finite_differences_of_the_dequantized
         let w_deq = q.dequantize().unwrap().to_dtype(DType::F64).unwrap();
         let x = Var::from_tensor(&randn(&[2, rows, 256], &mut rng, 1.0)).unwrap();
         let quantized = || {
-            let y = ops::quantized_linear(x.as_tensor(), &q, ForwardPath::Differentiable).unwrap();
+            let y = ops::quantized_linear(x.as_tensor(), &q, ForwardMode::Differentiable).unwrap();
             project(&y, 3)
         };
         let dense = |v: &[Tensor]| {
@@ -565,7 +565,7 @@ fn lora_on_a_quantized_projection_gets_the_gradients_of_the_dequantized_layer() 
         &[("x", &x), ("A", &a), ("B", &b)],
         || {
             project(
-                &lin.forward(x.as_tensor(), ForwardPath::Differentiable)
+                &lin.forward(x.as_tensor(), ForwardMode::Differentiable)
                     .unwrap(),
                 4,
             )
@@ -619,7 +619,7 @@ fn lora_gradients_through_a_quantized_qwen3_match_the_dequantized_model() {
             .unsqueeze(2)
             .unwrap();
         let h = m
-            .forward(&ids, &mask, -1, ForwardPath::Differentiable)
+            .forward(&ids, &mask, -1, ForwardMode::Differentiable)
             .unwrap();
         let loss = project(&h.broadcast_mul(&valid).unwrap(), 9);
         let g = loss.backward().unwrap();
@@ -816,7 +816,7 @@ fn a_gguf_without_tokenizer_asks_for_tokenizer_json_beside_it() {
     std::fs::copy(qwen_tokenizer(), d.join("tokenizer.json")).unwrap();
     let enc = Encoder::load(&p, None, EncoderOptions::default()).unwrap();
     let e = enc
-        .hidden_states(&["a cat"], ForwardPath::Fast)
+        .hidden_states(&["a cat"], ForwardMode::Fast)
         .err()
         .unwrap();
     assert!(matches!(e, Error::Tokenizer { .. }), "{e}");

@@ -12,9 +12,9 @@ use qwenclip::lora::{Lora, LoraLinear, LoraPair};
 use qwenclip::ops;
 use qwenclip::resampler::{Resampler, ResamplerConfig};
 use qwenclip::rng::Rng;
-use qwenclip::{ForwardPath, LoraMode};
+use qwenclip::{ForwardMode, LoraMode};
 
-const D: ForwardPath = ForwardPath::Differentiable;
+const D: ForwardMode = ForwardMode::Differentiable;
 
 fn randn(shape: &[usize], rng: &mut Rng, std: f64) -> Tensor {
     let n = shape.iter().product();

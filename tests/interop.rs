@@ -7,7 +7,7 @@ use candle_core::{DType, Device};
 use common::*;
 use qwenclip::llm::Qwen3;
 use qwenclip::lora::Lora;
-use qwenclip::{ForwardPath, LoraMode};
+use qwenclip::{ForwardMode, LoraMode};
 use sha2::Digest;
 
 #[test]
@@ -35,7 +35,7 @@ fn peft_and_qwenclip_agree_on_a_trainer_written_lora() {
             LoraMode::Merged,
         )
         .unwrap();
-    let h = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+    let h = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
     for (b, len) in lengths(&mask).into_iter().enumerate() {
         let got = h.narrow(0, b, 1).unwrap().narrow(1, 0, len).unwrap();
         let want = case["hidden_last_lora"]

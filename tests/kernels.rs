@@ -14,7 +14,7 @@ use common::*;
 use qwenclip::lora::{LoraLinear, LoraPair};
 use qwenclip::ops::{self, blas, vexp};
 use qwenclip::rng::Rng;
-use qwenclip::ForwardPath;
+use qwenclip::ForwardMode;
 
 fn blas_loaded(what: &str) -> bool {
     if blas::get().is_some() {
@@ -200,10 +200,10 @@ fn fused_attention_equals_the_composed_ops_on_every_real_token() {
     let k = randn(&[b, nkv, t, hd], 31, 1.0);
     let v = randn(&[b, nkv, t, hd], 32, 1.0);
     let bias = bias(&mask);
-    let fused = ops::attention(&q, &k, &v, &bias, ForwardPath::Fast).unwrap();
+    let fused = ops::attention(&q, &k, &v, &bias, ForwardMode::Fast).unwrap();
     // A tracked input takes the composed (autograd) path.
     let qv = Var::from_tensor(&q).unwrap();
-    let composed = ops::attention(qv.as_tensor(), &k, &v, &bias, ForwardPath::Fast).unwrap();
+    let composed = ops::attention(qv.as_tensor(), &k, &v, &bias, ForwardMode::Fast).unwrap();
     assert_eq!(fused.dims(), [b, t, nh * hd]);
     assert!(fused
         .flatten_all()
@@ -384,7 +384,7 @@ fn fused_rms_norm_forward_and_input_gradient_match_the_composed_ops() {
     let x = Var::from_tensor(&randn(&[rows / 37, 37, h], 50, 2.0)).unwrap();
     let w = randn(&[h], 51, 1.0);
     let r = randn(&[rows / 37, 37, h], 52, 1.0);
-    let fused = ops::rms_norm(x.as_tensor(), &w, eps, ForwardPath::Differentiable).unwrap();
+    let fused = ops::rms_norm(x.as_tensor(), &w, eps, ForwardMode::Differentiable).unwrap();
     let gf = (&fused * &r)
         .unwrap()
         .sum_all()
@@ -487,7 +487,7 @@ fn fused_attention_gradients_match_the_composed_ops_in_f64() {
             let dt = x[0].dtype();
             let bias = bias.to_dtype(dt).unwrap();
             let out =
-                ops::attention(&x[0], &x[1], &x[2], &bias, ForwardPath::Differentiable).unwrap();
+                ops::attention(&x[0], &x[1], &x[2], &bias, ForwardMode::Differentiable).unwrap();
             out.broadcast_mul(&valid.to_dtype(dt).unwrap()).unwrap()
         },
         1e-5,
@@ -508,7 +508,7 @@ fn fused_rope_with_transpose_matches_the_composed_ops_in_f64() {
                 angles.cos().unwrap().to_dtype(dt).unwrap(),
                 angles.sin().unwrap().to_dtype(dt).unwrap(),
             );
-            let y = ops::rope_heads(&x[0], &cos, &sin, ForwardPath::Differentiable).unwrap();
+            let y = ops::rope_heads(&x[0], &cos, &sin, ForwardMode::Differentiable).unwrap();
             assert_eq!(y.dims(), [b, h, t, d]);
             y
         },
@@ -594,7 +594,7 @@ fn frozen_linear_with_and_without_lora_on_blas_matches_the_composed_ops_in_f64()
                         2.0,
                     )),
                 };
-                lin.forward(&x[0], ForwardPath::Differentiable).unwrap()
+                lin.forward(&x[0], ForwardMode::Differentiable).unwrap()
             },
             1e-5,
         );
@@ -612,7 +612,7 @@ fn fused_layer_norm_gradients_match_the_composed_ops_in_f64() {
         fused_vs_f64(
             "layer_norm",
             &inputs,
-            |x| ops::layer_norm(&x[0], &x[1], &x[2], 1e-5, ForwardPath::Differentiable).unwrap(),
+            |x| ops::layer_norm(&x[0], &x[1], &x[2], 1e-5, ForwardMode::Differentiable).unwrap(),
             1e-5,
         );
     }

@@ -10,7 +10,7 @@ use qwenclip::llm::Qwen3;
 use qwenclip::lora::Lora;
 use qwenclip::resampler::pth::load_resampler;
 use qwenclip::resampler::Resampler;
-use qwenclip::{ForwardPath, LoraMode};
+use qwenclip::{ForwardMode, LoraMode};
 
 const MODELS: [&str; 3] = ["gqa2_untied", "mha_tied", "gqa4_hd32_bf16"];
 /// f32 against a float64 reference (which `transformers` computes partly in f32).
@@ -41,7 +41,7 @@ fn hidden_states_match_transformers_for_every_shape() {
             Qwen3::load(&parity(&format!("models/{name}")), DType::F32, &Device::Cpu).unwrap();
         for (layer, key) in [(-1, "hidden_last"), (-2, "hidden_penult")] {
             let got = model
-                .forward(&ids, &mask, layer, ForwardPath::Fast)
+                .forward(&ids, &mask, layer, ForwardMode::Fast)
                 .unwrap();
             check_batch(&format!("{name} {key}"), &got, &case[key], &mask);
         }
@@ -55,11 +55,11 @@ fn a_prompt_alone_equals_the_same_prompt_in_a_padded_batch() {
         let (ids, mask) = ids_and_mask(&case);
         let model =
             Qwen3::load(&parity(&format!("models/{name}")), DType::F32, &Device::Cpu).unwrap();
-        let batch = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+        let batch = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
         for (b, len) in lengths(&mask).into_iter().enumerate() {
             let alone_ids = ids.narrow(0, b, 1).unwrap().narrow(1, 0, len).unwrap();
             let alone = model
-                .forward(&alone_ids, &[vec![1; len]], -1, ForwardPath::Fast)
+                .forward(&alone_ids, &[vec![1; len]], -1, ForwardMode::Fast)
                 .unwrap();
             assert_close(
                 &format!("{name} prompt {b} alone vs reference"),
@@ -86,7 +86,7 @@ fn peft_lora_matches_merged_and_unmerged() {
         let mut model = Qwen3::load(&dir, DType::F32, &Device::Cpu).unwrap();
         let lora = Lora::load(&dir.join("lora"), &Device::Cpu).unwrap();
         model.set_lora(lora.clone(), LoraMode::Unmerged).unwrap();
-        let unmerged = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+        let unmerged = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
         check_batch(
             &format!("{name} LoRA unmerged"),
             &unmerged,
@@ -94,7 +94,7 @@ fn peft_lora_matches_merged_and_unmerged() {
             &mask,
         );
         model.set_lora(lora, LoraMode::Merged).unwrap();
-        let merged = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+        let merged = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
         check_batch(
             &format!("{name} LoRA merged"),
             &merged,
@@ -103,7 +103,7 @@ fn peft_lora_matches_merged_and_unmerged() {
         );
         // Removing a merged LoRA restores the original weights exactly (they are re-read).
         model.clear_lora().unwrap();
-        let base = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+        let base = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
         check_batch(
             &format!("{name} after clear"),
             &base,
@@ -126,9 +126,9 @@ fn training_path_agrees_with_inference_path() {
                 LoraMode::Unmerged,
             )
             .unwrap();
-        let fast = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+        let fast = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
         let diff = model
-            .forward(&ids, &mask, -1, ForwardPath::Differentiable)
+            .forward(&ids, &mask, -1, ForwardMode::Differentiable)
             .unwrap();
         check_batch(
             &format!("{name} fast vs differentiable"),
@@ -148,7 +148,7 @@ fn training_path_agrees_with_inference_path() {
 fn resampler_case_matches(r: &Resampler, what: &str) {
     let case = load(&parity("resampler/case.safetensors"));
     let mask = case["attention_mask"].to_dtype(DType::F32).unwrap();
-    for path in [ForwardPath::Fast, ForwardPath::Differentiable] {
+    for path in [ForwardMode::Fast, ForwardMode::Differentiable] {
         let (embeds, pooled) = r.forward(&case["hidden"], &mask, path).unwrap();
         assert_close(
             &format!("{what} {path:?} prompt_embeds"),
@@ -171,7 +171,7 @@ fn resampler_case_matches(r: &Resampler, what: &str) {
             .narrow(1, 0, lens[b])
             .unwrap();
         let m = Tensor::ones((1, lens[b]), DType::F32, &Device::Cpu).unwrap();
-        let (e, p) = r.forward(&h, &m, ForwardPath::Fast).unwrap();
+        let (e, p) = r.forward(&h, &m, ForwardMode::Fast).unwrap();
         assert_close(
             &format!("{what} prompt {b} alone"),
             &e,
@@ -239,9 +239,9 @@ fn full_chain_qwen3_lora_resampler_matches() {
         &Device::Cpu,
     )
     .unwrap();
-    let h = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+    let h = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
     let m = case["attention_mask"].to_dtype(DType::F32).unwrap();
-    let (embeds, pooled) = r.forward(&h, &m, ForwardPath::Fast).unwrap();
+    let (embeds, pooled) = r.forward(&h, &m, ForwardMode::Fast).unwrap();
     assert_close("chain prompt_embeds", &embeds, &case["prompt_embeds"], TOL);
     assert_close("chain pooled", &pooled, &case["pooled"], TOL);
 }
@@ -258,7 +258,7 @@ fn bf16_compute_stays_near_the_f32_reference() {
         &Device::Cpu,
     )
     .unwrap();
-    let got = model.forward(&ids, &mask, -1, ForwardPath::Fast).unwrap();
+    let got = model.forward(&ids, &mask, -1, ForwardMode::Fast).unwrap();
     for (b, len) in lengths(&mask).into_iter().enumerate() {
         let (g, w) = (
             valid_rows(&got, len, b),

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use qwenclip::resampler::ResamplerConfig;
 use qwenclip::training::{TargetDims, TrainConfig, Trainer};
-use qwenclip::{Encoder, EncoderOptions, Error, ForwardPath};
+use qwenclip::{Encoder, EncoderOptions, Error, ForwardMode};
 
 const DIMS: TargetDims = TargetDims {
     seq: 77,
@@ -231,7 +231,7 @@ fn the_frozen_base_never_changes_and_the_result_loads_as_an_adapter() {
     }
     let dir = scratch("trainer-adapter");
     t.save_adapter(&dir).unwrap();
-    let trained = t.predict(&CAPTIONS, ForwardPath::Fast).unwrap();
+    let trained = t.predict(&CAPTIONS, ForwardMode::Fast).unwrap();
     let enc = Encoder::load(&tiny().join("model"), Some(&dir), EncoderOptions::default()).unwrap();
     let c = enc.encode(&CAPTIONS).unwrap();
     assert_close(
@@ -249,7 +249,7 @@ fn the_frozen_base_never_changes_and_the_result_loads_as_an_adapter() {
     );
     // Base weights: a fresh encoder without adapter equals the trainer's base after clear.
     let base = encoder()
-        .hidden_states(&CAPTIONS, ForwardPath::Fast)
+        .hidden_states(&CAPTIONS, ForwardMode::Fast)
         .unwrap()
         .states;
     let mut e2 =
@@ -257,7 +257,7 @@ fn the_frozen_base_never_changes_and_the_result_loads_as_an_adapter() {
     e2.set_adapter(None).unwrap();
     assert_close(
         "base untouched",
-        &e2.hidden_states(&CAPTIONS, ForwardPath::Fast)
+        &e2.hidden_states(&CAPTIONS, ForwardMode::Fast)
             .unwrap()
             .states,
         &base,

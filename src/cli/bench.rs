@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Args;
 use qwenclip::llm::Qwen3;
 use qwenclip::rng::Rng;
-use qwenclip::ForwardPath;
+use qwenclip::ForwardMode;
 
 use super::{DTypeArg, DeviceArg};
 
@@ -46,7 +46,7 @@ fn time_forward(
     let mut times = Vec::new();
     for rep in 0..=reps {
         let s = Instant::now();
-        let h = llm.forward(ids, mask, layer, ForwardPath::Fast)?;
+        let h = llm.forward(ids, mask, layer, ForwardMode::Fast)?;
         llm.device().synchronize()?;
         drop(h);
         if rep > 0 {
@@ -60,7 +60,7 @@ fn time_forward(
 /// Latency (ms) of one encode.
 fn time_once(llm: &Qwen3, ids: &candle_core::Tensor, mask: &[Vec<u8>], layer: i32) -> Result<f64> {
     let s = Instant::now();
-    let h = llm.forward(ids, mask, layer, ForwardPath::Fast)?;
+    let h = llm.forward(ids, mask, layer, ForwardMode::Fast)?;
     llm.device().synchronize()?;
     drop(h);
     Ok(s.elapsed().as_secs_f64() * 1e3)

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::DType;
 use clap::Args;
-use qwenclip::{Encoder, EncoderOptions, ForwardPath};
+use qwenclip::{Encoder, EncoderOptions, ForwardMode};
 
 use super::{DTypeArg, DeviceArg};
 
@@ -54,12 +54,12 @@ pub fn run(a: EncodeArgs) -> Result<()> {
             a.adapter.as_ref().map_or("no --adapter given".to_string(), |p| p.display().to_string())
         );
     }
-    let h = enc.hidden_states(&prompts, ForwardPath::Fast)?;
+    let h = enc.hidden_states(&prompts, ForwardMode::Fast)?;
     for w in &h.tokens.warnings {
         eprintln!("warning: {w}");
     }
     if let Some(r) = enc.resampler() {
-        let (embeds, pooled) = r.forward(&h.states, &h.mask, ForwardPath::Fast)?;
+        let (embeds, pooled) = r.forward(&h.states, &h.mask, ForwardMode::Fast)?;
         out.insert("prompt_embeds".to_string(), embeds);
         out.insert("pooled_prompt_embeds".to_string(), pooled);
     }

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::{self, GgufFile};
 use crate::formats::Weights;
 use crate::lora::{Lora, Projection, Site};
-use crate::ops::{self, Path as OpPath, MASKED};
+use crate::ops::{self, ForwardMode, MASKED};
 
 /// How a LoRA is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +101,7 @@ impl Attention {
         bias: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        path: OpPath,
+        path: ForwardMode,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (hd, nh, nkv) = (self.head_dim, self.n_heads, self.n_kv);
@@ -119,7 +119,7 @@ impl Attention {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, path: OpPath) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, path: ForwardMode) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x, path)?;
         let up = self.up_proj.forward(x, path)?;
         self.down_proj.forward(&ops::silu_mul(&gate, &up)?, path)
@@ -160,7 +160,7 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         eps: f64,
-        path: OpPath,
+        path: ForwardMode,
     ) -> candle_core::Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, eps, path)?;
         let x = (x + self.self_attn.forward(&h, bias, cos, sin, path)?)?;
@@ -343,7 +343,7 @@ impl Qwen3 {
         ids: &Tensor,
         mask: &[Vec<u8>],
         hidden_layer: i32,
-        path: OpPath,
+        path: ForwardMode,
     ) -> Result<Tensor> {
         let n_layers = self.cfg.resolve_hidden_layer(hidden_layer)?;
         let (b, t) = ids.dims2()?;

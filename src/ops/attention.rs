@@ -14,7 +14,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::blas::{self, Blas};
-use super::{batched_matmul, cpu_f32, f32_slice, softmax, vexp, Path};
+use super::{batched_matmul, cpu_f32, f32_slice, softmax, vexp, ForwardMode};
 
 /// Query rows per fused task: small enough to skip most of the masked upper triangle and to
 /// give the thread pool enough tasks, large enough for efficient GEMMs.
@@ -24,7 +24,13 @@ const QUERY_BLOCK: usize = 64;
 /// additive (0 = may attend, [`super::MASKED`] = may not), in the softmax dtype (f32, or f64
 /// for an f64 model). Returns `[B, T, heads * hd]` in the dtype of `v`. Rows of queries that
 /// may attend nothing are finite and meaningless.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, path: Path) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    path: ForwardMode,
+) -> Result<Tensor> {
     if let Some(out) = fused_cpu(q, k, v, bias)? {
         return Ok(out);
     }

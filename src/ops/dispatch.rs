@@ -5,7 +5,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 /// Which kernels a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
+pub enum ForwardMode {
     /// Fused kernels, no autograd graph worth keeping.
     Fast,
     /// Only ops with a backward; frozen weights get no gradient.
@@ -16,13 +16,13 @@ pub enum Path {
 /// padding rows of an empty prompt) gives a uniform softmax instead of NaN.
 pub const MASKED: f64 = -1e9;
 
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: Path) -> Result<Tensor> {
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, path: ForwardMode) -> Result<Tensor> {
     match path {
-        Path::Fast => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
-        Path::Differentiable if x.track_op() && super::rms_norm::applies(x, weight) => {
+        ForwardMode::Fast => candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32),
+        ForwardMode::Differentiable if x.track_op() && super::rms_norm::applies(x, weight) => {
             super::rms_norm::forward(x, weight, eps)
         }
-        Path::Differentiable => {
+        ForwardMode::Differentiable => {
             let dtype = x.dtype();
             let x = x.to_dtype(compute_dtype(dtype))?;
             let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -37,38 +37,38 @@ pub fn layer_norm(
     weight: &Tensor,
     bias: &Tensor,
     eps: f64,
-    path: Path,
+    path: ForwardMode,
 ) -> Result<Tensor> {
     match path {
-        Path::Fast => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32),
-        Path::Differentiable if super::layer_norm::applies(x, weight, bias) => {
+        ForwardMode::Fast => candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32),
+        ForwardMode::Differentiable if super::layer_norm::applies(x, weight, bias) => {
             super::layer_norm::forward(x, weight, bias, eps)
         }
-        Path::Differentiable => candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32),
+        ForwardMode::Differentiable => candle_nn::ops::layer_norm_slow(x, weight, bias, eps as f32),
     }
 }
 
 /// Softmax over the last dimension.
-pub fn softmax(x: &Tensor, path: Path) -> Result<Tensor> {
+pub fn softmax(x: &Tensor, path: ForwardMode) -> Result<Tensor> {
     match path {
-        Path::Fast => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
-        Path::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+        ForwardMode::Fast => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+        ForwardMode::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
     }
 }
 
 /// Rotary embedding, non-interleaved halves (`rotate_half`, as in Hugging Face Qwen3).
 /// `x`: `[B, H, T, D]`; `cos`, `sin`: `[T, D/2]`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, path: ForwardMode) -> Result<Tensor> {
     match path {
-        Path::Fast => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
-        Path::Differentiable => candle_nn::rotary_emb::rope_slow(x, cos, sin),
+        ForwardMode::Fast => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+        ForwardMode::Differentiable => candle_nn::rotary_emb::rope_slow(x, cos, sin),
     }
 }
 
 /// [`rope`] of `x` `[B, T, H, D]` (the projections' layout) returned as `[B, H, T, D]`
 /// contiguous (attention's layout). f32 CPU tensors take one fused pass (transpose and
 /// rotation, with its own backward); others the transposed copy and [`rope`].
-pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, path: Path) -> Result<Tensor> {
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, path: ForwardMode) -> Result<Tensor> {
     if super::rope::applies(x, cos, sin) {
         return super::rope::to_heads(x, cos, sin);
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::matmul::blas_matmul;
-use super::{matmul_t, Path, QMatrix};
+use super::{matmul_t, ForwardMode, QMatrix};
 
 /// `x @ w.T` where `w` is frozen: the backward pass returns the input gradient only.
 /// Plain `matmul` would also compute a full-size gradient for every frozen base weight
@@ -44,11 +44,11 @@ pub fn frozen_linear_lora(
     super::linear::frozen_with_lora(x, w, a, b, scale).map(Some)
 }
 
-/// `x @ w.T` for a quantized frozen weight (GGUF). On [`Path::Differentiable`] the backward
+/// `x @ w.T` for a quantized frozen weight (GGUF). On [`ForwardMode::Differentiable`] the backward
 /// pass returns the input gradient `grad @ W`, dequantizing `W` on the fly for that one
 /// product: the dequantized copy is dropped right after and never kept by the graph.
-pub fn quantized_linear(x: &Tensor, w: &Arc<QMatrix>, path: Path) -> Result<Tensor> {
-    if path == Path::Fast || !x.track_op() {
+pub fn quantized_linear(x: &Tensor, w: &Arc<QMatrix>, path: ForwardMode) -> Result<Tensor> {
+    if path == ForwardMode::Fast || !x.track_op() {
         return w.forward(x);
     }
     let y = w.forward(&x.detach())?.contiguous()?;

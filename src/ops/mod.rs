@@ -1,6 +1,6 @@
 //! The ops whose fast candle kernels record no gradient (see `shared/notes/candle.md`), and
 //! the CPU kernels that replace candle's composed autograd on the training path. Every model
-//! calls these with a [`Path`]: `Fast` for inference, `Differentiable` for training.
+//! calls these with a [`ForwardMode`]: `Fast` for inference, `Differentiable` for training.
 //! `tests/gradients.rs` checks the composed differentiable versions against finite
 //! differences, `tests/kernels.rs` the fused f32 CPU ops (forward, backward, which operands
 //! get gradients) against those in f64, and `tests/parity.rs` checks both paths agree.
@@ -26,7 +26,9 @@ mod swiglu;
 pub mod vexp;
 
 pub use attention::attention;
-pub use dispatch::{compute_dtype, layer_norm, rms_norm, rope, rope_heads, softmax, Path, MASKED};
+pub use dispatch::{
+    compute_dtype, layer_norm, rms_norm, rope, rope_heads, softmax, ForwardMode, MASKED,
+};
 pub use frozen::{frozen_linear, frozen_linear_lora, quantized_linear};
 pub use gelu::gelu_erf;
 pub use matmul::{batched_matmul, linear, matmul_t};

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::formats::save_atomic;
-use crate::ops::{self, Path as OpPath, MASKED};
+use crate::ops::{self, ForwardMode, MASKED};
 use crate::rng::Rng;
 
 /// Safetensors metadata key that carries the config next to the weights.
@@ -265,7 +265,7 @@ impl Resampler {
         ops::linear(x, w, self.params.get(&format!("{name}.bias")))
     }
 
-    fn norm(&self, x: &Tensor, name: &str, path: OpPath) -> candle_core::Result<Tensor> {
+    fn norm(&self, x: &Tensor, name: &str, path: ForwardMode) -> candle_core::Result<Tensor> {
         let (w, b) = (
             self.p(&format!("{name}.weight")),
             self.p(&format!("{name}.bias")),
@@ -276,7 +276,12 @@ impl Resampler {
     /// `h`: `[B,T,input_dim]` (any float dtype); `mask`: `[B,T]` f32, 1 = token.
     /// Returns (`prompt_embeds` `[B,N,output_dim]`, `pooled` `[B,pooled_dim]`) in the weights'
     /// dtype (f32).
-    pub fn forward(&self, h: &Tensor, mask: &Tensor, path: OpPath) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        mask: &Tensor,
+        path: ForwardMode,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t, d) = h.dims3()?;
         if d != self.cfg.input_dim {
             return Err(Error::Mismatch(format!(
@@ -315,8 +320,8 @@ impl Resampler {
             let f = self.norm(&lat, &format!("{p}.ff.norm"), path)?;
             let f = self.linear(&f, &format!("{p}.ff.fc1"))?;
             let f = match path {
-                OpPath::Fast => f.gelu_erf()?,
-                OpPath::Differentiable => ops::gelu_erf(&f)?,
+                ForwardMode::Fast => f.gelu_erf()?,
+                ForwardMode::Differentiable => ops::gelu_erf(&f)?,
             };
             lat = (lat + self.linear(&f, &format!("{p}.ff.fc2"))?)?;
         }

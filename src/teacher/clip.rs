@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::Source;
 use super::schema::{LayerModule, Param};
 use crate::error::{read_json, Error, Result};
-use crate::ops::{self, Path as OpPath, MASKED};
+use crate::ops::{self, ForwardMode, MASKED};
 
 /// `hidden_act` of a CLIP text config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,7 +251,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::layer_norm(x, &self.weight, &self.bias, self.eps, OpPath::Fast)
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps, ForwardMode::Fast)
     }
 }
 
@@ -318,7 +318,7 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?)?;
         // The LLM's attention op (fused on the CPU): same scale, causal bias per prompt.
         let bias = causal.broadcast_as((b, 1, 1, t, t))?.contiguous()?;
-        let out = ops::attention(&q, &k, &v, &bias, OpPath::Fast)?;
+        let out = ops::attention(&q, &k, &v, &bias, ForwardMode::Fast)?;
         debug_assert_eq!(out.dims(), [b, t, h]);
         self.out_proj.forward(&out)
     }

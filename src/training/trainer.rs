@@ -16,7 +16,7 @@ use crate::conditioning::Encoder;
 use crate::error::{Error, Result};
 use crate::formats::save_atomic;
 use crate::lora::{Lora, LoraConfig, LoraPair, Site};
-use crate::ops::Path as OpPath;
+use crate::ops::ForwardMode;
 use crate::resampler::{Resampler, ResamplerConfig};
 use crate::rng::Rng;
 use crate::LoraMode;
@@ -298,7 +298,7 @@ impl Trainer {
     }
 
     /// Student conditioning for a batch (training path when `path` is differentiable).
-    pub fn predict(&self, prompts: &[&str], path: OpPath) -> Result<(Tensor, Tensor)> {
+    pub fn predict(&self, prompts: &[&str], path: ForwardMode) -> Result<(Tensor, Tensor)> {
         let h = self.encoder.hidden_states(prompts, path)?;
         self.resampler.forward(&h.states, &h.mask, path)
     }
@@ -316,7 +316,7 @@ impl Trainer {
         let device = self.encoder.llm().device().clone();
         let te = teacher_embeds.to_device(&device)?.to_dtype(DType::F32)?;
         let tp = teacher_pooled.to_device(&device)?.to_dtype(DType::F32)?;
-        let (e, p) = self.predict(prompts, OpPath::Differentiable)?;
+        let (e, p) = self.predict(prompts, ForwardMode::Differentiable)?;
         let le = mse(&e, &te)?;
         let lp = mse(&p, &tp)?;
         let loss = ((&le * self.cfg.loss_weight_embeds)? + (&lp * self.cfg.loss_weight_pooled)?)?;
@@ -392,7 +392,7 @@ impl Trainer {
     ) -> Result<EvalMetrics> {
         self.check_targets(prompts.len(), teacher_embeds, teacher_pooled)?;
         let device = self.encoder.llm().device();
-        let (e, p) = self.predict(prompts, OpPath::Fast)?;
+        let (e, p) = self.predict(prompts, ForwardMode::Fast)?;
         let (e, p) = (e.detach(), p.detach());
         EvalMetrics::of(
             (&e, &p),

@@ -11,7 +11,7 @@ How
   1. `qwenclip random-model --shape SHAPE` writes a Qwen3 of the real size with random f32
      weights in the Hugging Face layout (config.json, model.safetensors, tokenizer.json) into
      WORKDIR/SHAPE, once: it is reused when it is already there.
-  2. `qwenclip bench-encode` times our forward pass (candle, `ForwardPath::Fast`) and prints
+  2. `qwenclip bench-encode` times our forward pass (candle, `ForwardMode::Fast`) and prints
      one JSON line.
   3. This script re-runs itself in a separate Python process (so that the peak RSS it reports,
      `getrusage(RUSAGE_SELF).ru_maxrss`, is transformers' own and includes `import torch`),

@@ -116,3 +116,35 @@ def server(tmp_path_factory):
     s.start()
     yield s
     s.stop()
+
+
+class Progress:
+    """Stands in for ComfyUI's server hook: records calls and, like it, raises when the user
+    pressed Cancel (`interrupt_current_processing`)."""
+
+    def __init__(self, cancel_at=None):
+        self.calls = []
+        self.cancel_at = cancel_at
+
+    def __call__(self, value, total, preview, node_id=None, prompt_id=None):
+        import comfy.model_management as mm
+
+        self.calls.append((value, total, preview is not None))
+        if self.cancel_at is not None and value >= self.cancel_at:
+            mm.interrupt_current_processing(True)  # the Cancel button
+        mm.throw_exception_if_processing_interrupted()
+
+
+@pytest.fixture
+def progress_hook():
+    import comfy.utils
+
+    def install(hook):
+        comfy.utils.set_progress_bar_global_hook(hook)
+        return hook
+
+    yield install
+    comfy.utils.set_progress_bar_global_hook(None)
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(False)

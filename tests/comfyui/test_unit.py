@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COMFY, PACKAGE, PLUGIN
+from conftest import COMFY, PACKAGE, PLUGIN, Progress
 
 CAPTIONS = "\n".join([
     "a red cube left of a blue sphere",
@@ -351,38 +351,6 @@ def test_loaders_share_one_base_model(pack):
 
 
 # -- Qwen Adapter Train ---------------------------------------------------------------------------
-
-
-class Progress:
-    """Stands in for ComfyUI's server hook: records calls and, like it, raises when the user
-    pressed Cancel (`interrupt_current_processing`)."""
-
-    def __init__(self, cancel_at=None):
-        self.calls = []
-        self.cancel_at = cancel_at
-
-    def __call__(self, value, total, preview, node_id=None, prompt_id=None):
-        import comfy.model_management as mm
-
-        self.calls.append((value, total, preview is not None))
-        if self.cancel_at is not None and value >= self.cancel_at:
-            mm.interrupt_current_processing(True)  # the Cancel button
-        mm.throw_exception_if_processing_interrupted()
-
-
-@pytest.fixture
-def progress_hook():
-    import comfy.utils
-
-    def install(hook):
-        comfy.utils.set_progress_bar_global_hook(hook)
-        return hook
-
-    yield install
-    comfy.utils.set_progress_bar_global_hook(None)
-    import comfy.model_management as mm
-
-    mm.interrupt_current_processing(False)
 
 
 def _train(pack, encoder, clip, name, steps, **kw):

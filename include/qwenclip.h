@@ -6,7 +6,8 @@
  * (never pointers): a freed or unknown handle gives QWENCLIP_INVALID_HANDLE. Buffers are
  * always owned by the caller; their sizes are passed in elements and checked. Strings are
  * NUL-terminated UTF-8. All functions may be called from any thread; see each function for
- * what may run concurrently.
+ * what may run concurrently. The full contract (ownership, lifetimes, threading, status
+ * codes, every JSON key): docs/c-api.md.
  */
 
 #ifndef QWENCLIP_H

@@ -24,7 +24,7 @@ from . import library
 
 log = logging.getLogger("qwenclip")
 
-_BASES: "weakref.WeakValueDictionary[str, _Base]" = weakref.WeakValueDictionary()
+_BASES: weakref.WeakValueDictionary[str, _Base] = weakref.WeakValueDictionary()
 _BASES_LOCK = threading.Lock()
 
 
@@ -112,7 +112,7 @@ class QwenEncoder:
     def config(self) -> dict:
         return self.base.config
 
-    def with_adapter(self, adapter: str | None, label: str = "") -> "QwenEncoder":
+    def with_adapter(self, adapter: str | None, label: str = "") -> QwenEncoder:
         """The same base model with another adapter (shares the handle; loads nothing now)."""
         return QwenEncoder(self.base, adapter, label or self.label)
 

@@ -13,6 +13,9 @@ use crate::resampler::{Resampler, ResamplerConfig};
 
 pub const MANIFEST_FILE: &str = "qwenclip.json";
 pub const RESAMPLER_FILE: &str = "resampler.safetensors";
+/// Where a folder that is not an adapter itself keeps one (a training run folder's layout):
+/// such a folder is accepted wherever an adapter is.
+pub const NESTED_DIR: &str = "adapter";
 const FORMAT: &str = "qwenclip-adapter";
 const FORMAT_VERSION: u32 = 1;
 
@@ -76,11 +79,23 @@ pub struct Adapter {
     pub resampler: Option<Resampler>,
 }
 
+/// Whether `dir` holds an adapter's own files (a manifest or a PEFT config).
+fn is_bundle(dir: &Path) -> bool {
+    dir.join(MANIFEST_FILE).is_file() || Lora::present(dir)
+}
+
 impl Adapter {
+    /// Loads the adapter in `dir`, or in `dir/adapter/` when `dir` is a training run folder.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::format(dir, "adapter folder not found"));
         }
+        let nested = dir.join(NESTED_DIR);
+        let dir = if !is_bundle(dir) && is_bundle(&nested) {
+            nested.as_path()
+        } else {
+            dir
+        };
         let manifest_path = dir.join(MANIFEST_FILE);
         let manifest: Option<AdapterManifest> = if manifest_path.is_file() {
             let m: AdapterManifest = read_json(&manifest_path, "adapter manifest")?;

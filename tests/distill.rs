@@ -190,6 +190,12 @@ fn the_student_learns_the_teacher_and_beats_the_mean_on_held_out_captions() {
         (c.prompt_embeds.dims(), c.pooled.dims()),
         (&[1, 77, 64][..], &[1, 16][..])
     );
+    // The run folder itself is accepted wherever an adapter is.
+    let from_run = Encoder::load(&tiny().join("model"), Some(&out), EncoderOptions::default())
+        .unwrap()
+        .encode(&["a red cat under a blue chair"])
+        .unwrap();
+    assert_eq!(max_diff(&from_run.prompt_embeds, &c.prompt_embeds), 0.0);
     let metrics = std::fs::read_to_string(out.join(run::METRICS_FILE)).unwrap();
     let steps = metrics
         .lines()

@@ -77,7 +77,7 @@ def bench_encode(pack, model_dir: Path, adapter_dir: Path, rounds: int, warmup: 
     direct()
     assert torch.equal(out[0][0], cond), "node and library agree"
     md, mn = statistics.median(d), statistics.median(n)
-    paired = statistics.median(b - a for a, b in zip(d, n))  # drift-free: each pair back to back
+    paired = statistics.median(b - a for a, b in zip(d, n, strict=True))  # drift-free: each pair back to back
     return {
         "model": model_dir.name, "load_s": round(load_s, 3), "rounds": rounds,
         "direct_ms_median": round(md * 1e3, 3), "node_ms_median": round(mn * 1e3, 3),

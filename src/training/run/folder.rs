@@ -17,7 +17,7 @@ use crate::formats::safetensors::write_atomic;
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const LOSS_PNG: &str = "loss.png";
-pub const ADAPTER_DIR: &str = "adapter";
+pub const ADAPTER_DIR: &str = crate::adapter::NESTED_DIR;
 
 const TRAIN_RGB: [u8; 3] = [30, 90, 200];
 const EVAL_RGB: [u8; 3] = [210, 40, 40];

@@ -8,10 +8,12 @@
   `clip_g_model_config` model options to 3 layers and small MLPs, keeping the widths (768 +
   1280): `encode_from_tokens(..., return_pooled=True)` gives [1,77,2048] and [1,1280] exactly
   as for a real SDXL checkpoint (penultimate layer, projected pooled output).
-- VAE: TAESD (ComfyUI's tiny autoencoder) with random weights.
+- VAE: TAESD (ComfyUI's tiny autoencoder) with random weights, LeCun-scaled so a decoded
+  picture keeps the latents' structure (finite, not constant, different for other latents).
 
-Weights are random but seeded (ComfyUI's ops do not initialise them), so everything is
-deterministic. Needs ComfyUI importable (its folder on sys.path).
+Every weight is set from a seed (ComfyUI's ops leave them uninitialised: memory garbage, up to
+1e37 and NaN), so everything is deterministic. Needs ComfyUI importable (its folder on
+sys.path).
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def tiny_vae(seed: int = 2):
     import comfy.sd
     import comfy.taesd.taesd
 
-    torch.manual_seed(seed)
-    sd = comfy.taesd.taesd.TAESD().state_dict()
-    return comfy.sd.VAE(sd=sd)
+    taesd = comfy.taesd.taesd.TAESD()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in taesd.named_parameters():
+            if p.ndim == 4:  # convolutions: N(0, 1/fan_in) keeps activations at unit scale
+                p.normal_(0.0, (1.0 / p[0].numel()) ** 0.5, generator=g)
+            else:  # biases, the latent shift: 0; the latent scale: 1
+                p.fill_(1.0 if name == "vae_scale" else 0.0)
+    return comfy.sd.VAE(sd=taesd.state_dict())

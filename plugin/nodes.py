@@ -483,17 +483,26 @@ class QwenAdapterTrain:
     CATEGORY = "qwenclip"
     DESCRIPTION = "Trains a qwenclip adapter so the Qwen encoder reproduces the connected SDXL CLIP's conditioning. Saves into models/qwenclip/<adapter_name>, resumes from there, stops cleanly on Cancel."
 
-    def train(self, encoder, clip, adapter_name, captions_folder, captions_text, init="encoder adapter",
-              unique_id=None, **settings):
+    def train(self, encoder, clip, adapter_name, captions_folder, captions_text, steps, batch_size,
+              grad_accum, lr_lora, lr_resampler, save_every, seed, init="encoder adapter",
+              lora_r=None, lora_alpha=None, resampler_width=None, resampler_heads=None,
+              resampler_layers=None, resampler_ff_mult=None, warmup_steps=None, schedule=None,
+              unique_id=None):
         library.get()
         name = _adapter_name_ok(adapter_name)
         paths = []
         if captions_folder and captions_folder != NO_FOLDER:
             paths.append(os.path.join(folder_paths.get_input_directory(), captions_folder))
         captions = {"paths": paths, "text": captions_text or None}
-        config = {k: TRAIN_WIDGETS[k](v) for k, v in settings.items() if k in TRAIN_WIDGETS}
+        given = dict(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_lora=lr_lora,
+                     lr_resampler=lr_resampler, save_every=save_every, seed=seed, lora_r=lora_r,
+                     lora_alpha=lora_alpha, resampler_width=resampler_width,
+                     resampler_heads=resampler_heads, resampler_layers=resampler_layers,
+                     resampler_ff_mult=resampler_ff_mult, warmup_steps=warmup_steps, schedule=schedule)
+        # Settings left unset take the library's defaults (or, resuming, the run's own).
+        config = {k: TRAIN_WIDGETS[k](v) for k, v in given.items() if v is not None}
         out_dir = Path(_paths(MODELS_KEY)[0]) / name
-        hooks = _ComfyHooks(int(config.get("steps", 1)), unique_id)
+        hooks = _ComfyHooks(int(steps), unique_id)
         return training.train(encoder, clip, out_dir, captions, config,
                               init_from_encoder_adapter=(init == "encoder adapter"), hooks=hooks)
 

@@ -72,6 +72,10 @@ def to_image_tensor(rgb) -> torch.Tensor:
     return torch.from_numpy(rgb.astype("float32") / 255.0)[None]
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def _describe(event: dict, steps: int) -> str | None:
     if event["kind"] == "step":
         r = event["report"]
@@ -108,6 +112,12 @@ def train(encoder: QwenEncoder, clip, out_dir: Path, captions: dict, settings: d
             hooks.text(state["step"], note, force=True)
         if state["step"]:
             log.info("qwenclip: resuming %s from step %d", out_dir, state["step"])
+        sizes = state["save_sizes"]
+        written = (f"each save writes {_mib(sizes['adapter_bytes'] + sizes['checkpoint_bytes'])} "
+                   f"(adapter {_mib(sizes['adapter_bytes'])}, checkpoint {_mib(sizes['checkpoint_bytes'])}) "
+                   f"into {out_dir}")
+        log.info("qwenclip: %s", written)
+        hooks.text(state["step"], written, force=True)
         teacher = Teacher(clip, (77, 2048, 1280))
         hooks.progress(state["step"], steps, None)
         while not state["done"]:

@@ -391,3 +391,129 @@ fn a_cache_from_another_teacher_is_refused_with_the_reason() {
         .to_string();
     assert!(err.contains("teacher"), "{err}");
 }
+
+#[test]
+fn a_larger_steps_extends_a_finished_run_and_replans_its_schedule() {
+    let teacher = Teacher::load(&teacher_dir(), &candle_core::Device::Cpu).unwrap();
+    let set = CaptionSet::from_captions(captions().captions.into_iter().take(24), "24").unwrap();
+    let cache = cache("distill-extend", &teacher, &set);
+    let out = scratch("distill-extend-run");
+    let cfg = TrainConfig {
+        schedule: Schedule::Cosine,
+        ..config(4)
+    };
+    assert_eq!(train(&cache, cfg.clone(), &out, None).unwrap().steps, 4);
+    // Asking for fewer steps than done: nothing to train, and the run says so.
+    let d = cache.dims();
+    let open = |settings: serde_json::Value| {
+        Run::open(
+            student(),
+            cache.captions().to_vec(),
+            RunSpec {
+                out: out.clone(),
+                settings,
+                dims: TargetDims {
+                    seq: d.seq,
+                    embed: d.embed,
+                    pooled: d.pooled,
+                },
+                resume: Resume::From(out.clone()),
+            },
+        )
+        .unwrap()
+    };
+    let fewer = open(serde_json::json!({"steps": 3}));
+    assert!(fewer.is_done());
+    assert!(
+        fewer.notes().iter().any(|n| n.contains("nothing to train")),
+        "{:?}",
+        fewer.notes()
+    );
+    drop(fewer);
+    let more = open(serde_json::json!({"steps": 8, "seed": 99}));
+    assert!(!more.is_done());
+    let notes = more.notes().join("\n");
+    assert!(notes.contains("re-planned over 8 steps"), "{notes}");
+    assert!(notes.contains("kept seed = 0"), "{notes}");
+    drop(more);
+    let s = train(
+        &cache,
+        TrainConfig {
+            steps: 8,
+            ..cfg.clone()
+        },
+        &out,
+        Some(&out),
+    )
+    .unwrap();
+    assert_eq!(s.steps, 8);
+    // Step 5's learning rate is the cosine over 8 steps at 4 steps done: half the peak (with
+    // the first run's plan of 4 steps it would be 0).
+    let metrics = std::fs::read_to_string(out.join(run::METRICS_FILE)).unwrap();
+    let lr5 = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["step"] == 5 && v.get("lr_lora").is_some())
+        .unwrap()["lr_lora"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (lr5 - 0.5 * cfg.lr_lora).abs() < 1e-12,
+        "lr at step 5: {lr5}"
+    );
+}
+
+#[test]
+fn defaults_size_the_resampler_for_the_base_and_saves_write_what_was_announced() {
+    let teacher = Teacher::load(&teacher_dir(), &candle_core::Device::Cpu).unwrap();
+    let set = CaptionSet::from_captions(captions().captions.into_iter().take(8), "8").unwrap();
+    let cache = cache("distill-sizes", &teacher, &set);
+    let out = scratch("distill-sizes-run");
+    let d = cache.dims();
+    let mut run = Run::open(
+        student(),
+        cache.captions().to_vec(),
+        RunSpec {
+            out: out.clone(),
+            settings: serde_json::json!({"steps": 1, "batch_size": 2}),
+            dims: TargetDims {
+                seq: d.seq,
+                embed: d.embed,
+                pooled: d.pooled,
+            },
+            resume: Resume::Never,
+        },
+    )
+    .unwrap();
+    let sizes = run.trainer().save_sizes();
+    // The tiny base is 32 wide: the derived resampler is 64 wide, a few MB, not the 2048-wide
+    // (208M values) a real base gets.
+    assert!(sizes.adapter_bytes < 8 << 20, "{sizes:?}");
+    run::drive(
+        &mut run,
+        &mut |idx| cache.get_batch(idx, &candle_core::Device::Cpu),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
+    let written = |p: &Path| std::fs::metadata(p).unwrap().len();
+    let adapter = written(&out.join("adapter/adapter_model.safetensors"))
+        + written(&out.join("adapter/resampler.safetensors"));
+    let ckpt = written(&out.join(run::CHECKPOINT_FILE));
+    for (what, got, said) in [
+        ("adapter", adapter, sizes.adapter_bytes),
+        ("checkpoint", ckpt, sizes.checkpoint_bytes),
+    ] {
+        assert!(
+            got >= said && got - said < 64 << 10,
+            "{what}: wrote {got}, announced {said}"
+        );
+    }
+    let r = qwenclip::resampler::Resampler::load(
+        &out.join("adapter/resampler.safetensors"),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!((r.config().width, r.config().heads), (64, 1));
+}

@@ -206,6 +206,14 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     for note in run.notes() {
         eprintln!("note: {note}");
     }
+    let sizes = run.trainer().save_sizes();
+    eprintln!(
+        "{} trainable values; each save writes {} (adapter {}, checkpoint {})",
+        run.trainer().trainable_params(),
+        mib(sizes.adapter_bytes + sizes.checkpoint_bytes),
+        mib(sizes.adapter_bytes),
+        mib(sizes.checkpoint_bytes)
+    );
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
@@ -275,6 +283,10 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         eprintln!("adapter: {}", summary.adapter.display());
     }
     Ok(())
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 fn one_line(m: &EvalMetrics) -> String {

@@ -206,7 +206,8 @@ fn event_json(e: &Event) -> serde_json::Value {
 /// `"baseline"` or null when done), `captions` (the captions whose targets
 /// `qwenclip_run_supply` takes next, in order), `events` (what the last supply did: steps,
 /// evaluations, saves), `notes` (what opening decided about changed settings), `settings`,
-/// `out`, `adapter`, `caption_count`, `summary`. A NULL `buf` asks only for `needed` (the size
+/// `out`, `adapter`, `caption_count`, `save_sizes` (bytes each save writes: `adapter_bytes`,
+/// `checkpoint_bytes`), `summary`. A NULL `buf` asks only for `needed` (the size
 /// with the NUL).
 #[no_mangle]
 pub extern "C" fn qwenclip_run_state(
@@ -236,6 +237,7 @@ pub extern "C" fn qwenclip_run_state(
             "events": s.events.iter().map(event_json).collect::<Vec<_>>(),
             "notes": run.notes(), "settings": run.config(), "out": run.out(),
             "adapter": run.adapter_dir(), "caption_count": run.captions().len(),
+            "save_sizes": run.trainer().save_sizes(),
             "summary": run.summary(),
         });
         json_out(&value, buf, len, needed)

@@ -39,6 +39,13 @@ pub struct StepReport {
     pub lr_resampler: f64,
 }
 
+/// Bytes a save writes (tensor data; the files' headers add a few kilobytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveSizes {
+    pub adapter_bytes: u64,
+    pub checkpoint_bytes: u64,
+}
+
 /// Held-out quality: MSE and cosine similarity per token and for the pooled vector.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
@@ -270,6 +277,17 @@ impl Trainer {
             .sum();
         let moments: usize = self.opt.moments().map(|(_, t)| size(t)).sum();
         params + moments + self.acc.values().map(size).sum::<usize>()
+    }
+
+    /// What each save writes: the adapter (trainable weights) and the checkpoint (weights,
+    /// both AdamW moments, and the accumulated gradient when accumulating), in bytes.
+    pub fn save_sizes(&self) -> SaveSizes {
+        let weights = 4 * self.trainable_params() as u64;
+        let copies = if self.cfg.grad_accum > 1 { 4 } else { 3 };
+        SaveSizes {
+            adapter_bytes: weights,
+            checkpoint_bytes: weights * copies,
+        }
     }
 
     pub fn encoder(&self) -> &Encoder {

@@ -389,9 +389,10 @@ def test_train_progress_saves_and_outputs(pack, encoder, teacher_clip, progress_
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0
     # the picture is the library's: the run folder's loss.png, pixel for pixel
+    import numpy as np
     from PIL import Image
 
-    png = torch.from_numpy(__import__("numpy").asarray(Image.open(folder / "loss.png").convert("RGB")))
+    png = torch.from_numpy(np.array(Image.open(folder / "loss.png").convert("RGB")))
     assert torch.equal((image[0] * 255).round().to(torch.uint8), png)
     # the output encoder carries the new adapter; the input encoder is unchanged
     adapter = str(folder / "adapter")
@@ -440,6 +441,29 @@ def test_train_finished_run_is_not_retrained(pack, encoder, teacher_clip, progre
     enc2, image = _train(pack, encoder, teacher_clip, "unit_done", steps=2)
     assert (folder / "checkpoint.safetensors").stat().st_mtime_ns == before
     assert hook.calls[0][:2] == (2, 2) and image.shape[-1] == 3
+
+
+def test_train_says_what_it_did_with_changed_settings(pack, encoder, teacher_clip, progress_hook, caplog):
+    progress_hook(Progress())
+    _train(pack, encoder, teacher_clip, "unit_notes", steps=2)
+    _, folder = _state(pack, "unit_notes")
+    before = (folder / "checkpoint.safetensors").stat().st_mtime_ns
+    with caplog.at_level("WARNING", logger="qwenclip"):
+        _train(pack, encoder, teacher_clip, "unit_notes", steps=1, seed=7)
+    said = caplog.text
+    assert "nothing to train" in said and "kept seed = 3 (asked 7)" in said, said
+    assert (folder / "checkpoint.safetensors").stat().st_mtime_ns == before
+    # a larger steps extends the finished run
+    _train(pack, encoder, teacher_clip, "unit_notes", steps=4)
+    assert _state(pack, "unit_notes")[0]["step"] == 4
+
+
+def test_train_never_writes_over_an_adapter_it_cannot_resume(pack, encoder, teacher_clip, comfy_dirs):
+    adapter = comfy_dirs["qwenclip"] / "tiny"
+    files = {f.name: f.read_bytes() for f in adapter.iterdir() if f.is_file()}
+    with pytest.raises(pack.library.QwenclipError, match="already holds an adapter and no checkpoint"):
+        _train(pack, encoder, teacher_clip, "tiny", steps=1)
+    assert {f.name: f.read_bytes() for f in adapter.iterdir() if f.is_file()} == files
 
 
 def test_train_reads_a_captions_folder(pack, comfy_dirs):

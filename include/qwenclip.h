@@ -76,6 +76,11 @@ enum qwenclip_status qwenclip_release_memory(void);
 // stays valid until the next qwenclip call on the same thread; copy it to keep it.
 const char *qwenclip_last_error(void);
 
+// The warnings of the last call on this thread, one per line ("" when there were none), such
+// as prompts cut at the token limit by `qwenclip_encode`. The pointer stays valid until the
+// next qwenclip call on the same thread; copy it to keep it.
+const char *qwenclip_last_warning(void);
+
 // The library version as a static NUL-terminated string (never freed).
 const char *qwenclip_version(void);
 
@@ -118,7 +123,8 @@ enum qwenclip_status qwenclip_encoder_output_shape(uint64_t handle,
 // embeddings (row-major `[n, seq, embed]`) to `embeds` and `n * pooled` floats to `pooled`;
 // `embeds_len` / `pooled_len` are the buffers' sizes in floats and must match exactly (see
 // `qwenclip_encoder_output_shape`). The buffers are owned by the caller and written once,
-// nothing else is allocated for them. Truncation warnings are not errors.
+// nothing else is allocated for them. A prompt cut at the token limit is not an error: it
+// leaves a warning in `qwenclip_last_warning()`.
 enum qwenclip_status qwenclip_encode(uint64_t handle,
                                      const char *const *prompts,
                                      size_t n_prompts,
@@ -153,7 +159,8 @@ enum qwenclip_status qwenclip_run_open(uint64_t encoder,
 // `"baseline"` or null when done), `captions` (the captions whose targets
 // `qwenclip_run_supply` takes next, in order), `events` (what the last supply did: steps,
 // evaluations, saves), `notes` (what opening decided about changed settings), `settings`,
-// `out`, `adapter`, `caption_count`, `summary`. A NULL `buf` asks only for `needed` (the size
+// `out`, `adapter`, `caption_count`, `save_sizes` (bytes each save writes: `adapter_bytes`,
+// `checkpoint_bytes`), `summary`. A NULL `buf` asks only for `needed` (the size
 // with the NUL).
 enum qwenclip_status qwenclip_run_state(uint64_t handle, char *buf, size_t len, size_t *needed);
 

@@ -125,9 +125,10 @@ class QwenEncoder:
             )
         return self.base.shape(self.adapter, fp)
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Prompts -> (cond [n, 77, 2048], pooled [n, 1280]) float32 CPU tensors, written by
-        the library straight into the tensors' memory."""
+        the library straight into the tensors' memory, and the library's warnings (a prompt
+        cut at the token limit)."""
         fp = adapter_fingerprint(self.adapter)  # once per call: it stats the adapter's files
         s, e, p = self.shape(fp)
         n = len(texts)
@@ -135,10 +136,10 @@ class QwenEncoder:
         pooled = torch.empty((n, p), dtype=torch.float32)
         with self.base.lock:
             self.base.select(self.adapter, fp)
-            self.base.lib.encode_into(
+            warnings = self.base.lib.encode_into(
                 self.base.handle, texts, cond.data_ptr(), cond.numel(), pooled.data_ptr(), pooled.numel()
             )
-        return cond, pooled
+        return cond, pooled, warnings
 
 
 # -- ComfyUI memory management --------------------------------------------------------------

@@ -123,6 +123,7 @@ class Library:
         self._lib = lib
         sig = {
             "qwenclip_last_error": ([], _str),
+            "qwenclip_last_warning": ([], _str),
             "qwenclip_version": ([], _str),
             "qwenclip_abi_version": ([], ctypes.c_uint32),
             "qwenclip_capabilities": ([], ctypes.c_uint32),
@@ -213,13 +214,16 @@ class Library:
         )
         return s.value, e.value, p.value
 
-    def encode_into(self, handle, prompts, embeds_ptr, embeds_len, pooled_ptr, pooled_len):
-        """Encodes into caller buffers given as addresses + sizes in floats."""
+    def encode_into(self, handle, prompts, embeds_ptr, embeds_len, pooled_ptr, pooled_len) -> list[str]:
+        """Encodes into caller buffers given as addresses + sizes in floats; returns the
+        library's warnings (prompts cut at the token limit)."""
         arr, n = self._prompts(prompts)
         self._check(
             self._lib.qwenclip_encode(handle, arr, n, embeds_ptr, embeds_len, pooled_ptr, pooled_len),
             "encode",
         )
+        text = self._lib.qwenclip_last_warning()
+        return [w for w in (text.decode("utf-8", "replace") if text else "").splitlines() if w]
 
     def _json(self, what: str, call) -> dict:
         """A JSON document from an export that fills a caller buffer: size, then data."""

@@ -329,7 +329,8 @@ class QwenTextEncodeSDXL:
                 "crop_h": ("INT", zero),
                 "target_width": ("INT", res),
                 "target_height": ("INT", res),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -337,9 +338,12 @@ class QwenTextEncodeSDXL:
     CATEGORY = "qwenclip"
     DESCRIPTION = "Encodes a prompt into SDXL conditioning ([1,77,2048] + pooled [1,1280] + size conditioning), a drop-in for CLIPTextEncodeSDXL."
 
-    def encode(self, encoder, text, width, height, crop_w, crop_h, target_width, target_height):
+    def encode(self, encoder, text, width, height, crop_w, crop_h, target_width, target_height,
+               unique_id=None):
         library.get()
-        cond, pooled = encoder.encode([text])
+        cond, pooled, warnings = encoder.encode([text])
+        for w in warnings:
+            warn(unique_id, "Qwen Text Encode (SDXL)", w.replace("prompt 0", "the prompt", 1))
         return ([[cond, {
             "pooled_output": pooled,
             "width": width,
@@ -349,6 +353,20 @@ class QwenTextEncodeSDXL:
             "target_width": target_width,
             "target_height": target_height,
         }]],)
+
+
+def warn(node_id, title: str, message: str) -> None:
+    """A warning for the user: the server log, and a toast in the frontend (web/warnings.js)
+    for the client that queued the prompt."""
+    log.warning("qwenclip: %s (node %s): %s", title, node_id, message)
+    try:
+        from server import PromptServer
+
+        server = PromptServer.instance
+        event = {"node": node_id, "title": title, "message": message}
+        server.send_sync("qwenclip.warning", event, server.client_id)
+    except Exception:  # no server (scripts, unit tests): the log has it
+        pass
 
 
 class _ComfyHooks:

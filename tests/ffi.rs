@@ -70,6 +70,12 @@ impl Lib {
             .to_string_lossy()
             .into_owned()
     }
+    fn last_warning(&self) -> String {
+        let f: Symbol<unsafe extern "C" fn() -> *const c_char> = self.f("qwenclip_last_warning");
+        unsafe { CStr::from_ptr(f()) }
+            .to_string_lossy()
+            .into_owned()
+    }
     fn load(&self, json: &str) -> Result<u64, (i32, String)> {
         let mut h = 0u64;
         let c = CString::new(json).unwrap();
@@ -165,6 +171,32 @@ fn encode_through_the_c_abi_equals_the_rust_api() {
     let (re, rp) = rust_encode(&prompts);
     assert_eq!(e, re, "prompt embeds differ from the Rust API");
     assert_eq!(p, rp);
+    assert_eq!(lib.last_warning(), "", "nothing was cut");
+    assert_eq!(lib.free(h), OK);
+}
+
+#[test]
+fn a_prompt_cut_at_the_token_limit_is_a_warning_not_an_error() {
+    let lib = Lib::open();
+    let d = tiny();
+    let h = lib
+        .load(
+            &serde_json::json!({"model": d.join("model"), "adapter": d.join("adapter"), "max_tokens": 4})
+                .to_string(),
+        )
+        .unwrap();
+    lib.encode(
+        h,
+        &["short", "a red cube left of a blue sphere under a lamp"],
+    )
+    .unwrap();
+    let w = lib.last_warning();
+    assert!(
+        w.contains("prompt 1 has") && w.contains("dropped (limit 4)") && !w.contains("prompt 0"),
+        "{w}"
+    );
+    lib.shape(h).unwrap();
+    assert_eq!(lib.last_warning(), "", "the next call clears it");
     assert_eq!(lib.free(h), OK);
 }
 

@@ -3,7 +3,7 @@
 
 use std::ffi::c_char;
 
-use super::boundary::{call, last_error, out_ptr, qwenclip_status};
+use super::boundary::{call, last_error, last_warning, out_ptr, qwenclip_status};
 
 /// Version of this C interface; bumped on any incompatible change.
 pub const QWENCLIP_ABI_VERSION: u32 = 2;
@@ -55,6 +55,14 @@ pub extern "C" fn qwenclip_release_memory() -> qwenclip_status {
 #[no_mangle]
 pub extern "C" fn qwenclip_last_error() -> *const c_char {
     last_error()
+}
+
+/// The warnings of the last call on this thread, one per line ("" when there were none), such
+/// as prompts cut at the token limit by `qwenclip_encode`. The pointer stays valid until the
+/// next qwenclip call on the same thread; copy it to keep it.
+#[no_mangle]
+pub extern "C" fn qwenclip_last_warning() -> *const c_char {
+    last_warning()
 }
 
 /// The library version as a static NUL-terminated string (never freed).

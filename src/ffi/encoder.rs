@@ -262,7 +262,8 @@ fn output_shape(enc: &Encoder) -> FfiResult<(usize, usize, usize)> {
 /// embeddings (row-major `[n, seq, embed]`) to `embeds` and `n * pooled` floats to `pooled`;
 /// `embeds_len` / `pooled_len` are the buffers' sizes in floats and must match exactly (see
 /// `qwenclip_encoder_output_shape`). The buffers are owned by the caller and written once,
-/// nothing else is allocated for them. Truncation warnings are not errors.
+/// nothing else is allocated for them. A prompt cut at the token limit is not an error: it
+/// leaves a warning in `qwenclip_last_warning()`.
 #[no_mangle]
 pub extern "C" fn qwenclip_encode(
     handle: u64,
@@ -282,7 +283,9 @@ pub extern "C" fn qwenclip_encode(
             let pooled = boundary::buffer_mut(pooled, pooled_len, n * p, "pooled")?;
             let c = enc.encode(&prompts)?;
             copy_into(&c.prompt_embeds, embeds)?;
-            copy_into(&c.pooled, pooled)
+            copy_into(&c.pooled, pooled)?;
+            boundary::set_warning(&c.warnings.join("\n"));
+            Ok(())
         })
     })
 }

@@ -51,32 +51,6 @@ fn parse<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> FfiResult<T> {
     serde_json::from_str(text).map_err(|e| invalid(format!("{what} JSON: {e}")))
 }
 
-/// A JSON document written into a caller buffer: `needed` gets its size with the NUL; a NULL
-/// `buf` only asks for the size; a buffer that is too small is `QWENCLIP_BUFFER_SIZE`.
-fn json_out(
-    value: &serde_json::Value,
-    buf: *mut c_char,
-    len: usize,
-    needed: *mut usize,
-) -> FfiResult<()> {
-    let text = value.to_string();
-    *boundary::out_ptr(needed, "needed")? = text.len() + 1;
-    if buf.is_null() {
-        return Ok(());
-    }
-    if len < text.len() + 1 {
-        return Err(Failure::new(
-            qwenclip_status::QWENCLIP_BUFFER_SIZE,
-            format!("`buf` holds {len} bytes, {} are needed", text.len() + 1),
-        ));
-    }
-    // Safety: the caller promises `len` writable bytes at `buf`; checked above.
-    let out = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) };
-    out[..text.len()].copy_from_slice(text.as_bytes());
-    out[text.len()] = 0;
-    Ok(())
-}
-
 /// A run and what its last supply reported.
 struct Slot {
     run: Run,
@@ -113,7 +87,7 @@ pub extern "C" fn qwenclip_train_defaults(
 ) -> qwenclip_status {
     call(|| {
         let d = serde_json::to_value(TrainConfig::default()).expect("defaults serialise");
-        json_out(&d, buf, len, needed)
+        boundary::json_out(&d, buf, len, needed)
     })
 }
 
@@ -135,7 +109,7 @@ pub extern "C" fn qwenclip_captions_read(
             "captions": set.captions, "read": r.read, "empty": r.empty,
             "duplicates": r.duplicates, "kept": r.kept, "source": r.source,
         });
-        json_out(&value, buf, len, needed)
+        boundary::json_out(&value, buf, len, needed)
     })
 }
 
@@ -240,7 +214,7 @@ pub extern "C" fn qwenclip_run_state(
             "save_sizes": run.trainer().save_sizes(),
             "summary": run.summary(),
         });
-        json_out(&value, buf, len, needed)
+        boundary::json_out(&value, buf, len, needed)
     })
 }
 

@@ -67,3 +67,27 @@ def test_ui_workflow_loads_in_the_frontend_and_the_server_accepts_it(browser_res
     assert r["body"]["node_errors"] == {}
     twin = json.loads((WORKFLOWS / f"{path.stem}.api.json").read_text())
     assert _strip(r["prompt"]) == _strip(twin), "the API twin is what the frontend makes of the UI file"
+
+
+def test_a_prompt_cut_at_the_token_limit_shows_a_warning_in_the_frontend(server, tmp_path):
+    from test_e2e import tiny, workflow
+
+    long_prompt = " ".join(["a red cube left of a blue sphere under a lamp"] * 60)  # > 256 tokens
+    prompt = tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_toast")
+    for node in prompt.values():
+        if node["class_type"] == "QwenTextEncodeSDXL":
+            node["inputs"]["text"] = long_prompt
+            break
+    (tmp_path / "prompt.json").write_text(json.dumps(prompt))
+    shutil.copy(HERE / "toast.mjs", tmp_path / "toast.mjs")
+    os.symlink(os.environ["QWENCLIP_NODE_MODULES"], tmp_path / "node_modules")
+    shot = HERE.parents[1] / "target" / "test-scratch" / "warning-toast.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["node", str(tmp_path / "toast.mjs"), server.url, str(tmp_path / "prompt.json"), str(shot)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["page_errors"] == [], out["page_errors"]
+    toasts = "\n".join(out["toasts"])
+    assert "Qwen Text Encode (SDXL)" in toasts and "the last" in toasts and "were dropped (limit 256)" in toasts, out
+    assert "were dropped (limit 256)" in server.log(), "the server log has it too"

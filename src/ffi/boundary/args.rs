@@ -100,3 +100,29 @@ fn check_buffer(is_null: bool, len: usize, expected: usize, name: &str) -> FfiRe
     }
     Ok(())
 }
+
+/// A JSON document written into a caller buffer: `needed` gets its size with the NUL; a NULL
+/// `buf` only asks for the size; a buffer that is too small is `QWENCLIP_BUFFER_SIZE`.
+pub(in crate::ffi) fn json_out(
+    value: &serde_json::Value,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> FfiResult<()> {
+    let text = value.to_string();
+    *out_ptr(needed, "needed")? = text.len() + 1;
+    if buf.is_null() {
+        return Ok(());
+    }
+    if len < text.len() + 1 {
+        return Err(Failure::new(
+            qwenclip_status::QWENCLIP_BUFFER_SIZE,
+            format!("`buf` holds {len} bytes, {} are needed", text.len() + 1),
+        ));
+    }
+    // Safety: the caller promises `len` writable bytes at `buf`; checked above.
+    let out = unsafe { std::slice::from_raw_parts_mut(buf as *mut u8, len) };
+    out[..text.len()].copy_from_slice(text.as_bytes());
+    out[text.len()] = 0;
+    Ok(())
+}

@@ -3,11 +3,13 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::qwenclip_status;
-use super::status::{set_error, FfiResult};
+use super::status::{set_error, set_warning, FfiResult};
 
-/// Runs an export's body: clears the last error, catches panics, maps failures to codes.
+/// Runs an export's body: clears the last error and warning, catches panics, maps failures
+/// to codes.
 pub(in crate::ffi) fn call(f: impl FnOnce() -> FfiResult<()>) -> qwenclip_status {
     set_error("");
+    set_warning("");
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => qwenclip_status::QWENCLIP_OK,
         Ok(Err(failure)) => {

@@ -37,6 +37,7 @@ pub enum qwenclip_status {
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    static LAST_WARNING: RefCell<CString> = RefCell::new(CString::default());
 }
 
 pub struct Failure {
@@ -86,6 +87,12 @@ pub(super) fn set_error(msg: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = c);
 }
 
+/// What a successful call wants its caller to know (one warning per line).
+pub(in crate::ffi) fn set_warning(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_WARNING.with(|w| *w.borrow_mut() = c);
+}
+
 pub(in crate::ffi) fn invalid(msg: impl Into<String>) -> Failure {
     Failure::new(qwenclip_status::QWENCLIP_INVALID_ARGUMENT, msg)
 }
@@ -93,4 +100,9 @@ pub(in crate::ffi) fn invalid(msg: impl Into<String>) -> Failure {
 /// The message of the last failed call on this thread, valid until the next call on it.
 pub(in crate::ffi) fn last_error() -> *const c_char {
     LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// The warnings of the last call on this thread, valid until the next call on it.
+pub(in crate::ffi) fn last_warning() -> *const c_char {
+    LAST_WARNING.with(|w| w.borrow().as_ptr())
 }

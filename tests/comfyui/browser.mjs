@@ -1,8 +1,9 @@
 // Loads UI-format workflows into the real ComfyUI frontend (headless Debian Chromium driven by
 // playwright-core), and for each reports: node types the frontend does not know, widgets whose
-// values did not load as saved (or a combo value that is not among its options), page errors
-// while loading, the prompt the frontend makes (app.graphToPrompt) and the server's answer to
-// it (POST /prompt from the page). Accepted prompts are deleted from the queue at once: the
+// values did not load as saved (or a combo value that is not among its options), nodes that
+// the saved view leaves off screen or under the frontend's bars, page errors while loading,
+// the prompt the frontend makes (app.graphToPrompt) and the server's answer to it (POST
+// /prompt from the page). Accepted prompts are deleted from the queue at once: the
 // check is that the server accepts them; the end-to-end tests run them on tiny models.
 //
 // Usage: node browser.mjs URL SCREENSHOT_DIR WORKFLOW.json...   (prints one JSON document)
@@ -17,6 +18,8 @@ const browser = await chromium.launch({
     '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
 const results = [];
+// A user who has seen the template browser once (it opens over everything on a first visit).
+await fetch(`${url}/settings/Comfy.TutorialCompleted`, { method: 'POST', body: 'true' });
 try {
   const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
   let pageErrors = [];
@@ -60,6 +63,39 @@ try {
           }
         });
       }
+      return out;
+    }, workflow);
+    // Dialogs the load opened (missing models), closed as a user would before looking.
+    for (let i = 0; i < 5 && await page.$('.p-dialog-mask'); i++) {
+      await page.keyboard.press('Escape');
+      await page.waitForTimeout(400);
+    }
+    Object.assign(r, await page.evaluate(async () => {
+      const app = window.app;
+      const LG = window.LiteGraph;
+      const out = {};
+      // The saved view: every node on screen, clear of the side bar, top bars and controls.
+      const canvasEl = app.canvas.canvas;
+      const box = canvasEl.getBoundingClientRect();
+      const W = window.innerWidth, H = window.innerHeight;
+      const clear = (x, y) => document.elementFromPoint(x, y) === canvasEl;
+      let left = 0; while (left < W && !clear(left, H / 2)) left++;
+      let top = 0; while (top < H && !clear(W / 2, top)) top++;
+      let right = W - 1; while (right > 0 && !clear(right, H / 2)) right--;
+      let bottom = H - 1; while (bottom > 0 && !clear(W / 2, bottom)) bottom--;
+      const ds = app.canvas.ds;
+      const title = LG.NODE_TITLE_HEIGHT || 30;
+      out.view = { left, top, right, bottom, scale: ds.scale };
+      out.offscreen = [];
+      for (const node of app.graph._nodes) {
+        const x0 = box.left + (node.pos[0] + ds.offset[0]) * ds.scale;
+        const y0 = box.top + (node.pos[1] - title + ds.offset[1]) * ds.scale;
+        const x1 = box.left + (node.pos[0] + node.size[0] + ds.offset[0]) * ds.scale;
+        const y1 = box.top + (node.pos[1] + node.size[1] + ds.offset[1]) * ds.scale;
+        if (x0 < left || y0 < top || x1 > right || y1 > bottom) {
+          out.offscreen.push(`${node.type} #${node.id} at [${Math.round(x0)}, ${Math.round(y0)}, ${Math.round(x1)}, ${Math.round(y1)}]`);
+        }
+      }
       const p = await app.graphToPrompt();
       out.prompt = p.output;
       const res = await fetch('/prompt', {
@@ -73,7 +109,7 @@ try {
         await fetch('/interrupt', { method: 'POST' });
       }
       return out;
-    }, workflow);
+    }));
     r.file = basename(file);
     r.page_errors = pageErrors;
     if (shots) {

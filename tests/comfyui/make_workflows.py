@@ -43,6 +43,12 @@ def train_defaults() -> dict:
     return module.get().train_defaults()
 
 
+# The window a workflow is made to open readable in, and what the frontend covers of it
+# (left side bar, top banner and tabs, right margin, bottom zoom controls), in pixels.
+VIEW_SIZE = (1600, 1000)
+VIEW_CLEAR = (70, 100, 30, 70)
+TITLE_HEIGHT = 30
+
 OUTPUT_TYPES = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "QwenEncoderLoader": [("encoder", "QWEN_ENCODER")],
@@ -100,7 +106,22 @@ class Graph:
             ui_nodes.append(u)
         return {"last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes,
                 "links": links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.8, "offset": [480, 60]}}, "version": 0.4}
+                "extra": {"ds": self.view()}, "version": 0.4}
+
+    def view(self) -> dict:
+        """The canvas offset and scale that show every node on a 1600x1000 window, clear of
+        the frontend's side bar, top bars and zoom controls (the browser test checks it)."""
+        x0 = min(n["pos"][0] for n in self.nodes)
+        y0 = min(n["pos"][1] for n in self.nodes) - TITLE_HEIGHT
+        x1 = max(n["pos"][0] + n["size"][0] for n in self.nodes)
+        y1 = max(n["pos"][1] + n["size"][1] for n in self.nodes)
+        left, top, right, bottom = VIEW_CLEAR
+        width, height = VIEW_SIZE[0] - left - right, VIEW_SIZE[1] - top - bottom
+        scale = round(min(1.0, width / (x1 - x0), height / (y1 - y0)), 3)
+        # centred in the clear area, in canvas units
+        ox = (left + (width - (x1 - x0) * scale) / 2) / scale - x0
+        oy = (top + (height - (y1 - y0) * scale) / 2) / scale - y0
+        return {"scale": scale, "offset": [round(ox, 1), round(oy, 1)]}
 
     def api(self) -> dict:
         out = {}

@@ -62,6 +62,7 @@ def test_ui_workflow_loads_in_the_frontend_and_the_server_accepts_it(browser_res
     assert r["missing"] == [], f"node types unknown to the frontend: {r['missing']}"
     assert r["load_error"] is None, r["load_error"]
     assert r["widget_errors"] == [], "\n".join(r["widget_errors"])
+    assert r["offscreen"] == [], f"the saved view hides nodes (visible {r['view']}): {r['offscreen']}"
     assert r["page_errors"] == [], r["page_errors"]
     assert r["status"] == 200, json.dumps(r["body"], indent=1)[:4000]
     assert r["body"]["node_errors"] == {}

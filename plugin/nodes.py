@@ -15,7 +15,7 @@ from pathlib import Path
 import folder_paths
 
 from . import encoder as enc
-from . import library, training
+from . import hub, library, training
 
 log = logging.getLogger("qwenclip")
 
@@ -26,7 +26,6 @@ GGUF_EXTENSIONS = {".gguf"}
 MAX_RESOLUTION = 16384
 NO_ADAPTER = "none"
 NO_FOLDER = "none (use captions_text)"
-HUB_IDS = ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-1.7B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B"]
 ENCODER = "QWEN_ENCODER"
 RUN_ADAPTER_DIR = "adapter"  # where a training run folder keeps its adapter (the library's layout)
 
@@ -159,21 +158,26 @@ def adapter_changed_key(name: str) -> str:
         return ""
 
 
-def resolve_base(name: str, hub_id: str = "") -> str:
-    """A model folder path, or a hub id the library resolves (Hugging Face cache)."""
+def _where_models_go() -> str:
+    return ", ".join(_paths(BASE_KEY)) or "models/text_encoders"
+
+
+def resolve_base(name: str, hub_id: str = "", progress=None) -> str:
+    """A local model folder or .gguf file: from the model folders, or a hub id from the
+    Hugging Face cache, downloaded first when it is not there (`progress(done, total)`)."""
     hub_id = (hub_id or "").strip()
-    if hub_id:
-        return hub_id
+    if hub_id and Path(hub_id).expanduser().exists():
+        return str(Path(hub_id).expanduser())
     found = base_models()
-    if name in found:
+    if not hub_id and name in found:
         return found[name]
-    if name in HUB_IDS:
-        return name
+    repo = hub_id or hub.repo_of(name)
+    if repo in hub.HUB_IDS or hub_id:
+        return hub.resolve(repo, progress or (lambda done, total: None), _where_models_go())
     raise ValueError(
         f"qwenclip: base model '{name}' was not found: put a Qwen3 model folder (config.json, "
-        f"*.safetensors, tokenizer.json) or a Qwen3 .gguf file under "
-        f"{', '.join(_paths(BASE_KEY)) or 'models/text_encoders'}, "
-        "or pick a hub id (e.g. Qwen/Qwen3-4B, from the Hugging Face cache)"
+        f"*.safetensors, tokenizer.json) or a Qwen3 .gguf file under {_where_models_go()}, "
+        "or pick a hub id (e.g. Qwen/Qwen3-4B)"
     )
 
 
@@ -182,12 +186,6 @@ def _estimate_bytes(model: str, dtype: str) -> int:
     p = Path(model)
     if p.is_file():  # a .gguf stays quantized in memory: its size is what it takes
         return p.stat().st_size
-    if not p.is_dir():
-        hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-        snaps = sorted((hub / f"models--{model.replace('/', '--')}" / "snapshots").glob("*"))
-        if not snaps:
-            return 0
-        p = snaps[-1]
     size = sum(f.stat().st_size for f in p.glob("*.safetensors"))
     stored = 2
     try:
@@ -240,10 +238,10 @@ class QwenEncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        bases = sorted(base_models()) + HUB_IDS
+        bases = sorted(base_models()) + hub.choices()
         return {
             "required": {
-                "base_model": (bases, {"tooltip": "A Qwen3 model folder or .gguf file (4/5/6/8-bit, llama.cpp's or `qwenclip quantize`'s) in models/text_encoders, or a Hugging Face hub id (read from the Hugging Face cache)."}),
+                "base_model": (bases, {"tooltip": "A Qwen3 model folder or .gguf file (4/5/6/8-bit, llama.cpp's or `qwenclip quantize`'s) in models/text_encoders, or a Hugging Face hub id: as it is when it is in the Hugging Face cache, with '(download)' when running the node downloads it first (size in the log, progress on the node, resumed if stopped)."}),
                 "adapter": (adapter_choices(), {"tooltip": "An adapter folder in models/qwenclip (LoRA + resampler). Without one there is no SDXL conditioning."}),
                 "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
                 "dtype": (["auto", "f32", "bf16", "f16"], {"default": "auto", "tooltip": "auto: bf16 on CUDA, f32 on the CPU."}),
@@ -252,6 +250,7 @@ class QwenEncoderLoader:
                 "hub_id": ("STRING", {"default": "", "tooltip": "Any hub id or model folder path; overrides base_model when set."}),
                 "max_tokens": ("INT", {"default": 0, "min": 0, "max": 32768, "tooltip": "Prompt token limit; 0 = the adapter's (256 by default)."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     RETURN_TYPES = (ENCODER,)
@@ -264,9 +263,9 @@ class QwenEncoderLoader:
     def IS_CHANGED(cls, adapter=NO_ADAPTER, **_inputs):
         return adapter_changed_key(adapter)
 
-    def load(self, base_model, adapter, device, dtype, hub_id="", max_tokens=0):
+    def load(self, base_model, adapter, device, dtype, hub_id="", max_tokens=0, unique_id=None):
         lib = library.get()
-        model = resolve_base(base_model, hub_id)
+        model = resolve_base(base_model, hub_id, _download_progress(unique_id))
         adapter_dir = resolve_adapter(adapter)
         dev = pick_device(device, lib)
         dt = pick_dtype(dtype, dev)
@@ -287,6 +286,21 @@ class QwenEncoderLoader:
         log.info("qwenclip: encoder %s (%s, %s) adapter %s ready in %.2f s", model, dev, dt,
                  adapter_dir, time.perf_counter() - t0)
         return (enc.QwenEncoder(base, adapter_dir, label=adapter if adapter_dir else base_model),)
+
+
+def _download_progress(node_id):
+    """ComfyUI's progress bar for a download, in MB (it raises when the user cancels)."""
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        import comfy.utils
+
+        if bar is None:
+            bar = comfy.utils.ProgressBar(max(1, total // 2**20), node_id=node_id)
+        bar.update_absolute(done // 2**20, max(1, total // 2**20))
+
+    return update
 
 
 class QwenAdapterSelect:

@@ -34,24 +34,41 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
             "no such folder (and not a hub id like Qwen/Qwen3-4B)",
         ));
     }
-    if offline() {
-        fetch_with(spec, |file| {
-            hf_hub::Cache::from_env()
-                .model(spec.to_string())
-                .get(file)
-                .ok_or_else(|| {
-                    format!("{file} is not in the local hub cache and HF_HUB_OFFLINE is set")
-                })
-        })
-    } else {
-        let api = hf_hub::api::sync::ApiBuilder::from_env()
-            .build()
-            .map_err(|e| Error::Hub(format!("cannot start the hub client: {e}")))?;
-        let repo = api.model(spec.to_string());
-        fetch_with(spec, |file| {
-            repo.get(file).map_err(|e| format!("{file}: {e}"))
-        })
+    let cache = hf_hub::Cache::from_env();
+    let cached = fetch_with(spec, |file| {
+        cache
+            .model(spec.to_string())
+            .get(file)
+            .ok_or_else(|| format!("{file} is not in the cache"))
+    });
+    if cached.is_ok() || offline() {
+        return cached.map_err(|e| not_available(spec, &cache, e));
     }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .build()
+        .map_err(|e| Error::Hub(format!("cannot start the hub client: {e}")))?;
+    let repo = api.model(spec.to_string());
+    fetch_with(spec, |file| {
+        repo.get(file).map_err(|e| format!("{file}: {e}"))
+    })
+    .map_err(|e| not_available(spec, &cache, e))
+}
+
+/// What to do about a hub model that is neither cached nor downloadable here.
+fn not_available(spec: &str, cache: &hf_hub::Cache, cause: Error) -> Error {
+    let why = match cause {
+        Error::Hub(m) => m,
+        other => other.to_string(),
+    };
+    let how = if offline() {
+        "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    } else {
+        "the download failed"
+    };
+    Error::Hub(format!(
+        "{spec} is not in the Hugging Face cache ({}) and {how} ({why}). On a machine with network, `huggingface-cli download {spec}` fills that cache (copy it here), or give the path of a local model folder (config.json, tokenizer.json, *.safetensors) or a .gguf file",
+        cache.path().display()
+    ))
 }
 
 fn offline() -> bool {

@@ -189,6 +189,45 @@ fn hub_id_resolves_from_the_offline_cache() {
         !ok && err.contains("qwenclip/absent") && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
+    // Without HF_HUB_OFFLINE a cached model is used without the network, and one that is not
+    // cached, where the hub cannot be reached, gets one sentence saying how to get it.
+    let no_hub = [
+        ("HF_HOME", home.as_path()),
+        ("HF_ENDPOINT", Path::new("http://127.0.0.1:9")),
+    ];
+    let (ok, _, err) = qwenclip(
+        &[
+            "encode",
+            "--model",
+            "qwenclip/tiny",
+            "--adapter",
+            s(&tiny.join("adapter")),
+            "--prompt",
+            "x",
+            "--out",
+            s(&out),
+        ],
+        &no_hub,
+    );
+    assert!(ok, "a cached model needs no network: {err}");
+    let (ok, _, err) = qwenclip(
+        &[
+            "encode",
+            "--model",
+            "qwenclip/absent",
+            "--prompt",
+            "x",
+            "--out",
+            s(&out),
+        ],
+        &no_hub,
+    );
+    assert!(
+        !ok && err.contains("is not in the Hugging Face cache")
+            && err.contains("the download failed")
+            && err.contains("huggingface-cli download qwenclip/absent"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -59,6 +59,7 @@ CLASSES = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
 PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
 SPACINGS = ["leading", "trailing", "linspace"]
 STEPS = [20, 50]
+SPACING_STEPS = [1, 2, 3, 7, 10, 25, 30, 33, 40, 60, 100]
 
 
 def check(cond: bool, msg: str) -> None:
@@ -143,6 +144,15 @@ def main() -> None:
         t[f"schedule/{name}/alphas_cumprod"] = sched.alphas_cumprod
         # Euler's training sigmas, ascending in t (diffusers stores them flipped, then a 0).
         t[f"schedule/{name}/sigmas"] = sched.sigmas[:-1].flip(0).contiguous()
+
+    # Timestep spacing for more step counts (numpy's linspace / arange / round in diffusers).
+    for kind, cls in CLASSES.items():
+        for spacing in SPACINGS:
+            for n in SPACING_STEPS:
+                sched = make(cls, {"timestep_spacing": spacing}, n)
+                t[f"spacing/{kind}/{spacing}/{n}/timesteps"] = sched.timesteps
+                if kind == "euler":
+                    t[f"spacing/{kind}/{spacing}/{n}/sigmas"] = sched.sigmas
 
     cases = []
     variants = [(k, p, s, n, {}) for k in CLASSES for p in PREDICTIONS for s in SPACINGS

@@ -221,6 +221,29 @@ fn ddim_timesteps_and_alphas_match_diffusers() {
 }
 
 #[test]
+fn timestep_spacing_matches_diffusers_for_many_step_counts() {
+    for spacing in ["leading", "trailing", "linspace"] {
+        let mut cfg = SchedulerConfig::sdxl();
+        cfg.timestep_spacing = Some(spacing.into());
+        for n in [1, 2, 3, 7, 10, 25, 30, 33, 40, 60, 100] {
+            let key = |kind: &str, what: &str| format!("spacing/{kind}/{spacing}/{n}/{what}");
+            let e = Euler::new(&cfg, n).unwrap();
+            let want_t = want(&key("euler", "timesteps")).to_vec1::<f32>().unwrap();
+            assert_eq!(e.timesteps(), &want_t[..], "Euler {spacing} {n}");
+            assert_each(
+                &key("euler", "sigmas"),
+                &vec_tensor(e.sigmas()),
+                want(&key("euler", "sigmas")),
+            );
+            let d = Ddim::new(&cfg, n).unwrap();
+            let got: Vec<i64> = d.timesteps().iter().map(|&t| t as i64).collect();
+            let want_t = want(&key("ddim", "timesteps")).to_vec1::<i64>().unwrap();
+            assert_eq!(got, want_t, "DDIM {spacing} {n}");
+        }
+    }
+}
+
+#[test]
 fn scale_model_input_matches_diffusers() {
     for case in cases() {
         let s = case.sampler();
@@ -476,6 +499,15 @@ fn bad_step_indices_and_batch_sizes_are_refused() {
     }
     // Leading spacing with steps_offset 1 at 1000 steps would index timestep 1000.
     assert!(Ddim::new(&SchedulerConfig::sdxl(), 1000).is_err());
+    // numpy makes 62 trailing timesteps for 61 steps, the last -1; diffusers keeps them.
+    let mut trailing = SchedulerConfig::sdxl();
+    trailing.timestep_spacing = Some("trailing".into());
+    for n in [61, 103] {
+        let e = Euler::new(&trailing, n).unwrap_err().to_string();
+        assert!(e.contains("timestep_spacing"), "{e}");
+        assert!(Ddim::new(&trailing, n).is_err());
+    }
+    assert_eq!(Euler::new(&trailing, 60).unwrap().timesteps()[59], 16.0);
 }
 
 /// `(field, JSON value, which schedulers refuse it)`.

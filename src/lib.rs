@@ -5,7 +5,8 @@
 //! [`resampler`] -> [`conditioning`] (the [`Encoder`]); [`adapter`] bundles LoRA + resampler;
 //! [`formats`] reads and writes weight files; [`ops`] holds the kernels that differ between
 //! the fast and the differentiable path. Distillation: [`teacher`] (SDXL's CLIP-L + CLIP-G)
-//! -> [`data`] (captions, target cache) -> [`training`].
+//! -> [`data`] (captions, target cache) -> [`training`]; [`sampling`] holds SDXL's samplers
+//! (diffusers' Euler and DDIM) for vision-based distillation.
 
 pub mod adapter;
 pub mod conditioning;
@@ -18,6 +19,7 @@ pub mod lora;
 pub mod ops;
 pub mod resampler;
 pub mod rng;
+pub mod sampling;
 pub mod teacher;
 pub mod tiny;
 pub mod tokenizer;

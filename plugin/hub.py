@@ -98,7 +98,7 @@ def resolve(repo_id: str, progress, folders: str) -> str:
 
         def fetch(name=s.rfilename):
             try:
-                hf_hub_download(repo_id, name, revision=info.sha, endpoint=_endpoint())
+                hf_hub_download(repo_id, name, endpoint=_endpoint())
             except BaseException as e:  # reported by the waiting thread
                 failure.append(e)
 

@@ -289,7 +289,8 @@ class QwenEncoderLoader:
 
 
 def _download_progress(node_id):
-    """ComfyUI's progress bar for a download, in MB (it raises when the user cancels)."""
+    """ComfyUI's progress bar for a download, in thousandths (it raises when the user
+    cancels; the partial files stay and the next run resumes)."""
     bar = None
 
     def update(done: int, total: int) -> None:
@@ -297,8 +298,8 @@ def _download_progress(node_id):
         import comfy.utils
 
         if bar is None:
-            bar = comfy.utils.ProgressBar(max(1, total // 2**20), node_id=node_id)
-        bar.update_absolute(done // 2**20, max(1, total // 2**20))
+            bar = comfy.utils.ProgressBar(1000, node_id=node_id)
+        bar.update_absolute(done * 1000 // max(total, 1), 1000)
 
     return update
 

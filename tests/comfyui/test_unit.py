@@ -572,3 +572,133 @@ def test_loader_asks_comfyui_for_room_first(pack, monkeypatch):
     monkeypatch.setattr(mm, "free_memory", lambda need, dev, *a, **k: (calls.append((need, dev)), real(need, dev, *a, **k))[1])
     pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32", max_tokens=77)
     assert calls and calls[0][0] > 10_000_000 and calls[0][1].type == "cpu"  # ~20 MB of f32 weights
+
+
+# -- hub models -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_ids_are_listed_as_cached_or_to_download(pack, hf_cache, tiny):
+    snap = hf_cache / "models--Qwen--Qwen3-0.6B" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (hf_cache / "models--Qwen--Qwen3-0.6B" / "refs").mkdir()
+    (hf_cache / "models--Qwen--Qwen3-0.6B" / "refs" / "main").write_text("abc123")
+    for f in ("config.json", "tokenizer.json", "model.safetensors"):
+        shutil.copy(tiny["model"] / f, snap / f)
+    listed = pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]["base_model"][0]
+    assert "Qwen/Qwen3-0.6B" in listed and "Qwen/Qwen3-4B (download)" in listed
+    assert "Qwen/Qwen3-4B" not in listed and "Qwen/Qwen3-0.6B (download)" not in listed
+    # the cached one loads from the cache, without the network
+    enc = pack.nodes.QwenEncoderLoader().load("Qwen/Qwen3-0.6B", "tiny", "cpu", "f32")[0]
+    assert enc.config["model"] == str(snap)
+
+
+def test_a_hub_model_that_cannot_be_downloaded_says_how_to_get_it(pack, hf_cache, monkeypatch, comfy_dirs):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ValueError) as e:
+        pack.nodes.QwenEncoderLoader().load("Qwen/Qwen3-4B (download)", "tiny", "cpu", "f32")
+    msg = str(e.value)
+    assert "Qwen/Qwen3-4B is not in the Hugging Face cache" in msg, msg
+    assert "huggingface-cli download Qwen/Qwen3-4B" in msg and str(comfy_dirs["text_encoders"]) in msg, msg
+    assert "Dns" not in msg and "Traceback" not in msg
+
+
+class FakeHub:
+    """A local stand-in for huggingface.co serving one repository (the API calls and file
+    downloads huggingface_hub makes), counting the bytes it sent."""
+
+    def __init__(self, repo: str, files: dict[str, bytes]):
+        import hashlib
+        import http.server
+        import threading
+
+        self.repo, self.files, self.sent = repo, files, 0
+        sha = "0" * 40
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _file(self):
+                prefix = f"/{repo}/resolve/"
+                if not self.path.startswith(prefix):
+                    return None
+                name = self.path[len(prefix):].split("/", 1)[1]
+                return name, files.get(name)
+
+            def do_HEAD(self):
+                hit = self._file()
+                if not hit or hit[1] is None:
+                    self.send_error(404)
+                    return
+                name, data = hit
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", sha)
+                self.send_header("ETag", '"' + hashlib.sha1(data).hexdigest() + '"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+
+            def do_GET(self):
+                if self.path.startswith(f"/api/models/{repo}"):
+                    body = json.dumps({"id": repo, "sha": sha, "siblings": [
+                        {"rfilename": n, "size": len(d)} for n, d in files.items()]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                hit = self._file()
+                if not hit or hit[1] is None:
+                    self.send_error(404)
+                    return
+                data = hit[1]
+                start = int(self.headers.get("Range", "bytes=0-")[6:].split("-")[0] or 0)
+                self.send_response(206 if start else 200)
+                self.send_header("X-Repo-Commit", sha)
+                self.send_header("ETag", '"' + hashlib.sha1(data).hexdigest() + '"')
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                self.wfile.write(data[start:])
+                hub.sent += len(data) - start
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_hub_download_says_its_size_shows_progress_and_loads(pack, hf_cache, monkeypatch, tiny,
+                                                                progress_hook, caplog):
+    files = {f: (tiny["model"] / f).read_bytes() for f in ("config.json", "tokenizer.json", "model.safetensors")}
+    hub = FakeHub("qwenclip-test/tiny", files)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        hook = progress_hook(Progress())
+        with caplog.at_level("INFO", logger="qwenclip"):
+            enc = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32",
+                                                      hub_id="qwenclip-test/tiny")[0]
+        total = sum(len(d) for d in files.values())
+        assert f"downloading qwenclip-test/tiny: 3 files, {total / 1e9:.2f} GB" in caplog.text
+        assert hub.sent == total
+        assert hook.calls and hook.calls[-1][:2] == (1000, 1000), hook.calls[-3:]
+        cond = pack.nodes.QwenTextEncodeSDXL().encode(enc, "a lighthouse", 1024, 1024, 0, 0, 1024, 1024)[0]
+        assert cond[0][0].shape == (1, 77, 2048)
+        # now it is cached: listed as it is, and loaded without the hub
+        hub.close()
+        again = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32", hub_id="qwenclip-test/tiny")[0]
+        assert again.config["model"] == enc.config["model"]
+    finally:
+        hub.close()

@@ -79,8 +79,8 @@ def _mib(n: int) -> str:
 def _describe(event: dict, steps: int) -> str | None:
     if event["kind"] == "step":
         r = event["report"]
-        return (f"step {r['step']}/{steps}  loss {r['loss']:.5f}  "
-                f"(embeds {r['loss_embeds']:.5f}, pooled {r['loss_pooled']:.5f})")
+        parts = ", ".join(f"{k[5:]} {v:.5f}" for k, v in r.items() if k.startswith("loss_"))
+        return f"step {r['step']}/{steps}  loss {r['loss']:.5f}  ({parts})"
     if event["kind"] == "eval":
         m = event["metrics"]
         if not m["count"]:

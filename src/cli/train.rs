@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use qwenclip::data::TargetCache;
 use qwenclip::training::run::{self, Event, Resume, Run, RunSpec};
+use qwenclip::training::trainer::describe_parts;
 use qwenclip::training::{EvalMetrics, Schedule, TargetDims, TrainConfig, Trainer};
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
@@ -254,13 +255,12 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                     0.0
                 };
                 eprint!(
-                    "\r{} {}/{} loss {:.5} (embeds {:.5}, pooled {:.5}) |g| {:.3} {:.1} samples/s ETA {}   ",
+                    "\r{} {}/{} loss {:.5} ({}) |g| {:.3} {:.1} samples/s ETA {}   ",
                     super::bar(done),
                     report.step,
                     total_steps,
                     report.loss,
-                    report.loss_embeds,
-                    report.loss_pooled,
+                    describe_parts(&report.parts),
                     report.grad_norm.unwrap_or(0.0),
                     samples_per_s,
                     super::hms(eta)

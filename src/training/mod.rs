@@ -13,4 +13,4 @@ pub mod trainer;
 pub use config::{TargetDims, TrainConfig};
 pub use run::{Resume, Run, RunSpec};
 pub use schedule::Schedule;
-pub use trainer::{EvalMetrics, SaveSizes, StepReport, Trainer};
+pub use trainer::{EvalMetrics, Loss, SaveSizes, StepReport, Trainer};

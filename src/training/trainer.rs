@@ -28,8 +28,9 @@ const CHECKPOINT_KEY: &str = "qwenclip.trainer";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepReport {
     pub loss: f64,
-    pub loss_embeds: f64,
-    pub loss_pooled: f64,
+    /// The loss's named parts (`loss_embeds`, `loss_pooled`, `loss_vision`, ...), unweighted.
+    #[serde(flatten)]
+    pub parts: BTreeMap<String, f64>,
     /// Global norm of the accumulated gradient, before clipping (set when the optimizer stepped).
     pub grad_norm: Option<f64>,
     pub optimizer_stepped: bool,
@@ -37,6 +38,37 @@ pub struct StepReport {
     pub step: u64,
     pub lr_lora: f64,
     pub lr_resampler: f64,
+}
+
+/// What a training step minimises: the total, and named parts to report.
+pub struct Loss {
+    pub total: Tensor,
+    pub parts: Vec<(&'static str, Tensor)>,
+}
+
+/// Output matching: `w_e MSE(embeds) + w_p MSE(pooled)` against the teacher's outputs.
+pub fn output_loss(
+    embeds: &Tensor,
+    pooled: &Tensor,
+    teacher_embeds: &Tensor,
+    teacher_pooled: &Tensor,
+    (w_embeds, w_pooled): (f64, f64),
+) -> Result<Loss> {
+    let le = mse(embeds, teacher_embeds)?;
+    let lp = mse(pooled, teacher_pooled)?;
+    Ok(Loss {
+        total: ((&le * w_embeds)? + (&lp * w_pooled)?)?,
+        parts: vec![("loss_embeds", le), ("loss_pooled", lp)],
+    })
+}
+
+/// `name value, ...` for messages.
+pub fn describe_parts(parts: &BTreeMap<String, f64>) -> String {
+    parts
+        .iter()
+        .map(|(k, v)| format!("{} {v:.5}", k.trim_start_matches("loss_")))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Bytes a save writes (tensor data; the files' headers add a few kilobytes).
@@ -321,9 +353,8 @@ impl Trainer {
         self.resampler.forward(&h.states, &h.mask, path)
     }
 
-    /// One micro-batch: forward, loss, backward, accumulate; every `grad_accum` calls, clip and
-    /// step the optimizers. A non-finite loss or gradient returns [`Error::NonFinite`] and leaves
-    /// weights, moments and the accumulated gradient as they were before the call.
+    /// One micro-batch of output matching: MSE of the student's conditioning against the
+    /// teacher's (weighted embeds + pooled); see [`Trainer::step_with`].
     pub fn step(
         &mut self,
         prompts: &[&str],
@@ -334,20 +365,37 @@ impl Trainer {
         let device = self.encoder.llm().device().clone();
         let te = teacher_embeds.to_device(&device)?.to_dtype(DType::F32)?;
         let tp = teacher_pooled.to_device(&device)?.to_dtype(DType::F32)?;
+        let weights = (self.cfg.loss_weight_embeds, self.cfg.loss_weight_pooled);
+        self.step_with(prompts, |e, p| output_loss(e, p, &te, &tp, weights))
+    }
+
+    /// One micro-batch with any loss over the student's conditioning (`loss` gets the
+    /// prompt embeddings `[n, seq, embed]` and pooled `[n, pooled]`, tracked): forward,
+    /// loss, backward into LoRA and resampler, accumulate; every `grad_accum` calls, clip and
+    /// step the optimizers. A non-finite loss or gradient returns [`Error::NonFinite`] and
+    /// leaves weights, moments and the accumulated gradient as they were before the call.
+    pub fn step_with(
+        &mut self,
+        prompts: &[&str],
+        loss: impl FnOnce(&Tensor, &Tensor) -> Result<Loss>,
+    ) -> Result<StepReport> {
         let (e, p) = self.predict(prompts, ForwardMode::Differentiable)?;
-        let le = mse(&e, &te)?;
-        let lp = mse(&p, &tp)?;
-        let loss = ((&le * self.cfg.loss_weight_embeds)? + (&lp * self.cfg.loss_weight_pooled)?)?;
+        let loss = loss(&e, &p)?;
         let scalar =
             |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        let (lv, lev, lpv) = (scalar(&loss)?, scalar(&le)?, scalar(&lp)?);
+        let lv = scalar(&loss.total)?;
+        let mut parts = BTreeMap::new();
+        for (name, t) in &loss.parts {
+            parts.insert(name.to_string(), scalar(t)?);
+        }
         if !lv.is_finite() {
             return Err(Error::NonFinite(format!(
-                "the loss is {lv} at step {} (embeds {lev}, pooled {lpv}); lower the learning rates or check the targets",
-                self.opt.t
+                "the loss is {lv} at step {} ({}); lower the learning rates or check the targets",
+                self.opt.t,
+                describe_parts(&parts)
             )));
         }
-        let grads = loss.backward()?;
+        let grads = loss.total.backward()?;
         let scale = 1.0 / self.cfg.grad_accum as f64;
         let mut acc = self.acc.clone();
         for (name, p) in &self.opt.params {
@@ -368,8 +416,7 @@ impl Trainer {
         let (lr_lora, lr_resampler) = self.learning_rates();
         let mut report = StepReport {
             loss: lv,
-            loss_embeds: lev,
-            loss_pooled: lpv,
+            parts,
             grad_norm: None,
             optimizer_stepped: false,
             step: self.opt.t,

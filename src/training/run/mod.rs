@@ -602,21 +602,15 @@ impl Run {
         if !report.optimizer_stepped {
             return Ok(Vec::new());
         }
-        let n = self.micro.len() as f64;
-        let mean = |f: fn(&StepReport) -> f64| self.micro.iter().map(f).sum::<f64>() / n;
-        let report = StepReport {
-            loss: mean(|r| r.loss),
-            loss_embeds: mean(|r| r.loss_embeds),
-            loss_pooled: mean(|r| r.loss_pooled),
-            ..report
-        };
+        let report = mean_of_micro_batches(&self.micro, report);
         self.micro.clear();
-        self.folder.log(serde_json::json!({
-            "step": report.step, "loss": report.loss, "loss_embeds": report.loss_embeds,
-            "loss_pooled": report.loss_pooled, "grad_norm": report.grad_norm,
-            "lr_lora": report.lr_lora, "lr_resampler": report.lr_resampler,
-            "samples_per_s": samples_per_s, "elapsed_s": self.started.elapsed().as_secs_f64(),
-        }))?;
+        let mut line = serde_json::to_value(&report).expect("a report serialises");
+        line["samples_per_s"] = samples_per_s.into();
+        line["elapsed_s"] = self.started.elapsed().as_secs_f64().into();
+        line.as_object_mut()
+            .expect("a report is an object")
+            .remove("optimizer_stepped");
+        self.folder.log(line)?;
         let step = report.step;
         let mut events = vec![Event::Step {
             report,
@@ -685,6 +679,21 @@ impl Run {
             interrupted: self.interrupted,
             adapter: self.folder.adapter(),
         }
+    }
+}
+
+/// The optimizer step's report with the loss and its parts averaged over the micro-batches
+/// that made it.
+fn mean_of_micro_batches(micro: &[StepReport], last: StepReport) -> StepReport {
+    let n = micro.len() as f64;
+    let mut parts = last.parts.clone();
+    for (k, v) in parts.iter_mut() {
+        *v = micro.iter().filter_map(|r| r.parts.get(k)).sum::<f64>() / n;
+    }
+    StepReport {
+        loss: micro.iter().map(|r| r.loss).sum::<f64>() / n,
+        parts,
+        ..last
     }
 }
 

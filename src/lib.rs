@@ -5,7 +5,8 @@
 //! [`resampler`] -> [`conditioning`] (the [`Encoder`]); [`adapter`] bundles LoRA + resampler;
 //! [`formats`] reads and writes weight files; [`ops`] holds the kernels that differ between
 //! the fast and the differentiable path. Distillation: [`teacher`] (SDXL's CLIP-L + CLIP-G)
-//! -> [`data`] (captions, target cache) -> [`training`].
+//! -> [`data`] (captions, target cache) -> [`training`]; [`unet`] is SDXL's frozen UNet, through
+//! which vision-based distillation backpropagates.
 
 pub mod adapter;
 pub mod conditioning;
@@ -22,6 +23,7 @@ pub mod teacher;
 pub mod tiny;
 pub mod tokenizer;
 pub mod training;
+pub mod unet;
 
 pub use adapter::Adapter;
 pub use conditioning::{Conditioning, Encoder, EncoderOptions};

@@ -31,7 +31,7 @@ pub fn full_attention(
 ) -> Result<Tensor> {
     let (b, tq, c) = q.dims3()?;
     let (bk, tk, ck) = k.dims3()?;
-    if bk != b || ck != c || v.dims() != k.dims() || heads == 0 || c % heads != 0 {
+    if bk != b || ck != c || v.dims() != k.dims() || heads == 0 || !c.is_multiple_of(heads) {
         candle_core::bail!(
             "attention: q {:?}, k {:?}, v {:?} with {heads} heads",
             q.dims(),

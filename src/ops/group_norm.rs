@@ -32,7 +32,7 @@ pub fn group_norm(
     let dims = x.dims();
     if dims.len() < 2
         || groups == 0
-        || dims[1] % groups != 0
+        || !dims[1].is_multiple_of(groups)
         || w.dims() != [dims[1]]
         || b.dims() != [dims[1]]
     {

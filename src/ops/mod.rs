@@ -11,6 +11,7 @@
 //! composed graph twice as slow as `transformers` + `peft` on a 2-core CPU.
 
 mod attention;
+mod bias;
 pub mod blas;
 mod conv;
 mod dispatch;
@@ -29,6 +30,7 @@ mod swiglu;
 pub mod vexp;
 
 pub use attention::attention;
+pub use bias::add_frozen_bias;
 pub use conv::{frozen_conv2d, Conv2dParams};
 pub use dispatch::{
     compute_dtype, layer_norm, rms_norm, rope, rope_heads, softmax, ForwardMode, MASKED,

@@ -530,7 +530,7 @@ impl UNetConfig {
                 "`projection_class_embeddings_input_dim` ({proj}) must exceed 6 x `addition_time_embed_dim` ({atd}): the pooled text embedding plus six size ids"
             ));
         }
-        if self.block_out_channels[0] % 2 != 0 || atd % 2 != 0 {
+        if !self.block_out_channels[0].is_multiple_of(2) || !atd.is_multiple_of(2) {
             return Err("sinusoidal embedding widths (`block_out_channels[0]`, `addition_time_embed_dim`) must be even".into());
         }
         let g = self.groups();
@@ -540,7 +540,7 @@ impl UNetConfig {
             widths.push(u.out_channels + u.in_channels);
             widths.push(2 * u.out_channels);
         }
-        if let Some(w) = widths.iter().find(|&&w| g == 0 || w % g != 0) {
+        if let Some(w) = widths.iter().find(|&&w| g == 0 || !w.is_multiple_of(g)) {
             return Err(format!(
                 "`norm_num_groups` ({g}) does not divide a block's channels ({w})"
             ));
@@ -549,7 +549,7 @@ impl UNetConfig {
             if d.layers == 0 {
                 return Err(format!("`layers_per_block` of block {i} is 0"));
             }
-            if d.depth > 0 && (d.heads == 0 || d.out_channels % d.heads != 0) {
+            if d.depth > 0 && (d.heads == 0 || !d.out_channels.is_multiple_of(d.heads)) {
                 return Err(format!(
                     "block {i}: {} channels do not split into {} attention heads (`attention_head_dim`)",
                     d.out_channels, d.heads
@@ -557,7 +557,10 @@ impl UNetConfig {
             }
         }
         let (mid_depth, mid_heads) = self.mid_block();
-        if mid_depth == 0 || mid_heads == 0 || self.block_out_channels[n - 1] % mid_heads != 0 {
+        if mid_depth == 0
+            || mid_heads == 0
+            || !self.block_out_channels[n - 1].is_multiple_of(mid_heads)
+        {
             return Err("the mid block's attention needs at least one layer and heads that divide its channels".into());
         }
         Ok(())

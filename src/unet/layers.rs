@@ -47,7 +47,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = ops::frozen_linear(x, &self.w)?;
         match &self.b {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => ops::add_frozen_bias(&y, b),
             None => Ok(y),
         }
     }

@@ -28,10 +28,13 @@ pub const SDXL_HEAD_DIM: usize = 64;
 /// file, whose `label_emb` only shows pooled width + 6 x this).
 pub const SDXL_ADDITION_TIME_EMBED_DIM: usize = 256;
 
+/// Reads one tensor of the table.
+type Fetch<'a> = dyn Fn(&TensorSpec) -> Result<Tensor> + 'a;
+
 /// The tensors of a model, asked for by diffusers name.
 pub(crate) struct Source<'a> {
     table: HashMap<String, TensorSpec>,
-    fetch: Box<dyn Fn(&TensorSpec) -> Result<Tensor> + 'a>,
+    fetch: Box<Fetch<'a>>,
 }
 
 impl<'a> Source<'a> {
@@ -311,7 +314,7 @@ pub fn infer_config(
     let bad = |msg: String| {
         Error::format(
             &path,
-            format!("cannot read an SDXL UNet's structure off this file: {msg}"),
+            format!("cannot read an SDXL UNet's structure off this file: {msg} (pass the UNet's config.json)"),
         )
     };
     if levels.iter().any(|l| l.channels.is_empty()) {
@@ -331,9 +334,9 @@ pub fn infer_config(
         block_out_channels.push(c);
         layers.push(l.channels.len());
         depths.push(l.depths[0]);
-        if l.depths[0] > 0 && c % SDXL_HEAD_DIM != 0 {
+        if l.depths[0] > 0 && !c.is_multiple_of(SDXL_HEAD_DIM) {
             return Err(bad(format!(
-                "level {i} has {c} channels, not a multiple of SDXL's head width {SDXL_HEAD_DIM}: pass its config"
+                "level {i} has {c} channels, not a multiple of SDXL's head width {SDXL_HEAD_DIM}"
             )));
         }
         heads.push((c / SDXL_HEAD_DIM).max(1));

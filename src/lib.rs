@@ -5,8 +5,9 @@
 //! [`resampler`] -> [`conditioning`] (the [`Encoder`]); [`adapter`] bundles LoRA + resampler;
 //! [`formats`] reads and writes weight files; [`ops`] holds the kernels that differ between
 //! the fast and the differentiable path. Distillation: [`teacher`] (SDXL's CLIP-L + CLIP-G)
-//! -> [`data`] (captions, target cache) -> [`training`]; [`sampling`] holds SDXL's samplers
-//! (diffusers' Euler and DDIM) for vision-based distillation.
+//! -> [`data`] (captions, target cache) -> [`training`]. Vision-based distillation judges the
+//! student with [`unet`] (SDXL's frozen UNet, backpropagated through) along trajectories of
+//! [`sampling`] (diffusers' Euler and DDIM).
 
 pub mod adapter;
 pub mod conditioning;
@@ -24,6 +25,7 @@ pub mod teacher;
 pub mod tiny;
 pub mod tokenizer;
 pub mod training;
+pub mod unet;
 
 pub use adapter::Adapter;
 pub use conditioning::{Conditioning, Encoder, EncoderOptions};

@@ -19,6 +19,8 @@ use crate::rng::Rng;
 use crate::teacher::schema::{self as clip_schema, Field, Param as ClipParam};
 use crate::teacher::ClipTextConfig;
 
+pub mod unet;
+
 /// Named architectures: `tiny` for tests, the others shaped like the released models.
 pub fn shape(name: &str) -> Result<Qwen3Config> {
     let (hidden, layers, heads, kv, head_dim, ffn) = match name {

@@ -11,10 +11,14 @@
 //! composed graph twice as slow as `transformers` + `peft` on a 2-core CPU.
 
 mod attention;
+mod bias;
 pub mod blas;
+mod conv;
 mod dispatch;
 mod frozen;
+mod full_attention;
 mod gelu;
+mod group_norm;
 mod layer_norm;
 mod linear;
 mod matmul;
@@ -26,11 +30,15 @@ mod swiglu;
 pub mod vexp;
 
 pub use attention::attention;
+pub use bias::add_frozen_bias;
+pub use conv::{frozen_conv2d, Conv2dParams};
 pub use dispatch::{
     compute_dtype, layer_norm, rms_norm, rope, rope_heads, softmax, ForwardMode, MASKED,
 };
 pub use frozen::{frozen_linear, frozen_linear_lora, quantized_linear};
+pub use full_attention::full_attention;
 pub use gelu::gelu_erf;
+pub use group_norm::group_norm;
 pub use matmul::{batched_matmul, linear, matmul_t};
 pub use quantized::{dequantize_from_rows, QMatMulKernel, QMatrix, DEQUANTIZE_CHUNK_BYTES};
 pub(crate) use storage::{cpu_f32, f32_slice, f32_slice_mut, not_cpu_f32};

@@ -1,0 +1,437 @@
+//! 2-D convolution with a frozen kernel: the backward pass returns the input gradient only.
+//!
+//! candle's `conv2d` records both operands, so its backward also computes the kernel's
+//! gradient (a full-size tensor per frozen convolution, and the most expensive of the two
+//! products), and its CPU forward runs on candle's GEMM. Here, for f32 CPU tensors with a
+//! system BLAS ([`super::blas`]), the forward is im2col + one BLAS product per column chunk,
+//! written straight into `[B, C_out, H_out, W_out]`, and the backward is the transposed
+//! product + col2im (1x1 stride-1 convolutions skip im2col: the input already is the column
+//! matrix). Other dtypes and devices compute the forward with candle's `conv2d` and the input
+//! gradient with `conv_transpose2d`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::blas::{self, Blas};
+use super::{cpu_f32, f32_slice};
+
+/// Columns of the im2col matrix built at a time: bounds its memory (`C_in k^2 x CHUNK`).
+const COLUMN_CHUNK: usize = 4096;
+/// Narrowest column block of one BLAS call when a product is split over the cores.
+const MIN_COLUMNS: usize = 64;
+/// Fewest rows of one BLAS call when a product is split by rows.
+const MIN_ROWS: usize = 32;
+
+/// Square kernel, stride and zero padding of a convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+/// `conv2d(x, w) + b` for a frozen kernel `w` `[C_out, C_in, k, k]` and bias `b` `[C_out]`;
+/// `x` `[B, C_in, H, W]`. When `x` is tracked the backward returns its gradient only.
+pub fn frozen_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<Tensor> {
+    let (_, c_in, h, wd) = x.dims4()?;
+    let (c_out, c_in_k, kh, kw) = w.dims4()?;
+    if c_in != c_in_k || kh != kw {
+        candle_core::bail!(
+            "conv2d: input {:?} does not fit kernel {:?} (square kernels only)",
+            x.dims(),
+            w.dims()
+        );
+    }
+    if h + 2 * p.padding < kh || wd + 2 * p.padding < kw {
+        candle_core::bail!(
+            "conv2d: input {:?} is smaller than the kernel {:?}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    if let Some(b) = b {
+        if b.dims() != [c_out] {
+            candle_core::bail!("conv2d: bias {:?} for {c_out} output channels", b.dims());
+        }
+    }
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    if let Some(blas) = blas::get() {
+        if f32_cpu(x) && f32_cpu(w) && b.is_none_or(f32_cpu) {
+            return x.contiguous()?.apply_op1(BlasConv {
+                blas,
+                w: w.contiguous()?.detach(),
+                b: b.map(|b| b.detach()),
+                p,
+            });
+        }
+    }
+    let conv = |x: &Tensor| -> Result<Tensor> {
+        let y = x.conv2d(w, p.padding, p.stride, 1, 1)?;
+        match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1))?),
+            None => Ok(y),
+        }
+    };
+    if !x.track_op() {
+        return conv(x);
+    }
+    let y = conv(&x.detach())?;
+    x.apply_op1(Handover {
+        w: w.detach(),
+        p,
+        y: Arc::new(Mutex::new(Some(y))),
+    })
+}
+
+/// Output size of a convolution along one axis.
+fn out_len(n: usize, k: usize, p: Conv2dParams) -> usize {
+    (n + 2 * p.padding - k) / p.stride + 1
+}
+
+/// The result of candle's `conv2d`, handed over in `fwd`, with a backward through
+/// `conv_transpose2d` (the input gradient only).
+struct Handover {
+    w: Tensor,
+    p: Conv2dParams,
+    y: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl Handover {
+    fn take(&self) -> Result<Tensor> {
+        self.y
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("conv2d result lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("conv2d forward ran twice".into()))
+    }
+}
+
+impl CustomOp1 for Handover {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.take()?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => {
+                Ok((s.clone(), y.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-conv2d: unexpected storage layout"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.take()?.contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) if layout.start_offset() == 0 => {
+                Ok((s.try_clone(layout)?, y.shape().clone()))
+            }
+            _ => candle_core::bail!("frozen-conv2d: unexpected storage layout"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, k, _) = self.w.dims4()?;
+        let (_, _, ho, wo) = grad.dims4()?;
+        // conv_transpose2d gives (n_out - 1) s - 2p + k (+ output_padding): the rows and
+        // columns the strided convolution never reached get the output padding.
+        let reach = |n_out: usize| (n_out - 1) * self.p.stride + k - 2 * self.p.padding;
+        let (pad_h, pad_w) = (h - reach(ho), w - reach(wo));
+        if pad_h != pad_w {
+            candle_core::bail!("frozen-conv2d backward: unequal output padding {pad_h} x {pad_w}");
+        }
+        let dx = grad.contiguous()?.conv_transpose2d(
+            &self.w,
+            self.p.padding,
+            pad_h,
+            self.p.stride,
+            1,
+        )?;
+        Ok(Some(dx))
+    }
+}
+
+/// The f32 CPU convolution on the system BLAS.
+struct BlasConv {
+    blas: &'static Blas,
+    w: Tensor,
+    b: Option<Tensor>,
+    p: Conv2dParams,
+}
+
+/// Sizes of one convolution.
+#[derive(Clone, Copy)]
+struct Geometry {
+    c_in: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    ho: usize,
+    wo: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Geometry {
+    /// Rows of the column matrix.
+    fn rows(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+
+    fn cols(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    /// A 1x1 stride-1 convolution: the input is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// The input pixel (row, column) that output column `col` sees at kernel offset `(i, j)`.
+    #[inline(always)]
+    fn source(&self, col: usize, i: usize, j: usize) -> Option<usize> {
+        let (oy, ox) = (col / self.wo, col % self.wo);
+        let y = (oy * self.stride + i).checked_sub(self.padding)?;
+        let x = (ox * self.stride + j).checked_sub(self.padding)?;
+        (y < self.h && x < self.w).then_some(y * self.w + x)
+    }
+
+    /// Columns `c0..c1` of the im2col matrix of one image `x` `[C_in, H, W]`, row-major
+    /// `[rows, c1 - c0]`.
+    fn im2col(&self, x: &[f32], (c0, c1): (usize, usize), out: &mut [f32]) {
+        let n = c1 - c0;
+        let hw = self.h * self.w;
+        out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
+            let (c, ij) = (r / (self.k * self.k), r % (self.k * self.k));
+            let (i, j) = (ij / self.k, ij % self.k);
+            let plane = &x[c * hw..(c + 1) * hw];
+            for (v, col) in row.iter_mut().zip(c0..c1) {
+                *v = self.source(col, i, j).map_or(0.0, |s| plane[s]);
+            }
+        });
+    }
+
+    /// Adds columns `c0..c1` of a column-matrix gradient `[rows, c1 - c0]` into the image
+    /// gradient `dx` `[C_in, H, W]` (col2im). One task per input channel: no two write the
+    /// same element.
+    fn col2im(&self, dcols: &[f32], (c0, c1): (usize, usize), dx: &mut [f32]) {
+        let n = c1 - c0;
+        let kk = self.k * self.k;
+        dx.par_chunks_mut(self.h * self.w)
+            .enumerate()
+            .for_each(|(c, plane)| {
+                for ij in 0..kk {
+                    let (i, j) = (ij / self.k, ij % self.k);
+                    let row = &dcols[(c * kk + ij) * n..(c * kk + ij + 1) * n];
+                    for (&g, col) in row.iter().zip(c0..c1) {
+                        if let Some(s) = self.source(col, i, j) {
+                            plane[s] += g;
+                        }
+                    }
+                }
+            });
+    }
+}
+
+/// `c = op(a) @ op(b)` (`[m, n]`, leading dimension `ldc`) split over the rayon pool by
+/// column blocks, or by row blocks when there are too few columns. Operands as in
+/// [`Blas::gemm`].
+///
+/// # Safety
+/// As [`Blas::gemm`] (with beta = 0): the pointers cover the described matrices and `c` is
+/// written by nobody else meanwhile.
+unsafe fn par_gemm(
+    blas: &Blas,
+    (m, n, k): (usize, usize, usize),
+    (a, lda, ta): (*const f32, usize, bool),
+    (b, ldb, tb): (*const f32, usize, bool),
+    (c, ldc): (*mut f32, usize),
+) {
+    let tasks = 2 * rayon::current_num_threads();
+    let (a, b, c) = (a as usize, b as usize, c as usize);
+    let run = |(r0, r1): (usize, usize), (j0, j1): (usize, usize)| {
+        let a_off = if ta { r0 } else { r0 * lda };
+        let b_off = if tb { j0 * ldb } else { j0 };
+        // SAFETY: each task reads its blocks of a and b and writes its own block of c.
+        unsafe {
+            blas.gemm(
+                (r1 - r0, j1 - j0, k),
+                ((a as *const f32).add(a_off), lda, ta),
+                ((b as *const f32).add(b_off), ldb, tb),
+                0.0,
+                ((c as *mut f32).add(r0 * ldc + j0), ldc),
+            )
+        }
+    };
+    let blocks = |len: usize, min: usize| -> Vec<(usize, usize)> {
+        let per = len
+            .div_ceil(tasks)
+            .max(min)
+            .next_multiple_of(16)
+            .min(len.max(1));
+        (0..len)
+            .step_by(per)
+            .map(|s| (s, (s + per).min(len)))
+            .collect()
+    };
+    if n >= tasks * MIN_COLUMNS || m < tasks * MIN_ROWS {
+        blocks(n, MIN_COLUMNS)
+            .into_par_iter()
+            .for_each(|cols| run((0, m), cols));
+    } else {
+        blocks(m, MIN_ROWS)
+            .into_par_iter()
+            .for_each(|rows| run(rows, (0, n)));
+    }
+}
+
+fn invalid() -> candle_core::Error {
+    super::not_cpu_f32("conv2d")
+}
+
+impl BlasConv {
+    fn geometry(&self, x: &Shape) -> Result<(usize, usize, Geometry)> {
+        let (b, c_in, h, w) = x.dims4()?;
+        let (c_out, _, k, _) = self.w.dims4()?;
+        let g = Geometry {
+            c_in,
+            h,
+            w,
+            k,
+            ho: out_len(h, k, self.p),
+            wo: out_len(w, k, self.p),
+            stride: self.p.stride,
+            padding: self.p.padding,
+        };
+        Ok((b, c_out, g))
+    }
+}
+
+impl CustomOp1 for BlasConv {
+    fn name(&self) -> &'static str {
+        "blas-frozen-conv2d"
+    }
+
+    fn cpu_fwd(&self, sx: &CpuStorage, lx: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(sx, lx).ok_or_else(invalid)?;
+        let (batch, c_out, g) = self.geometry(lx.shape())?;
+        let (rows, cols) = (g.rows(), g.cols());
+        let (ws, wl) = self.w.storage_and_layout();
+        let w = cpu_f32(&ws, wl).ok_or_else(invalid)?;
+        let mut y = vec![0f32; batch * c_out * cols];
+        let chunk = COLUMN_CHUNK.max(MIN_COLUMNS).min(cols);
+        let mut buf = if g.pointwise() {
+            Vec::new()
+        } else {
+            vec![0f32; rows * chunk]
+        };
+        let in_len = g.c_in * g.h * g.w;
+        for bi in 0..batch {
+            let xi = &x[bi * in_len..(bi + 1) * in_len];
+            let yi = &mut y[bi * c_out * cols..(bi + 1) * c_out * cols];
+            for c0 in (0..cols).step_by(chunk) {
+                let c1 = (c0 + chunk).min(cols);
+                let (b_ptr, ldb) = if g.pointwise() {
+                    (xi[c0..].as_ptr(), cols)
+                } else {
+                    let part = &mut buf[..rows * (c1 - c0)];
+                    g.im2col(xi, (c0, c1), part);
+                    (part.as_ptr(), c1 - c0)
+                };
+                // SAFETY: w is [c_out, rows]; the column block is [rows, c1 - c0] with
+                // leading dimension ldb; y's block starts at column c0 of [c_out, cols].
+                unsafe {
+                    par_gemm(
+                        self.blas,
+                        (c_out, c1 - c0, rows),
+                        (w.as_ptr(), rows, false),
+                        (b_ptr, ldb, false),
+                        (yi[c0..].as_mut_ptr(), cols),
+                    );
+                }
+            }
+        }
+        if let Some(b) = &self.b {
+            let (bs, bl) = b.storage_and_layout();
+            let bias = cpu_f32(&bs, bl).ok_or_else(invalid)?;
+            y.par_chunks_mut(cols.max(1))
+                .enumerate()
+                .for_each(|(r, row)| {
+                    let v = bias[r % c_out];
+                    row.iter_mut().for_each(|y| *y += v);
+                });
+        }
+        Ok((CpuStorage::F32(y), Shape::from((batch, c_out, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let (batch, c_out, g) = self.geometry(x.shape())?;
+        let (rows, cols) = (g.rows(), g.cols());
+        let in_len = g.c_in * g.h * g.w;
+        let mut dx = vec![0f32; batch * in_len];
+        {
+            let (ws, wl) = self.w.storage_and_layout();
+            let w = cpu_f32(&ws, wl).ok_or_else(invalid)?;
+            let (gs, gl) = grad.storage_and_layout();
+            let gy = cpu_f32(&gs, gl).ok_or_else(invalid)?;
+            let chunk = COLUMN_CHUNK.max(MIN_COLUMNS).min(cols);
+            let mut buf = if g.pointwise() {
+                Vec::new()
+            } else {
+                vec![0f32; rows * chunk]
+            };
+            for bi in 0..batch {
+                let gi = &gy[bi * c_out * cols..(bi + 1) * c_out * cols];
+                let dxi = &mut dx[bi * in_len..(bi + 1) * in_len];
+                if g.pointwise() {
+                    // dx = w.T @ dy: [c_in, c_out] x [c_out, cols].
+                    // SAFETY: w is [c_out, c_in], dy [c_out, cols], dx [c_in, cols].
+                    unsafe {
+                        par_gemm(
+                            self.blas,
+                            (rows, cols, c_out),
+                            (w.as_ptr(), rows, true),
+                            (gi.as_ptr(), cols, false),
+                            (dxi.as_mut_ptr(), cols),
+                        );
+                    }
+                    continue;
+                }
+                for c0 in (0..cols).step_by(chunk) {
+                    let c1 = (c0 + chunk).min(cols);
+                    let part = &mut buf[..rows * (c1 - c0)];
+                    // SAFETY: w is [c_out, rows] (read transposed), dy's block [c_out, c1 - c0]
+                    // with leading dimension cols, the column gradient [rows, c1 - c0].
+                    unsafe {
+                        par_gemm(
+                            self.blas,
+                            (rows, c1 - c0, c_out),
+                            (w.as_ptr(), rows, true),
+                            (gi[c0..].as_ptr(), cols, false),
+                            (part.as_mut_ptr(), c1 - c0),
+                        );
+                    }
+                    g.col2im(part, (c0, c1), dxi);
+                }
+            }
+        }
+        Tensor::from_vec(dx, x.shape(), x.device()).map(Some)
+    }
+}

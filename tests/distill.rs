@@ -117,13 +117,14 @@ fn train_until(
                 Some(dir) => Resume::From(dir.to_path_buf()),
                 None => Resume::Never,
             },
+            judge: None,
         },
     )?;
     let stop = AtomicBool::new(false);
     let device = candle_core::Device::Cpu;
     run::drive(
         &mut run,
-        &mut |idx| cache.get_batch(idx, &device),
+        &mut |req| cache.get_batch(&req.indices, &device),
         &stop,
         &mut |ev| {
             if let Event::Step { report, .. } = ev {
@@ -418,6 +419,7 @@ fn a_larger_steps_extends_a_finished_run_and_replans_its_schedule() {
                     pooled: d.pooled,
                 },
                 resume: Resume::From(out.clone()),
+                judge: None,
             },
         )
         .unwrap()
@@ -482,6 +484,7 @@ fn defaults_size_the_resampler_for_the_base_and_saves_write_what_was_announced()
                 pooled: d.pooled,
             },
             resume: Resume::Never,
+            judge: None,
         },
     )
     .unwrap();
@@ -491,7 +494,7 @@ fn defaults_size_the_resampler_for_the_base_and_saves_write_what_was_announced()
     assert!(sizes.adapter_bytes < 8 << 20, "{sizes:?}");
     run::drive(
         &mut run,
-        &mut |idx| cache.get_batch(idx, &candle_core::Device::Cpu),
+        &mut |req| cache.get_batch(&req.indices, &candle_core::Device::Cpu),
         &AtomicBool::new(false),
         &mut |_| {},
     )

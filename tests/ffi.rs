@@ -666,15 +666,20 @@ fn a_training_run_through_the_c_abi_equals_the_rust_run_and_resumes_exactly() {
             settings: run_settings(),
             dims: RUN_DIMS,
             resume: qwenclip::training::Resume::Never,
+            judge: None,
         },
     )
     .unwrap();
     qwenclip::training::run::drive(
         &mut run,
-        &mut |idx| {
-            let caps: Vec<String> = idx.iter().map(|&i| set.captions[i].clone()).collect();
+        &mut |req| {
+            let caps: Vec<String> = req
+                .indices
+                .iter()
+                .map(|&i| set.captions[i].clone())
+                .collect();
             let (e, p) = oracle(&caps);
-            let n = idx.len();
+            let n = req.indices.len();
             Ok((
                 candle_core::Tensor::from_vec(e, (n, 77, 24), &candle_core::Device::Cpu)?,
                 candle_core::Tensor::from_vec(p, (n, 8), &candle_core::Device::Cpu)?,

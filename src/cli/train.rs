@@ -8,8 +8,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use qwenclip::data::TargetCache;
-use qwenclip::training::run::{self, Event, Resume, Run, RunSpec};
+use qwenclip::sampling::PredictionType;
+use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec};
 use qwenclip::training::trainer::describe_parts;
+use qwenclip::training::vision::{Judge, Objective, SamplerKind};
 use qwenclip::training::{EvalMetrics, Schedule, TargetDims, TrainConfig, Trainer};
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
@@ -84,6 +86,38 @@ pub struct TrainArgs {
     resampler_layers: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// What the student learns from: mse (the teacher's outputs), vision (what the SDXL UNet
+    /// predicts with them, along the teacher's sampling trajectories) or mixed.
+    #[arg(long)]
+    objective: Option<Objective>,
+    /// The SDXL UNet that judges the student (vision, mixed): a diffusers pipeline or `unet/`
+    /// folder, or a single-file SDXL checkpoint.
+    #[arg(long)]
+    unet: Option<PathBuf>,
+    /// The teacher for the empty prompt (the unconditional branch of guidance); default: the
+    /// --unet checkpoint or pipeline, which holds SDXL's text encoders too.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    /// epsilon or v_prediction; default: what the UNet's files say (SDXL: epsilon).
+    #[arg(long)]
+    prediction_type: Option<String>,
+    /// Image side in pixels for the vision objective's trajectories.
+    #[arg(long)]
+    resolution: Option<usize>,
+    /// Denoising steps per trajectory (one training step each).
+    #[arg(long)]
+    denoise_steps: Option<usize>,
+    /// Guidance drawn per trajectory from MIN,MAX in steps of 0.5.
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    guidance_range: Option<Vec<f64>>,
+    /// euler or ddim
+    #[arg(long)]
+    sampler: Option<SamplerKind>,
+    #[arg(long)]
+    lambda_vision: Option<f64>,
+    /// Weight of output MSE in the mixed objective.
+    #[arg(long)]
+    lambda_mse: Option<f64>,
     /// LLM hidden state the resampler reads (transformers' hidden_states index).
     #[arg(long, default_value_t = -1, allow_hyphen_values = true)]
     hidden_layer: i32,
@@ -140,6 +174,25 @@ impl TrainArgs {
         );
         put("resampler_layers", self.resampler_layers.map(|v| json!(v)));
         put("seed", self.seed.map(|v| json!(v)));
+        put("objective", self.objective.map(|v| json!(v)));
+        let mut vision = serde_json::Map::new();
+        let mut vput = |key: &str, v: Option<serde_json::Value>| {
+            if let Some(v) = v {
+                vision.insert(key.to_string(), v);
+            }
+        };
+        vput("resolution", self.resolution.map(|v| json!(v)));
+        vput("denoise_steps", self.denoise_steps.map(|v| json!(v)));
+        if let Some(g) = &self.guidance_range {
+            vput("guidance_min", Some(json!(g[0])));
+            vput("guidance_max", Some(json!(g[1])));
+        }
+        vput("sampler", self.sampler.map(|v| json!(v)));
+        vput("lambda_vision", self.lambda_vision.map(|v| json!(v)));
+        vput("lambda_mse", self.lambda_mse.map(|v| json!(v)));
+        if !vision.is_empty() {
+            m.insert("vision".into(), serde_json::Value::Object(vision));
+        }
         serde_json::Value::Object(m)
     }
 }
@@ -190,6 +243,24 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     let model_dir = qwenclip::hub::resolve_model(&a.model)?;
     let encoder = Encoder::load(&model_dir, a.adapter.as_deref(), opts)?;
     let d = cache.dims();
+    let device = a.device.device()?;
+    let judge = match &a.unet {
+        Some(path) => {
+            let prediction = a
+                .prediction_type
+                .as_deref()
+                .map(|p| {
+                    PredictionType::parse(p).ok_or_else(|| {
+                        anyhow::anyhow!("--prediction-type {p}: expected epsilon or v_prediction")
+                    })
+                })
+                .transpose()?;
+            eprintln!("judge UNet: {}", path.display());
+            Some(Judge::load(path, prediction, a.dtype.dtype(), &device)?)
+        }
+        None => None,
+    };
+    let teacher_path = a.teacher.clone().or_else(|| a.unet.clone());
     let spec = RunSpec {
         out: a.out.clone(),
         settings: a.settings(),
@@ -202,6 +273,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             Some(dir) => Resume::From(dir.clone()),
             None => Resume::Never,
         },
+        judge,
     };
     let mut run = Run::open(encoder, cache.captions().to_vec(), spec)?;
     for note in run.notes() {
@@ -239,7 +311,10 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     let started = Instant::now();
     let summary = run::drive(
         &mut run,
-        &mut |indices| cache.get_batch(indices, &device),
+        &mut |req| match req.need {
+            Need::Empty => empty_prompt_targets(teacher_path.as_deref(), &device),
+            _ => cache.get_batch(&req.indices, &device),
+        },
         &stop,
         &mut |ev| match ev {
             Event::Step {
@@ -283,6 +358,22 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         eprintln!("adapter: {}", summary.adapter.display());
     }
     Ok(())
+}
+
+/// The teacher's conditioning of the empty prompt (the vision objective's unconditional
+/// branch), from the teacher at `path`.
+fn empty_prompt_targets(
+    path: Option<&std::path::Path>,
+    device: &candle_core::Device,
+) -> qwenclip::Result<(candle_core::Tensor, candle_core::Tensor)> {
+    let path = path.ok_or_else(|| {
+        qwenclip::Error::Invalid(
+            "the vision objective needs the teacher's empty prompt: give --teacher (or a --unet checkpoint that holds SDXL's text encoders)".into(),
+        )
+    })?;
+    let teacher = qwenclip::teacher::Teacher::load(path, device)?;
+    let out = teacher.encode(&[""])?;
+    Ok((out.prompt_embeds, out.pooled))
 }
 
 fn mib(bytes: u64) -> String {

@@ -150,6 +150,7 @@ pub extern "C" fn qwenclip_run_open(
                 settings: spec.settings,
                 dims: spec.dims,
                 resume,
+                judge: None,
             },
         )?;
         *out = RUNS.insert(Mutex::new(Slot {
@@ -195,15 +196,9 @@ pub extern "C" fn qwenclip_run_state(
         let mut s = lock(&slot);
         let request = s.run.request().cloned();
         let run = &s.run;
-        let (need, captions) = match &request {
-            Some(r) => (
-                Some(r.need),
-                r.indices
-                    .iter()
-                    .map(|&i| run.captions()[i].clone())
-                    .collect(),
-            ),
-            None => (None::<Need>, Vec::new()),
+        let (need, captions): (Option<Need>, Vec<&str>) = match &request {
+            Some(r) => (Some(r.need), run.captions_of(r)),
+            None => (None, Vec::new()),
         };
         let value = serde_json::json!({
             "step": run.step(), "steps": run.config().steps, "epoch": run.epoch(),
@@ -236,7 +231,7 @@ pub extern "C" fn qwenclip_run_supply(
         let n = s
             .run
             .request()
-            .map(|r| r.indices.len())
+            .map(|r| r.rows())
             .ok_or_else(|| invalid("the run is done: it needs no more targets"))?;
         let d = s.run.trainer().dims();
         let e = boundary::buffer(embeds, embeds_len, n * d.seq * d.embed, "embeds")?;

@@ -35,6 +35,12 @@ struct HeaderEntry {
     data_offsets: (u64, u64),
 }
 
+/// The tensor names of one safetensors file (its header only is read).
+pub fn read_tensor_names(path: &Path) -> Result<Vec<String>> {
+    let entries = read_header(path).map_err(|m| Error::format(path, m))?;
+    Ok(entries.into_iter().map(|(name, _)| name).collect())
+}
+
 /// The tensors of one safetensors file, checked against the file's size.
 fn read_header(path: &Path) -> std::result::Result<Vec<(String, Entry)>, String> {
     use std::io::Read;

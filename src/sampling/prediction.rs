@@ -22,6 +22,14 @@ impl PredictionType {
             _ => None,
         }
     }
+
+    /// diffusers' spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epsilon => "epsilon",
+            Self::VPrediction => "v_prediction",
+        }
+    }
 }
 
 /// A prediction split into the clean sample and the noise (float32).

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::AdamWConfig;
 use super::schedule::Schedule;
+use super::vision::{Objective, VisionConfig};
 use crate::error::{Error, Result};
 use crate::resampler::ResamplerConfig;
 
@@ -39,6 +40,10 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub loss_weight_embeds: f64,
     pub loss_weight_pooled: f64,
+    /// `mse` (the teacher's outputs), `vision` (what the judge UNet predicts with them) or
+    /// `mixed`.
+    pub objective: Objective,
+    pub vision: VisionConfig,
 
     pub lora_r: usize,
     pub lora_alpha: f64,
@@ -72,6 +77,8 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             loss_weight_embeds: 1.0,
             loss_weight_pooled: 1.0,
+            objective: Objective::Mse,
+            vision: VisionConfig::default(),
             lora_r: 16,
             lora_alpha: 16.0,
             lora_targets: ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -9,6 +9,7 @@ pub mod plot;
 pub mod run;
 pub mod schedule;
 pub mod trainer;
+pub mod vision;
 
 pub use config::{TargetDims, TrainConfig};
 pub use run::{Resume, Run, RunSpec};

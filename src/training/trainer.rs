@@ -78,7 +78,10 @@ pub struct SaveSizes {
     pub checkpoint_bytes: u64,
 }
 
-/// Held-out quality: MSE and cosine similarity per token and for the pooled vector.
+/// Held-out quality: MSE and cosine similarity per token and for the pooled vector; with a
+/// judge UNet, the vision loss at fixed noise; over the whole held-out set, the collapse
+/// measure (mean pairwise cosine between different prompts' conditionings, student and
+/// teacher: see [`crate::training::vision::collapse`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EvalMetrics {
     pub count: usize,
@@ -86,19 +89,35 @@ pub struct EvalMetrics {
     pub mse_pooled: f64,
     pub cos_tokens: f64,
     pub cos_pooled: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairwise_cos_student: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairwise_cos_teacher: Option<f64>,
 }
 
 impl EvalMetrics {
-    /// Weighted merge of two partial results (batches of an evaluation).
+    /// Weighted merge of two partial results (batches of an evaluation). The pairwise
+    /// measures are over the whole set and are set once it is complete.
     pub fn merge(&self, other: &EvalMetrics) -> EvalMetrics {
         let n = (self.count + other.count).max(1) as f64;
         let (a, b) = (self.count as f64 / n, other.count as f64 / n);
+        let vision_loss = match (self.vision_loss, other.vision_loss) {
+            (Some(x), Some(y)) => Some(x * a + y * b),
+            (x, None) if other.count == 0 => x,
+            (None, y) if self.count == 0 => y,
+            _ => None,
+        };
         EvalMetrics {
             count: self.count + other.count,
             mse_embeds: self.mse_embeds * a + other.mse_embeds * b,
             mse_pooled: self.mse_pooled * a + other.mse_pooled * b,
             cos_tokens: self.cos_tokens * a + other.cos_tokens * b,
             cos_pooled: self.cos_pooled * a + other.cos_pooled * b,
+            vision_loss,
+            pairwise_cos_student: None,
+            pairwise_cos_teacher: None,
         }
     }
 
@@ -111,6 +130,7 @@ impl EvalMetrics {
             mse_pooled: scalar(mse(pred.1, target.1)?)?,
             cos_tokens: scalar(cosine(pred.0, target.0)?.mean_all()?)?,
             cos_pooled: scalar(cosine(pred.1, target.1)?.mean_all()?)?,
+            ..Default::default()
         })
     }
 }
@@ -455,17 +475,30 @@ impl Trainer {
         teacher_embeds: &Tensor,
         teacher_pooled: &Tensor,
     ) -> Result<EvalMetrics> {
+        Ok(self
+            .evaluate_outputs(prompts, teacher_embeds, teacher_pooled)?
+            .0)
+    }
+
+    /// [`Trainer::evaluate`], and the student's conditioning it scored (embeds, pooled).
+    pub fn evaluate_outputs(
+        &self,
+        prompts: &[&str],
+        teacher_embeds: &Tensor,
+        teacher_pooled: &Tensor,
+    ) -> Result<(EvalMetrics, Tensor, Tensor)> {
         self.check_targets(prompts.len(), teacher_embeds, teacher_pooled)?;
         let device = self.encoder.llm().device();
         let (e, p) = self.predict(prompts, ForwardMode::Fast)?;
         let (e, p) = (e.detach(), p.detach());
-        EvalMetrics::of(
+        let metrics = EvalMetrics::of(
             (&e, &p),
             (
                 &teacher_embeds.to_device(device)?.to_dtype(DType::F32)?,
                 &teacher_pooled.to_device(device)?.to_dtype(DType::F32)?,
             ),
-        )
+        )?;
+        Ok((metrics, e, p))
     }
 
     /// A snapshot of the current weights as an adapter bundle (copies, not views).

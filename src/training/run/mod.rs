@@ -22,14 +22,20 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{TargetDims, TrainConfig};
 use super::plot::LossImage;
-use super::trainer::{read_state, EvalMetrics, StepReport, Trainer};
+use super::trainer::{output_loss, read_state, EvalMetrics, Loss, StepReport, Trainer};
+use super::vision::{collapse, vision_loss, Judge, Objective, Trajectory};
 use crate::conditioning::Encoder;
 use crate::data::fingerprint_of_hashes;
 use crate::error::{Error, Result};
+use crate::ops::ForwardMode;
+use crate::rng::Rng;
 
 use folder::RunFolder;
 pub use folder::{checkpoint_path, ADAPTER_DIR, CHECKPOINT_FILE, LOSS_PNG, METRICS_FILE};
 use order::DataOrder;
+
+/// Mixed into the run's seed for the generator trajectories draw from.
+const VISION_SEED: u64 = 0x715_1011;
 
 /// Training captions per request while summing the baseline's mean target.
 const BASELINE_CHUNK: usize = 64;
@@ -46,7 +52,6 @@ pub enum Resume {
 }
 
 /// Where and how to run.
-#[derive(Debug, Clone)]
 pub struct RunSpec {
     pub out: PathBuf,
     /// Some [`TrainConfig`] fields as a JSON object: over the defaults for a new run, over
@@ -54,12 +59,17 @@ pub struct RunSpec {
     pub settings: serde_json::Value,
     pub dims: TargetDims,
     pub resume: Resume,
+    /// The frozen SDXL UNet the vision objective needs (and evaluation uses when given).
+    pub judge: Option<Judge>,
 }
 
 /// What the run asks targets for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Need {
+    /// The empty prompt, once (the unconditional branch of guidance on the teacher's
+    /// trajectories): one row of targets, and no indices.
+    Empty,
     /// Training captions, once, for the predict-the-mean baseline.
     Baseline,
     /// Held-out captions.
@@ -73,6 +83,16 @@ pub enum Need {
 pub struct Request {
     pub need: Need,
     pub indices: Vec<usize>,
+}
+
+impl Request {
+    /// Rows of targets this request takes.
+    pub fn rows(&self) -> usize {
+        match self.need {
+            Need::Empty => 1,
+            _ => self.indices.len(),
+        }
+    }
 }
 
 /// What happened during a [`Run::supply`] or [`Run::stop`].
@@ -126,22 +146,57 @@ struct LoopState {
     /// An evaluation that was due when the checkpoint was written (a stop mid-evaluation).
     #[serde(default)]
     eval_due: Option<u64>,
+    /// The vision objective's trajectory in progress, and the generator new ones draw from.
+    #[serde(default)]
+    trajectory: Option<Trajectory>,
+    #[serde(default)]
+    vision_rng: Option<Rng>,
 }
 
 enum Phase {
+    /// Waiting for the empty prompt's targets, then `then`.
+    Uncond {
+        then: Box<Phase>,
+    },
     Baseline {
         next: usize,
         sum: Option<(Tensor, Tensor)>,
     },
-    Eval {
-        step: u64,
-        next: usize,
-        metrics: EvalMetrics,
-        /// The mean training target and its score (the first evaluation only).
-        baseline: Option<((Tensor, Tensor), EvalMetrics)>,
-    },
+    Eval(Box<EvalProgress>),
     Train,
     Done,
+}
+
+/// An evaluation under way.
+struct EvalProgress {
+    step: u64,
+    next: usize,
+    metrics: EvalMetrics,
+    /// The mean training target and its score (the first evaluation only).
+    baseline: Option<((Tensor, Tensor), EvalMetrics)>,
+    /// Student and teacher summaries of every held-out prompt so far (collapse measure).
+    summaries: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl EvalProgress {
+    fn at(step: u64) -> Phase {
+        Phase::Eval(Box::new(EvalProgress {
+            step,
+            next: 0,
+            metrics: EvalMetrics::default(),
+            baseline: None,
+            summaries: Vec::new(),
+        }))
+    }
+}
+
+/// A request handed out, with the state the run moves to once it is answered.
+struct Pending {
+    request: Request,
+    /// A training batch's data order after it.
+    order: Option<DataOrder>,
+    /// A new trajectory, and the generator after drawing it.
+    trajectory: Option<(Trajectory, Rng)>,
 }
 
 pub struct Run {
@@ -150,8 +205,12 @@ pub struct Run {
     state: LoopState,
     folder: RunFolder,
     phase: Phase,
-    /// The request handed out and, for a training batch, the data order after it.
-    pending: Option<(Request, Option<DataOrder>)>,
+    judge: Option<Judge>,
+    /// The teacher's conditioning of the empty prompt.
+    uncond: Option<(Tensor, Tensor)>,
+    /// The latents of the trajectory in progress (its seed and step), not saved: replayed.
+    latents: Option<(u64, usize, Tensor)>,
+    pending: Option<Pending>,
     micro: Vec<StepReport>,
     started: Instant,
     notes: Vec<String>,
@@ -162,10 +221,11 @@ impl Run {
     /// Opens a run on `captions` (the full caption set, in order) with `encoder` as the
     /// student: fresh (from the encoder's adapter when it has one that fits, else from the
     /// seed) or resumed from a checkpoint, as `spec.resume` says.
-    pub fn open(mut encoder: Encoder, captions: Vec<String>, spec: RunSpec) -> Result<Run> {
+    pub fn open(mut encoder: Encoder, captions: Vec<String>, mut spec: RunSpec) -> Result<Run> {
         if captions.is_empty() {
             return Err(Error::Invalid("there are no captions to train on".into()));
         }
+        let judge = spec.judge.take();
         let folder = RunFolder::new(&spec.out);
         let captions_ref = CaptionsRef {
             count: captions.len(),
@@ -207,15 +267,50 @@ impl Run {
                     first_eval: None,
                     last_eval: None,
                     eval_due: None,
+                    trajectory: None,
+                    vision_rng: None,
                 };
                 Run::assemble(trainer, captions, state, folder, Vec::new())
             }
         };
+        run.attach_judge(judge)?;
         let resumed_at = (run.trainer.step_count() > 0 || run.state.first_eval.is_some())
             .then(|| run.trainer.step_count());
         run.folder.open(resumed_at)?;
         run.start_without_held_out()?;
         Ok(run)
+    }
+
+    /// Checks the judge against the objective and the targets, and asks for the empty
+    /// prompt's targets first when the objective follows trajectories.
+    fn attach_judge(&mut self, judge: Option<Judge>) -> Result<()> {
+        let objective = self.config().objective;
+        match &judge {
+            None if objective.needs_judge() => {
+                return Err(Error::Invalid(format!(
+                    "the {objective:?} objective needs the SDXL UNet that judges the student (a judge): give one (`--unet`)"
+                )))
+            }
+            Some(j) => {
+                let d = self.trainer.dims();
+                let (ctx, pooled) = (j.unet.config().context_dim(), j.unet.config().pooled_dim());
+                if (ctx, pooled) != (d.embed, d.pooled) {
+                    return Err(Error::Mismatch(format!(
+                        "the judge UNet takes conditioning {ctx} wide with a {pooled}-wide pooled vector, but the targets are {} and {}",
+                        d.embed, d.pooled
+                    )));
+                }
+            }
+            None => {}
+        }
+        self.judge = judge;
+        if objective.needs_judge() && !matches!(self.phase, Phase::Done) {
+            let then = std::mem::replace(&mut self.phase, Phase::Done);
+            self.phase = Phase::Uncond {
+                then: Box::new(then),
+            };
+        }
+        Ok(())
     }
 
     /// Without held-out captions there is no baseline to compute and nothing to evaluate:
@@ -315,12 +410,7 @@ impl Run {
     ) -> Run {
         let step = trainer.step_count();
         let phase = if let Some(s) = state.eval_due {
-            Phase::Eval {
-                step: s,
-                next: 0,
-                metrics: EvalMetrics::default(),
-                baseline: None,
-            }
+            EvalProgress::at(s)
         } else if step == 0 && state.first_eval.is_none() {
             Phase::Baseline { next: 0, sum: None }
         } else if step >= trainer.config().steps {
@@ -334,6 +424,9 @@ impl Run {
             state,
             folder,
             phase,
+            judge: None,
+            uncond: None,
+            latents: None,
             pending: None,
             micro: Vec::new(),
             started: Instant::now(),
@@ -392,41 +485,73 @@ impl Run {
         if self.pending.is_none() {
             self.pending = self.next_request();
         }
-        self.pending.as_ref().map(|(r, _)| r)
+        self.pending.as_ref().map(|p| &p.request)
     }
 
-    fn next_request(&self) -> Option<(Request, Option<DataOrder>)> {
+    /// The captions of a request (the empty prompt for [`Need::Empty`]).
+    pub fn captions_of(&self, request: &Request) -> Vec<&str> {
+        match request.need {
+            Need::Empty => vec![""],
+            _ => request
+                .indices
+                .iter()
+                .map(|&i| self.captions[i].as_str())
+                .collect(),
+        }
+    }
+
+    fn next_request(&self) -> Option<Pending> {
         let chunk = |from: &[usize], next: usize, size: usize| -> Vec<usize> {
             from[next..(next + size).min(from.len())].to_vec()
         };
+        let simple = |need, indices| Pending {
+            request: Request { need, indices },
+            order: None,
+            trajectory: None,
+        };
         match &self.phase {
-            Phase::Baseline { next, .. } => Some((
-                Request {
-                    need: Need::Baseline,
-                    indices: chunk(self.state.order.train(), *next, BASELINE_CHUNK),
-                },
-                None,
+            Phase::Uncond { .. } => Some(simple(Need::Empty, Vec::new())),
+            Phase::Baseline { next, .. } => Some(simple(
+                Need::Baseline,
+                chunk(self.state.order.train(), *next, BASELINE_CHUNK),
             )),
-            Phase::Eval { next, .. } => Some((
-                Request {
-                    need: Need::Eval,
-                    indices: chunk(
-                        self.state.order.held_out(),
-                        *next,
-                        self.config().eval_batch_size.max(1),
-                    ),
-                },
-                None,
+            Phase::Eval(e) => Some(simple(
+                Need::Eval,
+                chunk(
+                    self.state.order.held_out(),
+                    e.next,
+                    self.config().eval_batch_size.max(1),
+                ),
             )),
-            Phase::Train => {
+            Phase::Train if self.config().objective.needs_judge() => {
+                if let Some(t) = &self.state.trajectory {
+                    return Some(simple(Need::Train, t.indices.clone()));
+                }
                 let (indices, order) = self.state.order.next_batch(self.config().batch_size);
-                Some((
-                    Request {
+                let mut rng = self
+                    .state
+                    .vision_rng
+                    .unwrap_or_else(|| Rng::new(self.config().seed ^ VISION_SEED));
+                let trajectory = Trajectory::new(indices.clone(), &self.config().vision, &mut rng);
+                Some(Pending {
+                    request: Request {
                         need: Need::Train,
                         indices,
                     },
-                    Some(order),
-                ))
+                    order: Some(order),
+                    trajectory: Some((trajectory, rng)),
+                })
+            }
+            Phase::Train => {
+                let (indices, order) = self.state.order.next_batch(self.config().batch_size);
+                Some(Pending {
+                    request: Request {
+                        need: Need::Train,
+                        indices,
+                    },
+                    order: Some(order),
+                    trajectory: None,
+                })
             }
             Phase::Done => None,
         }
@@ -438,12 +563,13 @@ impl Run {
         if self.pending.is_none() {
             self.request();
         }
-        let Some((req, order)) = self.pending.take() else {
+        let Some(pending) = self.pending.take() else {
             return Err(Error::Invalid(
                 "the run is done: it needs no more targets".into(),
             ));
         };
-        let n = req.indices.len();
+        let req = pending.request.clone();
+        let n = req.rows();
         let d = self.trainer.dims();
         if embeds.dims() != [n, d.seq, d.embed] || pooled.dims() != [n, d.pooled] {
             let err = Error::Invalid(format!(
@@ -454,22 +580,33 @@ impl Run {
                 embeds.dims(),
                 pooled.dims()
             ));
-            self.pending = Some((req, order));
+            self.pending = Some(pending);
             return Err(err);
         }
         let device = self.trainer.encoder().llm().device().clone();
         let te = embeds.to_device(&device)?.to_dtype(DType::F32)?;
         let tp = pooled.to_device(&device)?.to_dtype(DType::F32)?;
         let result = match req.need {
+            Need::Empty => self.supply_uncond(te, tp),
             Need::Baseline => self.supply_baseline(n, te, tp),
             Need::Eval => self.supply_eval(&req.indices, &te, &tp),
-            Need::Train => self.supply_train(&req.indices, &te, &tp, order),
+            Need::Train => self.supply_train(&req.indices, &te, &tp, pending),
         };
         if result.is_err() && self.pending.is_none() {
             // Nothing was consumed: the same captions are asked for again.
             self.pending = self.next_request();
         }
         result
+    }
+
+    fn supply_uncond(&mut self, te: Tensor, tp: Tensor) -> Result<Vec<Event>> {
+        let Phase::Uncond { then } = std::mem::replace(&mut self.phase, Phase::Done) else {
+            unreachable!("an empty-prompt request comes from its phase");
+        };
+        self.uncond = Some((te, tp));
+        self.phase = *then;
+        self.start_without_held_out()?;
+        Ok(Vec::new())
     }
 
     fn supply_baseline(&mut self, n: usize, te: Tensor, tp: Tensor) -> Result<Vec<Event>> {
@@ -494,28 +631,30 @@ impl Run {
             (total.0 / count)?.to_dtype(DType::F32)?,
             (total.1 / count)?.to_dtype(DType::F32)?,
         );
-        self.phase = Phase::Eval {
-            step: 0,
-            next: 0,
-            metrics: EvalMetrics::default(),
-            baseline: Some((mean, EvalMetrics::default())),
-        };
+        self.phase = EvalProgress::at(0);
+        if let Phase::Eval(e) = &mut self.phase {
+            e.baseline = Some((mean, EvalMetrics::default()));
+        }
         Ok(Vec::new())
     }
 
     fn supply_eval(&mut self, indices: &[usize], te: &Tensor, tp: &Tensor) -> Result<Vec<Event>> {
         let prompts: Vec<&str> = indices.iter().map(|&i| self.captions[i].as_str()).collect();
-        let part = self.trainer.evaluate(&prompts, te, tp)?;
-        let Phase::Eval {
-            next,
-            metrics,
-            baseline,
-            ..
-        } = &mut self.phase
-        else {
+        let (mut part, se, sp) = self.trainer.evaluate_outputs(&prompts, te, tp)?;
+        if let (Some(judge), Some(uncond)) = (&self.judge, &self.uncond) {
+            let u = (&uncond.0, &uncond.1);
+            let cfg = &self.trainer.config().vision;
+            part.vision_loss = Some(judge.eval_loss(indices, (&se, &sp), (te, tp), u, cfg)?);
+        }
+        let pairs: Vec<(Vec<f32>, Vec<f32>)> = collapse::summaries(&se, &sp)?
+            .into_iter()
+            .zip(collapse::summaries(te, tp)?)
+            .collect();
+        let Phase::Eval(e) = &mut self.phase else {
             unreachable!("an evaluation request comes from the evaluation phase");
         };
-        if let Some(((me, mp), score)) = baseline {
+        e.summaries.extend(pairs);
+        if let Some(((me, mp), score)) = &mut e.baseline {
             let k = indices.len();
             let pred = (
                 me.broadcast_as(te.shape())?.contiguous()?,
@@ -523,9 +662,9 @@ impl Run {
             );
             *score = score.merge(&EvalMetrics::of((&pred.0, &pred.1), (te, tp))?);
         }
-        *metrics = metrics.merge(&part);
-        *next += indices.len();
-        if *next < self.state.order.held_out().len() {
+        e.metrics = e.metrics.merge(&part);
+        e.next += indices.len();
+        if e.next < self.state.order.held_out().len() {
             return Ok(Vec::new());
         }
         self.finish_eval()
@@ -541,15 +680,21 @@ impl Run {
     }
 
     fn finish_eval(&mut self) -> Result<Vec<Event>> {
-        let Phase::Eval {
-            step,
-            metrics,
-            baseline,
-            ..
-        } = std::mem::replace(&mut self.phase, Phase::Train)
-        else {
+        let Phase::Eval(progress) = std::mem::replace(&mut self.phase, Phase::Train) else {
             unreachable!("only an evaluation finishes one");
         };
+        let EvalProgress {
+            step,
+            mut metrics,
+            baseline,
+            summaries,
+            ..
+        } = *progress;
+        if summaries.len() >= 2 {
+            let (student, teacher): (Vec<_>, Vec<_>) = summaries.into_iter().unzip();
+            metrics.pairwise_cos_student = Some(collapse::pairwise_cosine(&student));
+            metrics.pairwise_cos_teacher = Some(collapse::pairwise_cosine(&teacher));
+        }
         if let Some((_, score)) = baseline {
             self.folder
                 .log(serde_json::json!({ "baseline_mean": score }))?;
@@ -577,11 +722,17 @@ impl Run {
         indices: &[usize],
         te: &Tensor,
         tp: &Tensor,
-        order: Option<DataOrder>,
+        pending: Pending,
     ) -> Result<Vec<Event>> {
-        let prompts: Vec<&str> = indices.iter().map(|&i| self.captions[i].as_str()).collect();
+        let owned: Vec<String> = indices.iter().map(|&i| self.captions[i].clone()).collect();
+        let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();
         let t0 = Instant::now();
-        let report = match self.trainer.step(&prompts, te, tp) {
+        let stepped = if self.config().objective.needs_judge() {
+            self.vision_step(&prompts, te, tp, &pending)
+        } else {
+            self.trainer.step(&prompts, te, tp).map(|r| (r, None))
+        };
+        let (report, trajectory) = match stepped {
             Ok(r) => r,
             Err(e @ Error::NonFinite(_)) => {
                 self.folder
@@ -596,7 +747,15 @@ impl Run {
             }
             Err(e) => return Err(e),
         };
-        self.state.order = order.expect("a training request carries the order after it");
+        if let Some(order) = pending.order {
+            self.state.order = order;
+        }
+        if let Some((_, rng)) = pending.trajectory {
+            self.state.vision_rng = Some(rng);
+        }
+        if self.config().objective.needs_judge() {
+            self.state.trajectory = trajectory.filter(|t| !t.is_done());
+        }
         let samples_per_s = indices.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9);
         self.micro.push(report.clone());
         if !report.optimizer_stepped {
@@ -619,18 +778,80 @@ impl Run {
         }];
         let eval_every = self.config().eval_every;
         if (eval_every > 0 && step.is_multiple_of(eval_every)) || step >= self.config().steps {
-            self.phase = Phase::Eval {
-                step,
-                next: 0,
-                metrics: EvalMetrics::default(),
-                baseline: None,
-            };
+            self.phase = EvalProgress::at(step);
             self.state.eval_due = Some(step);
             events.extend(self.finish_eval_if_empty()?);
         } else {
             events.extend(self.after_eval(step)?);
         }
         Ok(events)
+    }
+
+    /// One denoising step of the trajectory in progress (or a new one): the teacher's
+    /// prediction and the next latents, the student's prediction through the same UNet, the
+    /// vision loss (plus output MSE for `mixed`), one trainer step. Returns the report and
+    /// the trajectory one step further; the caller keeps both only when the step succeeded.
+    fn vision_step(
+        &mut self,
+        prompts: &[&str],
+        te: &Tensor,
+        tp: &Tensor,
+        pending: &Pending,
+    ) -> Result<(StepReport, Option<Trajectory>)> {
+        let mut trajectory = match (&pending.trajectory, &self.state.trajectory) {
+            (Some((t, _)), _) | (None, Some(t)) => t.clone(),
+            (None, None) => unreachable!("a vision request carries or continues a trajectory"),
+        };
+        let judge = self
+            .judge
+            .as_ref()
+            .expect("the vision objective has its judge");
+        let uncond = self.uncond.as_ref().expect("asked for before training");
+        let uncond = (&uncond.0, &uncond.1);
+        let sampler = judge.sampler(trajectory.sampler, trajectory.denoise_steps)?;
+        let n = prompts.len();
+        let time_ids = judge.time_ids(n, trajectory.resolution)?;
+        let latents = match &self.latents {
+            Some((seed, step, x)) if *seed == trajectory.seed && *step == trajectory.step => {
+                x.clone()
+            }
+            _ => judge.replay(&trajectory, sampler.as_ref(), (te, tp), uncond)?,
+        };
+        let k = trajectory.step;
+        let (teacher_eps, next) = judge.teacher_step(
+            sampler.as_ref(),
+            k,
+            &latents,
+            &time_ids,
+            (te, tp),
+            uncond,
+            &trajectory.guidance,
+        )?;
+        let cfg = self.trainer.config().clone();
+        let (objective, v) = (cfg.objective, &cfg.vision);
+        let weights = (cfg.loss_weight_embeds, cfg.loss_weight_pooled);
+        let report = self.trainer.step_with(prompts, |e, p| {
+            let student = judge.predict(
+                sampler.as_ref(),
+                k,
+                &latents,
+                &time_ids,
+                (e, p),
+                ForwardMode::Differentiable,
+            )?;
+            let lv = vision_loss(&student, &teacher_eps)?;
+            let mut total = (&lv * v.lambda_vision)?;
+            let mut parts = vec![("loss_vision", lv)];
+            if objective == Objective::Mixed {
+                let o = output_loss(e, p, te, tp, weights)?;
+                total = (total + (&o.total * v.lambda_mse)?)?;
+                parts.extend(o.parts);
+            }
+            Ok(Loss { total, parts })
+        })?;
+        trajectory.step += 1;
+        self.latents = Some((trajectory.seed, trajectory.step, next));
+        Ok((report, Some(trajectory)))
     }
 
     /// After a step's evaluation (or a step without one): save if due; done at the end.
@@ -723,7 +944,7 @@ fn refuse_to_overwrite(out: &Path) -> Result<()> {
 }
 
 /// The teacher's targets (prompt embeddings, pooled) for captions at these positions.
-pub type Targets<'a> = dyn FnMut(&[usize]) -> Result<(Tensor, Tensor)> + 'a;
+pub type Targets<'a> = dyn FnMut(&Request) -> Result<(Tensor, Tensor)> + 'a;
 
 /// Runs `run` to its end, or until `stop` is set (then saves and marks it interrupted),
 /// answering its requests with `targets` (positions in the run's caption list -> the
@@ -739,8 +960,8 @@ pub fn drive(
             on_event(&run.stop()?);
             break;
         }
-        let indices = req.indices.clone();
-        let (e, p) = targets(&indices)?;
+        let req = req.clone();
+        let (e, p) = targets(&req)?;
         for ev in run.supply(&e, &p)? {
             on_event(&ev);
         }

@@ -81,7 +81,7 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
     if cfg.lora_targets.is_empty() {
         return bad("lora_targets", "empty".into(), "at least one projection");
     }
-    Ok(())
+    cfg.vision.validate().map_err(Error::Invalid)
 }
 
 /// The settings a run resumed from `ckpt` at optimizer step `step` continues with, and notes

@@ -135,6 +135,7 @@ pub fn write_gguf_model(
     let name = out.file_stem().map_or("qwen3-random".to_string(), |n| {
         n.to_string_lossy().into_owned()
     });
+    let tokenizer = tokenizer.map(|t| crate::tokenizer::gguf::metadata(t, cfg.vocab_size));
     b.write(out, cfg, &name, tokenizer)?;
     Ok(())
 }

@@ -45,10 +45,7 @@ pub fn run(a: BenchFfiArgs) -> Result<()> {
     let mut embeds = vec![0f32; n * 77 * 2048];
     let mut pooled = vec![0f32; n * 1280];
     let mut rust_api = || -> Result<()> {
-        let c = enc.encode(&prompts)?;
-        ffi::encoder::copy_into(&c.prompt_embeds, &mut embeds)
-            .map_err(|e| anyhow::anyhow!(e.msg))?;
-        ffi::encoder::copy_into(&c.pooled, &mut pooled).map_err(|e| anyhow::anyhow!(e.msg))?;
+        enc.encode(&prompts)?.copy_to(&mut embeds, &mut pooled)?;
         Ok(())
     };
     let mut e2 = vec![0f32; n * 77 * 2048];

@@ -4,7 +4,7 @@ use std::ffi::c_char;
 use std::path::PathBuf;
 use std::sync::RwLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use once_cell::sync::Lazy;
 use serde::Deserialize;
 
@@ -282,29 +282,9 @@ pub extern "C" fn qwenclip_encode(
             let embeds = boundary::buffer_mut(embeds, embeds_len, n * s * e, "embeds")?;
             let pooled = boundary::buffer_mut(pooled, pooled_len, n * p, "pooled")?;
             let c = enc.encode(&prompts)?;
-            copy_into(&c.prompt_embeds, embeds)?;
-            copy_into(&c.pooled, pooled)?;
+            c.copy_to(embeds, pooled)?;
             boundary::set_warning(&c.warnings.join("\n"));
             Ok(())
         })
     })
-}
-
-/// Copies an f32 tensor straight from its storage into the caller's buffer.
-pub fn copy_into(t: &Tensor, dst: &mut [f32]) -> FfiResult<()> {
-    let t = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(Failure::new(
-            qwenclip_status::QWENCLIP_FAILED,
-            "output is not on the CPU after transfer",
-        ));
-    };
-    let src = cpu.as_slice::<f32>()?;
-    let start = layout.start_offset();
-    dst.copy_from_slice(&src[start..start + dst.len()]);
-    Ok(())
 }

@@ -7,10 +7,15 @@
 //! the fast and the differentiable path. Distillation: [`teacher`] (SDXL's CLIP-L + CLIP-G)
 //! -> [`data`] (captions, target cache) -> [`training`]; [`sampling`] holds SDXL's samplers
 //! (diffusers' Euler and DDIM) for vision-based distillation.
+//!
+//! With the `dev` feature, `dev` holds the seeded model generators of the tests and
+//! benchmarks.
 
 pub mod adapter;
 pub mod conditioning;
 pub mod data;
+#[cfg(feature = "dev")]
+pub mod dev;
 pub mod error;
 pub mod formats;
 pub mod hub;
@@ -21,7 +26,6 @@ pub mod resampler;
 pub mod rng;
 pub mod sampling;
 pub mod teacher;
-pub mod tiny;
 pub mod tokenizer;
 pub mod training;
 

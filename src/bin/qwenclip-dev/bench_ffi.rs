@@ -1,4 +1,4 @@
-//! `qwenclip bench-ffi`: what the C boundary costs on top of the Rust API, on a model small
+//! `qwenclip-dev bench-ffi`: what the C boundary costs on top of the Rust API, on a model small
 //! enough for the boundary to matter. Both sides encode the same prompts into an f32 buffer;
 //! the C side goes through `qwenclip_encode` (status codes, handle registry, argument checks,
 //! the one copy into the caller's buffer).

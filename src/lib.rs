@@ -8,10 +8,16 @@
 //! -> [`data`] (captions, target cache) -> [`training`]. Vision-based distillation judges the
 //! student with [`unet`] (SDXL's frozen UNet, backpropagated through) along trajectories of
 //! [`sampling`] (diffusers' Euler and DDIM).
+//!
+//! The C ABI (`qwenclip_*` exports of the `cdylib`, header `include/qwenclip.h`) is not part
+//! of the Rust API. With the `dev` feature, `dev` holds the seeded model generators of the
+//! tests and benchmarks.
 
 pub mod adapter;
 pub mod conditioning;
 pub mod data;
+#[cfg(feature = "dev")]
+pub mod dev;
 pub mod error;
 pub mod formats;
 pub mod hub;
@@ -22,7 +28,6 @@ pub mod resampler;
 pub mod rng;
 pub mod sampling;
 pub mod teacher;
-pub mod tiny;
 pub mod tokenizer;
 pub mod training;
 pub mod unet;
@@ -32,4 +37,5 @@ pub use conditioning::{Conditioning, Encoder, EncoderOptions};
 pub use error::{Error, Result};
 pub use llm::qwen3::LoraMode;
 pub use ops::ForwardMode;
-pub mod ffi;
+
+mod ffi;

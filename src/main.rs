@@ -4,15 +4,5 @@
 mod cli;
 
 fn main() {
-    cli::tuning::tune_process();
-    let args = cli::parse();
-    if let Err(e) = cli::run(args) {
-        eprintln!("error: {e}");
-        let mut cause = e.source();
-        while let Some(c) = cause {
-            eprintln!("  caused by: {c}");
-            cause = c.source();
-        }
-        std::process::exit(1);
-    }
+    cli::shared::main(|| cli::run(cli::parse()));
 }

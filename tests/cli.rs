@@ -28,8 +28,7 @@ fn s(p: &Path) -> &str {
 #[test]
 fn encode_writes_diffusers_named_tensors_and_hidden_states() {
     let d = scratch("cli-encode");
-    let (ok, _, err) = qwenclip(&["tiny", "--out", s(&d)], &[]);
-    assert!(ok, "{err}");
+    dev_tiny(&d);
     let out = d.join("cond.safetensors");
     let (ok, stdout, err) = qwenclip(
         &[
@@ -67,6 +66,79 @@ fn encode_writes_diffusers_named_tensors_and_hidden_states() {
     .unwrap();
     let c = enc.encode(&["a fox under a bridge", ""]).unwrap();
     assert_close("cli vs library", &t["prompt_embeds"], &c.prompt_embeds, 0.0);
+}
+
+/// The README's first line as an installed user runs it: `qwenclip-dev tiny`, then
+/// `qwenclip encode`, both from a folder outside the source tree, relative paths only, and
+/// nothing from the build environment.
+#[test]
+fn readme_smoke_run_works_from_a_folder_outside_the_source_tree() {
+    let work = std::env::temp_dir().join(format!("qwenclip-outside-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    assert!(
+        !work.starts_with(root()),
+        "{} is inside the repository",
+        work.display()
+    );
+    let run = |exe: &str, args: &[&str]| {
+        stdout_of(
+            Command::new(exe)
+                .args(args)
+                .current_dir(&work)
+                .env_remove("CARGO_MANIFEST_DIR"),
+        )
+    };
+    run(env!("CARGO_BIN_EXE_qwenclip-dev"), &["tiny", "--out", "qc"]);
+    let stdout = run(
+        env!("CARGO_BIN_EXE_qwenclip"),
+        &[
+            "encode",
+            "--model",
+            "qc/model",
+            "--adapter",
+            "qc/adapter",
+            "--prompt",
+            "a red cube left of a blue sphere",
+            "--prompt",
+            "",
+            "--out",
+            "qc/cond.safetensors",
+        ],
+    );
+    assert!(stdout.contains("prompt_embeds [2, 77, 2048]"), "{stdout}");
+    let t = load(&work.join("qc/cond.safetensors"));
+    assert_eq!(t["prompt_embeds"].dims(), &[2, 77, 2048]);
+    assert_eq!(t["pooled_prompt_embeds"].dims(), &[2, 1280]);
+    // The built-in tokenizer is the repository's Qwen3 one.
+    assert!(
+        std::fs::read(work.join("qc/model/tokenizer.json")).unwrap()
+            == std::fs::read(qwen_tokenizer()).unwrap()
+    );
+    std::fs::remove_dir_all(&work).unwrap();
+}
+
+#[test]
+fn developer_tools_are_not_commands_of_qwenclip() {
+    let (_, help, _) = qwenclip(&["--help"], &[]);
+    assert!(help.contains("encode"), "{help}");
+    for dev in [
+        "tiny",
+        "random-model",
+        "bench-encode",
+        "bench-train",
+        "bench-ffi",
+    ] {
+        assert!(
+            !help.contains(dev),
+            "`qwenclip --help` lists {dev}:\n{help}"
+        );
+        let (ok, _, err) = qwenclip(&[dev, "--help"], &[]);
+        assert!(
+            !ok && err.contains("unrecognized subcommand"),
+            "{dev}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -270,7 +342,7 @@ fn import_resampler_from_pth() {
 #[test]
 fn distillation_pipeline_from_the_command_line() {
     let d = scratch("cli-distill");
-    assert!(qwenclip(&["tiny", "--out", s(&d)], &[]).0);
+    dev_tiny(&d);
     let captions: String = (0..24)
         .map(|i| {
             format!(
@@ -384,7 +456,7 @@ fn distillation_pipeline_from_the_command_line() {
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_the_run_resumes() {
     let d = scratch("cli-ctrlc");
-    assert!(qwenclip(&["tiny", "--out", s(&d)], &[]).0);
+    dev_tiny(&d);
     let captions: String = (0..16).map(|i| format!("caption {i}\n")).collect();
     std::fs::write(d.join("captions.txt"), captions).unwrap();
     let cache = d.join("cache");

@@ -43,7 +43,7 @@ fn teacher_dir() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let d = scratch(&format!("teacher-{}", std::process::id()));
-        qwenclip::tiny::write_tiny_teacher(&d, 0).unwrap();
+        qwenclip::dev::tiny::write_tiny_teacher(&d, 0).unwrap();
         d
     })
     .clone()
@@ -374,7 +374,7 @@ fn a_cache_from_another_teacher_is_refused_with_the_reason() {
     let set = CaptionSet::from_captions(captions().captions.into_iter().take(10), "10").unwrap();
     let t0 = Teacher::load(&teacher_dir(), &candle_core::Device::Cpu).unwrap();
     let other = scratch("distill-other-teacher");
-    qwenclip::tiny::write_tiny_teacher(&other, 1).unwrap();
+    qwenclip::dev::tiny::write_tiny_teacher(&other, 1).unwrap();
     let t1 = Teacher::load(&other, &candle_core::Device::Cpu).unwrap();
     let dir = scratch("distill-mismatch");
     build_cache(&t0, &set, &dir, &CacheOptions::default(), &mut |_| {}).unwrap();

@@ -166,8 +166,8 @@ fn token_limit_comes_from_the_adapter_unless_overridden() {
 fn tiny_generator_is_deterministic() {
     let a = scratch("tiny-det-a");
     let b = scratch("tiny-det-b");
-    qwenclip::tiny::write_tiny(&a, &qwen_tokenizer(), 5).unwrap();
-    qwenclip::tiny::write_tiny(&b, &qwen_tokenizer(), 5).unwrap();
+    qwenclip::dev::tiny::write_tiny(&a, qwenclip::dev::QWEN_TOKENIZER, 5).unwrap();
+    qwenclip::dev::tiny::write_tiny(&b, qwenclip::dev::QWEN_TOKENIZER, 5).unwrap();
     for f in [
         "model/model.safetensors",
         "adapter/adapter_model.safetensors",

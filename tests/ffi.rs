@@ -819,6 +819,23 @@ fn a_c_program_compiled_against_the_header_encodes_a_prompt() {
 }
 
 #[test]
+fn bench_ffi_measures_the_shared_library_against_the_rust_api() {
+    let d = tiny();
+    let stdout = stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_qwenclip-dev"))
+            .args(["bench-ffi", "--reps", "3", "--model"])
+            .arg(d.join("model"))
+            .arg("--adapter")
+            .arg(d.join("adapter"))
+            .arg("--lib")
+            .arg(lib_path()),
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["outputs_equal"], true, "{report}");
+    assert_eq!(report["library"], lib_path().to_str().unwrap(), "{report}");
+}
+
+#[test]
 fn python_ctypes_encodes_a_prompt() {
     let d = tiny();
     let o = Command::new("python3")

@@ -263,13 +263,7 @@ fn encode_with(
 #[test]
 fn encoding_is_the_same_on_any_number_of_threads_and_close_without_blas() {
     let d = scratch("kernels-threads");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_qwenclip"))
-        .args(["tiny", "--out"])
-        .arg(&d)
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    dev_tiny(&d);
     let one = encode_with(&d, "one", &[("RAYON_NUM_THREADS", "1")]);
     let two = encode_with(&d, "two", &[("RAYON_NUM_THREADS", "2")]);
     let three = encode_with(&d, "three", &[("RAYON_NUM_THREADS", "3")]);

@@ -274,7 +274,7 @@ fn tiny_teacher() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let d = scratch(&format!("tiny-teacher-{}", std::process::id()));
-        qwenclip::tiny::write_tiny_teacher(&d, 0).unwrap();
+        qwenclip::dev::tiny::write_tiny_teacher(&d, 0).unwrap();
         d
     })
     .clone()

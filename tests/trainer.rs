@@ -59,7 +59,7 @@ fn targets(prompts: &[&str]) -> (Tensor, Tensor) {
         pooled_dim: DIMS.pooled,
         ..ResamplerConfig::for_input(32)
     };
-    let adapter = qwenclip::tiny::make_adapter(&cfg, "qwenclip-tiny", rc, 1234).unwrap();
+    let adapter = qwenclip::dev::tiny::make_adapter(&cfg, "qwenclip-tiny", rc, 1234).unwrap();
     let mut enc = encoder();
     enc.install(adapter).unwrap();
     let c = enc.encode(prompts).unwrap();

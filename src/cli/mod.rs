@@ -1,19 +1,21 @@
 //! Subcommands. Each parses its flags into library calls and prints what a user needs.
+//! (The developer tools, `tiny`, `random-model` and the benchmarks, are `qwenclip-dev`:
+//! `src/bin/qwenclip-dev/`.)
 
-mod bench;
-mod bench_ffi;
 mod cache;
 mod encode;
 mod info;
+pub mod shared;
 mod teacher;
 mod train;
-pub mod tuning;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use anyhow::{bail, Result};
+use candle_core::Device;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+pub use shared::args::{DTypeArg, DeviceArg};
 
 #[derive(Parser)]
 #[command(
@@ -46,34 +48,6 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Write the seeded tiny Qwen3 (`OUT/model`), adapter (`OUT/adapter`) and SDXL teacher (`OUT/teacher`) for smoke runs and tests.
-    Tiny {
-        #[arg(long)]
-        out: PathBuf,
-        /// A Qwen `tokenizer.json` to copy into the model folder.
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizers/qwen_tokenizer.json"))]
-        tokenizer: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
-    /// Write a Qwen3 of a real size with random weights (for benchmarks).
-    RandomModel {
-        /// tiny, tiny256, qwen3-0.6b, qwen3-1.7b, qwen3-4b
-        #[arg(long)]
-        shape: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tokenizers/qwen_tokenizer.json"))]
-        tokenizer: PathBuf,
-        #[arg(long, value_enum, default_value_t = DTypeArg::F32)]
-        dtype: DTypeArg,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Write one GGUF file (OUT is the file) quantized to this type (q4_k, q8_0, ...;
-        /// embeddings q8_0) instead of a safetensors folder: no f32 copy of the model is made.
-        #[arg(long)]
-        gguf: Option<String>,
-    },
     /// Convert a PyTorch `.pth` resampler into `resampler.safetensors` through a key map.
     ImportResampler {
         #[arg(long)]
@@ -84,12 +58,6 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Time encoding (latency per batch size and length, peak memory) and print JSON.
-    BenchEncode(bench::BenchArgs),
-    /// Time training steps (samples/s, peak memory) and print JSON.
-    BenchTrain(bench::BenchTrainArgs),
-    /// Overhead of the C ABI over the Rust API for one encode, as JSON.
-    BenchFfi(bench_ffi::BenchFfiArgs),
     /// Encode prompts with SDXL's own text encoders (CLIP-L + CLIP-G): the distillation teacher.
     Teacher(teacher::TeacherArgs),
     /// Cache the teacher's outputs for a caption set (stage 1 of distillation).
@@ -98,43 +66,6 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Held-out metrics of an adapter against a target cache, as a table and JSON.
     Eval(train::EvalArgs),
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum DeviceArg {
-    Cpu,
-    Cuda,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DTypeArg {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl DeviceArg {
-    pub fn device(self) -> Result<Device> {
-        match self {
-            DeviceArg::Cpu => Ok(Device::Cpu),
-            DeviceArg::Cuda => {
-                if !candle_core::utils::cuda_is_available() {
-                    bail!("--device cuda: this qwenclip was built without the `cuda` feature");
-                }
-                Device::new_cuda(0).context("--device cuda: no usable CUDA device")
-            }
-        }
-    }
-}
-
-impl DTypeArg {
-    pub fn dtype(self) -> DType {
-        match self {
-            DTypeArg::F32 => DType::F32,
-            DTypeArg::Bf16 => DType::BF16,
-            DTypeArg::F16 => DType::F16,
-        }
-    }
 }
 
 /// Parses the command line; `train --help` ends with the library's defaults.
@@ -189,44 +120,6 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Tiny {
-            out,
-            tokenizer,
-            seed,
-        } => {
-            qwenclip::tiny::write_tiny(&out, &tokenizer, seed)?;
-            qwenclip::tiny::write_tiny_teacher(&out.join("teacher"), seed)?;
-            println!(
-                "tiny model: {}\ntiny adapter: {}\ntiny SDXL teacher: {}",
-                out.join("model").display(),
-                out.join("adapter").display(),
-                out.join("teacher").display()
-            );
-            Ok(())
-        }
-        Command::RandomModel {
-            shape,
-            out,
-            tokenizer,
-            dtype,
-            seed,
-            gguf,
-        } => {
-            let cfg = qwenclip::tiny::shape(&shape)?;
-            if let Some(t) = gguf {
-                use qwenclip::llm::quantize::QuantizeSpec;
-                let spec = QuantizeSpec {
-                    linear: qwenclip::formats::gguf::parse_type(&t)?,
-                    embedding: candle_core::quantized::GgmlDType::Q8_0,
-                };
-                qwenclip::tiny::write_gguf_model(&cfg, &out, Some(&tokenizer), spec, seed)?;
-                println!("{shape} with random weights, {t}: {}", out.display());
-                return Ok(());
-            }
-            qwenclip::tiny::write_model(&cfg, &out, &tokenizer, dtype.dtype(), seed)?;
-            println!("{shape} with random weights: {}", out.display());
-            Ok(())
-        }
         Command::ImportResampler { pth, key_map, out } => {
             let map = match key_map {
                 Some(p) => qwenclip::formats::pth::KeyMap::load(&p)?,
@@ -243,9 +136,6 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::BenchEncode(a) => bench::run(a),
-        Command::BenchTrain(a) => bench::run_train(a),
-        Command::BenchFfi(a) => bench_ffi::run(a),
         Command::Teacher(a) => teacher::run(a),
         Command::CacheTargets(a) => cache::run(a),
         Command::Train(a) => train::run_train(*a),

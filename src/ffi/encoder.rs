@@ -4,7 +4,7 @@ use std::ffi::c_char;
 use std::path::PathBuf;
 use std::sync::RwLock;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use once_cell::sync::Lazy;
 use serde::Deserialize;
 
@@ -15,21 +15,21 @@ use crate::{Encoder, EncoderOptions};
 /// The JSON accepted by `qwenclip_encoder_load`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EncoderSpec {
+struct EncoderSpec {
     /// Model folder or hub id.
-    pub model: String,
+    model: String,
     #[serde(default)]
-    pub adapter: Option<PathBuf>,
+    adapter: Option<PathBuf>,
     /// "cpu" (default), "cuda" or "cuda:N".
     #[serde(default = "cpu")]
-    pub device: String,
+    device: String,
     /// "f32" (default), "bf16" or "f16".
     #[serde(default = "f32")]
-    pub dtype: String,
+    dtype: String,
     #[serde(default)]
-    pub max_tokens: Option<usize>,
+    max_tokens: Option<usize>,
     #[serde(default)]
-    pub hidden_layer: Option<i32>,
+    hidden_layer: Option<i32>,
 }
 
 fn cpu() -> String {
@@ -71,7 +71,7 @@ impl EncoderSpec {
     }
 }
 
-pub fn parse_device(s: &str) -> FfiResult<Device> {
+fn parse_device(s: &str) -> FfiResult<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         _ if s == "cuda" || s.starts_with("cuda:") => {
@@ -99,7 +99,7 @@ pub fn parse_device(s: &str) -> FfiResult<Device> {
 
 /// An encoder behind a handle. `encoder` is `None` while offloaded (weights released); the
 /// next encode reloads it from `spec` with the same adapter.
-pub struct Slot {
+pub(super) struct Slot {
     spec: EncoderSpec,
     state: RwLock<State>,
 }
@@ -119,7 +119,7 @@ impl Slot {
     }
 
     /// Runs `f` on the loaded encoder, reloading it first if it was offloaded.
-    pub fn with<R>(&self, f: impl FnOnce(&Encoder) -> FfiResult<R>) -> FfiResult<R> {
+    pub(super) fn with<R>(&self, f: impl FnOnce(&Encoder) -> FfiResult<R>) -> FfiResult<R> {
         {
             let s = self.read();
             if let Some(e) = &s.encoder {
@@ -135,7 +135,7 @@ impl Slot {
         f(s.encoder.as_ref().expect("just loaded"))
     }
 
-    pub fn with_mut<R>(&self, f: impl FnOnce(&mut Encoder) -> FfiResult<R>) -> FfiResult<R> {
+    fn with_mut<R>(&self, f: impl FnOnce(&mut Encoder) -> FfiResult<R>) -> FfiResult<R> {
         self.with(|_| Ok(()))?;
         let mut s = self.write();
         let r = f(s.encoder.as_mut().expect("loaded above"))?;
@@ -158,7 +158,7 @@ impl Slot {
     }
 }
 
-pub static ENCODERS: Lazy<Registry<Slot>> = Lazy::new(|| Registry::new("encoder", 0x0E1C));
+pub(super) static ENCODERS: Lazy<Registry<Slot>> = Lazy::new(|| Registry::new("encoder", 0x0E1C));
 
 pub(crate) fn held_bytes() -> Vec<(usize, bool)> {
     ENCODERS.all().iter().filter_map(|s| s.held()).collect()
@@ -282,29 +282,9 @@ pub extern "C" fn qwenclip_encode(
             let embeds = boundary::buffer_mut(embeds, embeds_len, n * s * e, "embeds")?;
             let pooled = boundary::buffer_mut(pooled, pooled_len, n * p, "pooled")?;
             let c = enc.encode(&prompts)?;
-            copy_into(&c.prompt_embeds, embeds)?;
-            copy_into(&c.pooled, pooled)?;
+            c.copy_to(embeds, pooled)?;
             boundary::set_warning(&c.warnings.join("\n"));
             Ok(())
         })
     })
-}
-
-/// Copies an f32 tensor straight from its storage into the caller's buffer.
-pub fn copy_into(t: &Tensor, dst: &mut [f32]) -> FfiResult<()> {
-    let t = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(Failure::new(
-            qwenclip_status::QWENCLIP_FAILED,
-            "output is not on the CPU after transfer",
-        ));
-    };
-    let src = cpu.as_slice::<f32>()?;
-    let start = layout.start_offset();
-    dst.copy_from_slice(&src[start..start + dst.len()]);
-    Ok(())
 }

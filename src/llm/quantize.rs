@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 
@@ -59,20 +60,21 @@ impl GgufBuilder {
         Ok(())
     }
 
-    /// Writes the file atomically. `tokenizer_json`: a Qwen `tokenizer.json` to embed
-    /// (skipped with a note in the returned list when it is not a byte-level BPE).
+    /// Writes the file atomically. `tokenizer`: the `tokenizer.ggml.*` entries of a Qwen
+    /// `tokenizer.json` to embed ([`crate::tokenizer::gguf::metadata`]), or why there are
+    /// none (then skipped with a note in the returned list).
     pub fn write(
         mut self,
         out: &Path,
         cfg: &Qwen3Config,
         name: &str,
-        tokenizer_json: Option<&Path>,
+        tokenizer: Option<Result<Vec<(String, Value)>>>,
     ) -> Result<Vec<String>> {
         let mut notes = Vec::new();
         self.file
             .add_metadata(cfg.gguf_metadata(name, file_type(self.spec.linear)));
-        if let Some(tok) = tokenizer_json {
-            match crate::tokenizer::gguf::metadata(tok, cfg.vocab_size) {
+        if let Some(tok) = tokenizer {
+            match tok {
                 Ok(m) => self.file.add_metadata(m),
                 Err(e) => notes.push(format!(
                     "tokenizer not embedded ({e}); keep tokenizer.json beside the .gguf"
@@ -120,7 +122,10 @@ pub fn quantize_model(dir: &Path, spec: QuantizeSpec, out: &Path) -> Result<Quan
     let name = dir
         .file_name()
         .map_or("qwen3".to_string(), |n| n.to_string_lossy().into_owned());
-    let notes = b.write(out, &cfg, &name, tok.is_file().then_some(tok.as_path()))?;
+    let tok = tok
+        .is_file()
+        .then(|| crate::tokenizer::gguf::metadata(&tok, cfg.vocab_size));
+    let notes = b.write(out, &cfg, &name, tok)?;
     let bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     Ok(QuantizeReport {
         tensors,

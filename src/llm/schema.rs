@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn names_map_both_ways() {
-        let cfg = crate::tiny::shape("tiny").unwrap();
+        let cfg = crate::dev::tiny::shape("tiny").unwrap();
         let all = cfg.tensors();
         assert_eq!(all.len(), 2 + 11 * cfg.num_hidden_layers);
         for t in &all {

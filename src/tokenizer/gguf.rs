@@ -116,6 +116,24 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 /// them: every id below `vocab_size`, missing ones as `[PAD{id}]` (unused).
 pub fn metadata(path: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
     let json: serde_json::Value = crate::error::read_json(path, "tokenizer.json")?;
+    metadata_from(&json, path, vocab_size)
+}
+
+/// [`metadata`] of the bytes of a `tokenizer.json`; `path` names them in errors.
+pub fn metadata_of(json: &[u8], path: &Path, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+    let json: serde_json::Value = serde_json::from_slice(json).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        what: "tokenizer.json",
+        source,
+    })?;
+    metadata_from(&json, path, vocab_size)
+}
+
+fn metadata_from(
+    json: &serde_json::Value,
+    path: &Path,
+    vocab_size: usize,
+) -> Result<Vec<(String, Value)>> {
     let model = &json["model"];
     if model["type"] != "BPE" {
         return Err(Error::format(path, "not a BPE tokenizer"));

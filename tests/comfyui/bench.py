@@ -8,7 +8,7 @@
    point (median of 7), and ComfyUI's own import-time line for the pack at server start-up.
 
 Run: bash .ci/comfyui.sh bench   (or with the variables that script sets: QWENCLIP_COMFYUI,
-QWENCLIP_LIB, QWENCLIP_BIN; run from the repository root). --quick skips the 0.6B model.
+QWENCLIP_LIB, QWENCLIP_DEV_BIN; run from the repository root). --quick skips the 0.6B model.
 """
 
 from __future__ import annotations
@@ -148,14 +148,14 @@ def main() -> None:
 
     tiny = a.work / "tiny"
     if not (tiny / "adapter" / "qwenclip.json").is_file():
-        subprocess.run([os.environ["QWENCLIP_BIN"], "tiny", "--out", str(tiny)], check=True, cwd=ROOT, capture_output=True)
+        subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(tiny)], check=True, cwd=ROOT, capture_output=True)
     results["encode_tiny"] = bench_encode(pack, tiny / "model", tiny / "adapter", a.rounds * 5)
     print(json.dumps(results["encode_tiny"]), flush=True)
 
     if not a.quick:
         big = a.work / "qwen3-0.6b" / "qwen3-0.6b"
         if not (big / "config.json").is_file():
-            subprocess.run([os.environ["QWENCLIP_BIN"], "random-model", "--shape", "qwen3-0.6b", "--out", str(big)],
+            subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "random-model", "--shape", "qwen3-0.6b", "--out", str(big)],
                            check=True, cwd=ROOT, capture_output=True)
         adapter = adapter_for(pack, big, a.work / "adapters" / "qwen3-0.6b-untrained")
         results["encode_qwen3_0.6b"] = bench_encode(pack, big, adapter, max(5, a.rounds // 3))

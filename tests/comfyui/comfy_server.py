@@ -31,10 +31,9 @@ def free_port() -> int:
 def make_tiny_models(dest: Path) -> dict:
     out = dest / "tiny"
     if not (out / "adapter" / "qwenclip.json").is_file():
-        r = subprocess.run([os.environ["QWENCLIP_BIN"], "tiny", "--out", str(out)], capture_output=True, text=True,
-                           cwd=ROOT)  # its default tokenizer is a repository fixture
+        r = subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(out)], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"qwenclip tiny failed ({r.returncode}): {r.stdout}{r.stderr}")
+            raise RuntimeError(f"qwenclip-dev tiny failed ({r.returncode}): {r.stdout}{r.stderr}")
     return {"model": out / "model", "adapter": out / "adapter"}
 
 

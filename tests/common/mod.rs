@@ -83,12 +83,34 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// Runs `cmd`, fails the test with its output unless it succeeds, and returns its stdout.
+pub fn stdout_of(cmd: &mut std::process::Command) -> String {
+    let o = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{cmd:?}: {stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
+/// `qwenclip-dev tiny --out OUT`: the tiny model, adapter and SDXL teacher, written by the
+/// developer command as the README's smoke run and the ComfyUI tests do.
+pub fn dev_tiny(out: &Path) {
+    stdout_of(
+        std::process::Command::new(env!("CARGO_BIN_EXE_qwenclip-dev"))
+            .args(["tiny", "--out"])
+            .arg(out),
+    );
+}
+
 /// The tiny model + adapter, written once per test binary into `target/test-scratch`.
 pub fn tiny() -> PathBuf {
     static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let d = scratch(&format!("tiny-{}", std::process::id()));
-        qwenclip::tiny::write_tiny(&d, &qwen_tokenizer(), 0).unwrap();
+        qwenclip::dev::tiny::write_tiny(&d, qwenclip::dev::QWEN_TOKENIZER, 0).unwrap();
         d
     })
     .clone()

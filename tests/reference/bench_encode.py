@@ -8,10 +8,10 @@ What is measured
   each process.
 
 How
-  1. `qwenclip random-model --shape SHAPE` writes a Qwen3 of the real size with random f32
+  1. `qwenclip-dev random-model --shape SHAPE` writes a Qwen3 of the real size with random f32
      weights in the Hugging Face layout (config.json, model.safetensors, tokenizer.json) into
      WORKDIR/SHAPE, once: it is reused when it is already there.
-  2. `qwenclip bench-encode` times our forward pass (candle, `ForwardMode::Fast`) and prints
+  2. `qwenclip-dev bench-encode` times our forward pass (candle, `ForwardMode::Fast`) and prints
      one JSON line.
   3. This script re-runs itself in a separate Python process (so that the peak RSS it reports,
      `getrusage(RUSAGE_SELF).ru_maxrss`, is transformers' own and includes `import torch`),
@@ -31,7 +31,7 @@ Target
   opt-level 1 and dependencies at opt-level 3; a release build is the fair comparison).
 
 Usage
-  python tests/reference/bench_encode.py [--qwenclip PATH_TO_BINARY] [--shape qwen3-0.6b]
+  python tests/reference/bench_encode.py [--qwenclip-dev PATH_TO_BINARY] [--shape qwen3-0.6b]
       [--workdir DIR] [--reps 5] [--batches 1,2] [--tokens 77,256] [--json OUT.json]
 """
 
@@ -159,7 +159,7 @@ def run_ours(binary: Path, model_dir: Path, args: argparse.Namespace) -> dict:
         "--tokens", ",".join(map(str, args.tokens)),
         "--reps", str(args.reps),
     ]
-    return run_json("ours", cmd, "qwenclip bench-encode")[0]
+    return run_json("ours", cmd, "qwenclip-dev bench-encode")[0]
 
 
 def run_theirs(model_dir: Path, args: argparse.Namespace) -> dict:
@@ -211,7 +211,7 @@ def table(ours: dict, theirs: dict) -> tuple[str, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    add_binary_option(p)
+    add_binary_option(p, "qwenclip-dev")
     p.add_argument("--shape", default="qwen3-0.6b", help="random-model shape (qwen3-0.6b, qwen3-1.7b, ...)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="where the random model is written once and reused")
@@ -232,7 +232,7 @@ def main() -> None:
         torch_worker(args.model_dir, args.batches, args.tokens, args.reps)
         return
 
-    binary = resolve_binary(p, args.qwenclip)
+    binary = resolve_binary(p, args.qwenclip_dev, "qwenclip-dev")
     model_dir = ensure_model(binary, args.shape, args.workdir, args.tokenizer)
 
     # The 1-minute load average around each side: anything well above 0 before a side starts

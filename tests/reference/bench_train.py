@@ -12,9 +12,9 @@ What is measured
   the number of trainable values on each side (they must match).
 
 How
-  1. `qwenclip random-model --shape SHAPE` writes the random model (Hugging Face layout) into
+  1. `qwenclip-dev random-model --shape SHAPE` writes the random model (Hugging Face layout) into
      WORKDIR/SHAPE once; it is reused when it is already there (same cache as bench_encode.py).
-  2. `qwenclip bench-train` runs our steps (candle, `Trainer::step`) and prints one JSON line.
+  2. `qwenclip-dev bench-train` runs our steps (candle, `Trainer::step`) and prints one JSON line.
      Its prompts are " a" repeated (exactly `tokens` Qwen tokens each); the ids do not change
      the amount of work.
   3. This script re-runs itself in a separate Python process (so that its peak RSS,
@@ -41,7 +41,7 @@ Target
   a release build is the fair comparison.
 
 Usage
-  python tests/reference/bench_train.py [--qwenclip BIN] [--shape qwen3-0.6b] [--workdir DIR]
+  python tests/reference/bench_train.py [--qwenclip-dev BIN] [--shape qwen3-0.6b] [--workdir DIR]
       [--batch 2] [--tokens 77] [--reps 3] [--lora-r 16] [--resampler-width 1024]
       [--resampler-heads 16] [--wait-load 1.5] [--wait-max 600] [--json OUT.json]
   (--batch and --tokens take comma lists; every (batch, tokens) pair is one row.)
@@ -175,7 +175,7 @@ def run_ours(binary: Path, model_dir: Path, b: int, t: int, args: argparse.Names
         "--reps", str(args.reps), "--lora-r", str(args.lora_r),
         "--resampler-width", str(args.resampler_width), "--resampler-heads", str(args.resampler_heads),
     ]
-    r, wall = run_json("ours", cmd, "qwenclip bench-train")
+    r, wall = run_json("ours", cmd, "qwenclip-dev bench-train")
     r["process_wall_s"] = wall
     return r
 
@@ -227,7 +227,7 @@ def table(pairs: list[dict]) -> tuple[str, list[dict]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    add_binary_option(p)
+    add_binary_option(p, "qwenclip-dev")
     p.add_argument("--shape", default="qwen3-0.6b", help="random-model shape")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="where the random model is written once and reused")
@@ -251,7 +251,7 @@ def main() -> None:
                      args.resampler_width, args.resampler_heads)
         return
 
-    binary = resolve_binary(p, args.qwenclip)
+    binary = resolve_binary(p, args.qwenclip_dev, "qwenclip-dev")
     model_dir = ensure_model(binary, args.shape, args.workdir, args.tokenizer)
 
     pairs = []

@@ -5,11 +5,11 @@ this module, so the import works both in the driver and in the `--_torch-worker`
 `--_write-teacher`) child processes it starts by re-running itself.
 
 What is here
-  - the qwenclip binary: the default path (target/release, else target/debug) and the
-    `--qwenclip` option;
+  - the binaries, `qwenclip` or `qwenclip-dev`: the default path (target/release, else
+    target/debug) and the `--qwenclip` / `--qwenclip-dev` option;
   - inputs written once and reused: `ensure_written` (a directory written by a command into
     `.NAME.partial` and renamed when complete) and `ensure_model` (a random Qwen3 from
-    `qwenclip random-model`, used by bench_encode.py and bench_train.py);
+    `qwenclip-dev random-model`, used by bench_encode.py and bench_train.py);
   - running a side: `run_json` (a process that prints one JSON report as its last `{` line,
     with its wall time), `last_json_line`, `peak_rss_bytes` (a worker's own RSS high-water
     mark);
@@ -42,24 +42,26 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 # --------------------------------------------------------------------------------------------
 
 
-def default_binary() -> Path:
+def default_binary(name: str = "qwenclip") -> Path:
     for profile in ("release", "debug"):
-        p = REPO / "target" / profile / "qwenclip"
+        p = REPO / "target" / profile / name
         if p.exists():
             return p
-    return REPO / "target" / "release" / "qwenclip"
+    return REPO / "target" / "release" / name
 
 
-def add_binary_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--qwenclip", type=Path, default=None,
-                   help="qwenclip binary (default: target/release/qwenclip, else target/debug/qwenclip)")
+def add_binary_option(p: argparse.ArgumentParser, name: str = "qwenclip") -> None:
+    """`--NAME`: the `qwenclip` command, or `qwenclip-dev` (the benchmarks and random models)."""
+    p.add_argument(f"--{name}", type=Path, default=None,
+                   help=f"{name} binary (default: target/release/{name}, else target/debug/{name})")
 
 
-def resolve_binary(p: argparse.ArgumentParser, binary: Path | None) -> Path:
-    """`--qwenclip` (or the default), resolved; a parser error when it does not exist."""
-    binary = (binary or default_binary()).resolve()
+def resolve_binary(p: argparse.ArgumentParser, binary: Path | None, name: str = "qwenclip") -> Path:
+    """`--NAME` (or the default), resolved; a parser error when it does not exist."""
+    binary = (binary or default_binary(name)).resolve()
     if not binary.exists():
-        p.error(f"no qwenclip binary at {binary} (build it, or pass --qwenclip)")
+        p.error(f"no {name} binary at {binary} (build it with `cargo build --release --features dev`,"
+                f" or pass --{name})")
     print(f"binary: {binary}", file=sys.stderr)
     return binary
 
@@ -100,7 +102,8 @@ def ensure_written(workdir: Path, name: str, files: Iterable[str], what: str, de
 
 
 def ensure_model(binary: Path, shape: str, workdir: Path, tokenizer: Path) -> Path:
-    """WORKDIR/SHAPE: a Qwen3 with random f32 weights (`qwenclip random-model`), written once."""
+    """WORKDIR/SHAPE: a Qwen3 with random f32 weights (`qwenclip-dev random-model`, `binary`),
+    written once."""
     return ensure_written(
         workdir, shape, MODEL_FILES, "model", f"a random {shape}",
         lambda tmp: [str(binary), "random-model", "--shape", shape, "--out", str(tmp),

@@ -2,7 +2,7 @@
 our loader gives.
 
 Usage (venv from tests/reference/requirements.txt):
-    cargo run -- tiny --out /tmp/qc                      # the seeded tiny Qwen3 (seed 0)
+    cargo run --features dev --bin qwenclip-dev -- tiny --out /tmp/qc   # the seeded tiny Qwen3 (seed 0)
     python tests/reference/peft_interop.py /tmp/qc/model tests/fixtures/interop
 
 Loads the tiny model with `transformers`, the trainer-written LoRA in

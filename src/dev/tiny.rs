@@ -84,11 +84,12 @@ fn random_tensors(
 }
 
 /// Writes a Qwen3 with random weights in Hugging Face layout (`config.json`,
-/// `model.safetensors`, and `tokenizer.json` copied from `tokenizer`).
+/// `model.safetensors`, and `tokenizer.json` holding `tokenizer`, the bytes of a Qwen
+/// `tokenizer.json` such as [`super::QWEN_TOKENIZER`]).
 pub fn write_model(
     cfg: &Qwen3Config,
     dir: &Path,
-    tokenizer: &Path,
+    tokenizer: &[u8],
     dtype: DType,
     seed: u64,
 ) -> Result<()> {
@@ -112,18 +113,18 @@ pub fn write_model(
     config["hidden_act"] = serde_json::json!("silu");
     let json = serde_json::to_vec_pretty(&config).expect("config serialises");
     crate::formats::safetensors::write_atomic(&dir.join("config.json"), &json)?;
-    std::fs::copy(tokenizer, dir.join("tokenizer.json")).map_err(|e| Error::io(tokenizer, e))?;
-    Ok(())
+    crate::formats::safetensors::write_atomic(&dir.join("tokenizer.json"), tokenizer)
 }
 
 /// Writes the same random Qwen3 as [`write_model`] (same seed, same weights) straight into
-/// one GGUF file, quantized as `spec` says, with `tokenizer` embedded. Each tensor is
+/// one GGUF file, quantized as `spec` says, with `tokenizer` (the bytes of a Qwen
+/// `tokenizer.json`) embedded. Each tensor is
 /// quantized as it is generated, so a Qwen3-4B shape never exists in f32 (peak memory is the
 /// quantized model plus one f32 tensor).
 pub fn write_gguf_model(
     cfg: &Qwen3Config,
     out: &Path,
-    tokenizer: Option<&Path>,
+    tokenizer: Option<&[u8]>,
     spec: QuantizeSpec,
     seed: u64,
 ) -> Result<()> {
@@ -136,6 +137,9 @@ pub fn write_gguf_model(
     })?;
     let name = out.file_stem().map_or("qwen3-random".to_string(), |n| {
         n.to_string_lossy().into_owned()
+    });
+    let tokenizer = tokenizer.map(|json| {
+        crate::tokenizer::gguf::metadata_of(json, Path::new("tokenizer.json"), cfg.vocab_size)
     });
     b.write(out, cfg, &name, tokenizer)?;
     Ok(())
@@ -189,8 +193,8 @@ pub fn make_adapter(
 }
 
 /// The tiny model + tiny adapter used by the tests and the README's smoke run:
-/// `<out>/model` and `<out>/adapter`.
-pub fn write_tiny(out: &Path, tokenizer: &Path, seed: u64) -> Result<()> {
+/// `<out>/model` and `<out>/adapter`. `tokenizer`: the bytes of the model's `tokenizer.json`.
+pub fn write_tiny(out: &Path, tokenizer: &[u8], seed: u64) -> Result<()> {
     let cfg = shape("tiny")?;
     write_model(&cfg, &out.join("model"), tokenizer, DType::F32, seed)?;
     let rcfg = ResamplerConfig {

@@ -1,6 +1,7 @@
-//! `qwenclip bench-encode`: LLM hidden-state latency for given batch sizes and lengths, and
-//! the process's peak resident memory, as JSON. `tests/reference/bench_encode.py` runs this
-//! and `transformers` on the same weights in one command and prints the ratios.
+//! `qwenclip-dev bench-encode`: LLM hidden-state latency for given batch sizes and lengths,
+//! and the process's peak resident memory, as JSON (`bench-train`, below, times training
+//! steps). `tests/reference/bench_encode.py` runs this and `transformers` on the same weights
+//! in one command and prints the ratios.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use qwenclip::llm::Qwen3;
 use qwenclip::rng::Rng;
 use qwenclip::ForwardMode;
 
-use super::{DTypeArg, DeviceArg};
+use crate::shared::args::{DTypeArg, DeviceArg};
 
 #[derive(Args)]
 pub struct BenchArgs {

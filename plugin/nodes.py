@@ -358,7 +358,7 @@ class QwenTextEncodeSDXL:
         library.get()
         cond, pooled, warnings = encoder.encode([text])
         for w in warnings:
-            warn(unique_id, "Qwen Text Encode (SDXL)", w.replace("prompt 0", "the prompt", 1))
+            warn(unique_id, "QwenTextEncodeSDXL", w.replace("prompt 0", "the prompt", 1))
         return ([[cond, {
             "pooled_output": pooled,
             "width": width,
@@ -370,15 +370,16 @@ class QwenTextEncodeSDXL:
         }]],)
 
 
-def warn(node_id, title: str, message: str) -> None:
+def warn(node_id, node_type: str, message: str) -> None:
     """A warning for the user: the server log, and a toast in the frontend (web/warnings.js)
     for the client that queued the prompt."""
+    title = NODE_DISPLAY_NAME_MAPPINGS.get(node_type, node_type)
     log.warning("qwenclip: %s (node %s): %s", title, node_id, message)
     try:
         from server import PromptServer
 
         server = PromptServer.instance
-        event = {"node": node_id, "title": title, "message": message}
+        event = {"node": node_id, "type": node_type, "title": title, "message": message}
         server.send_sync("qwenclip.warning", event, server.client_id)
     except Exception:  # no server (scripts, unit tests): the log has it
         pass

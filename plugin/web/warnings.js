@@ -7,8 +7,10 @@ app.registerExtension({
   name: "qwenclip.warnings",
   setup() {
     api.addEventListener("qwenclip.warning", ({ detail }) => {
+      // The graph on screen is usually the one that ran: name the node as the user titled it.
       const node = detail.node != null ? app.graph?.getNodeById(Number(detail.node)) : null;
-      const where = `${node ? node.title : detail.title} (#${detail.node})`;
+      const title = node && node.type === detail.type ? node.title : detail.title;
+      const where = `${title} (#${detail.node})`;
       if (app.extensionManager?.toast) {
         app.extensionManager.toast.add({ severity: "warn", summary: where, detail: detail.message, life: 15000 });
       } else {

@@ -77,6 +77,16 @@ class ComfyServer:
             d = b / "models/qwenclip" / name
             d.mkdir(parents=True, exist_ok=True)
             (d / "qwenclip.json").write_text("{}")
+        hf_home = self.extra_env.get("HF_HOME")
+        for repo in ph.get("hub", []) if hf_home else []:
+            # as if the hub model had been downloaded: the loader lists cached ids as they are
+            cached = Path(hf_home) / "hub" / f"models--{repo.replace('/', '--')}"
+            snap = cached / "snapshots" / "placeholder"
+            snap.mkdir(parents=True, exist_ok=True)
+            (cached / "refs").mkdir(exist_ok=True)
+            (cached / "refs" / "main").write_text("placeholder")
+            for f in ("config.json", "tokenizer.json", "model.safetensors"):
+                (snap / f).write_bytes(b"")
         (b / "extra_model_paths.yaml").write_text(
             "qwenclip_tests:\n"
             f"  base_path: {b}\n"

@@ -280,7 +280,7 @@ WORKFLOWS = {
 
 # What the shipped workflows name; tests create empty placeholders with these names so
 # /prompt's validation (which checks names only) accepts the files as they are.
-PLACEHOLDERS = {"checkpoints": [CKPT], "adapters": [ADAPTER]}
+PLACEHOLDERS = {"checkpoints": [CKPT], "adapters": [ADAPTER], "hub": [BASE]}
 
 
 def main() -> None:

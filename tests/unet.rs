@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
+use qwenclip::dev::tiny::unet::{random_unet, unet_shape, write_unet, UNetFileLayout};
 use qwenclip::ops::{self, blas, Conv2dParams};
 use qwenclip::rng::Rng;
-use qwenclip::dev::tiny::unet::{random_unet, unet_shape, write_unet, UNetFileLayout};
 use qwenclip::unet::{UNet, UNetConditioning, UNetConfig, UNetOrigin};
 use qwenclip::ForwardMode;
 

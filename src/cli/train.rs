@@ -256,7 +256,13 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 })
                 .transpose()?;
             eprintln!("judge UNet: {}", path.display());
-            Some(Judge::load(path, prediction, a.dtype.dtype(), &device)?)
+            Some(Judge::load(
+                path,
+                None,
+                prediction,
+                a.dtype.dtype(),
+                &device,
+            )?)
         }
         None => None,
     };

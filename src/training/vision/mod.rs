@@ -24,7 +24,7 @@ pub use trajectory::Trajectory;
 use crate::error::{Error, Result};
 use crate::ops::ForwardMode;
 use crate::sampling::{guide, Batch, Ddim, Euler, PredictionType, Sampler, SchedulerConfig, Step};
-use crate::unet::{UNet, UNetConditioning};
+use crate::unet::{UNet, UNetConditioning, UNetConfig};
 
 /// What the student learns from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -164,16 +164,17 @@ const V_PRED_KEY: &str = "v_pred";
 
 impl Judge {
     /// The UNet at `path` (a diffusers pipeline or `unet/` folder, or a single-file SDXL
-    /// checkpoint) and its schedule: a pipeline's `scheduler/scheduler_config.json`, else
-    /// SDXL's, with the prediction type a single file's keys declare. `prediction` overrides
-    /// it, but a single file that declares v-prediction is never judged as epsilon.
+    /// checkpoint, read with `config` when its shapes are not SDXL's) and its schedule: a
+    /// pipeline's `scheduler/scheduler_config.json`, else SDXL's, with the prediction type a
+    /// single file's keys declare. `prediction` overrides it, but a single file that declares
+    /// v-prediction is never judged as epsilon.
     pub fn load(
         path: &Path,
+        config: Option<&UNetConfig>,
         prediction: Option<PredictionType>,
         dtype: DType,
         device: &Device,
     ) -> Result<Judge> {
-        let unet = UNet::load(path, dtype, device)?;
         let mut scheduler = [path.join("scheduler"), path.join("../scheduler")]
             .iter()
             .map(|d| d.join("scheduler_config.json"))
@@ -198,6 +199,10 @@ impl Judge {
         if let Some(p) = prediction {
             scheduler.prediction_type = Some(p.name().into());
         }
+        let unet = match config {
+            Some(cfg) => UNet::load_with_config(path, cfg, dtype, device)?,
+            None => UNet::load(path, dtype, device)?,
+        };
         Ok(Judge { unet, scheduler })
     }
 

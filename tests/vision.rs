@@ -1,0 +1,299 @@
+//! Vision-based distillation end to end on tiny models: tiny SDXL teacher -> target cache,
+//! a tiny SDXL-shaped judge UNet (random weights, the teacher's conditioning widths), the
+//! training run following the teacher's trajectories: learning, exact resume in the middle
+//! of a trajectory, the collapse measure, the judge's checks.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use qwenclip::data::{build_cache, CacheOptions, CaptionSet, TargetCache};
+use qwenclip::dev::tiny::unet::{unet_shape, write_unet, UNetFileLayout};
+use qwenclip::sampling::PredictionType;
+use qwenclip::teacher::Teacher;
+use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec, RunSummary};
+use qwenclip::training::vision::Judge;
+use qwenclip::training::TargetDims;
+use qwenclip::unet::{PerBlock, UNetConfig};
+use qwenclip::{Encoder, EncoderOptions, LoraMode};
+
+fn teacher_dir() -> PathBuf {
+    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let d = scratch(&format!("vision-teacher-{}", std::process::id()));
+        qwenclip::dev::tiny::write_tiny_teacher(&d, 0).unwrap();
+        d
+    })
+    .clone()
+}
+
+/// The tiny UNet made to take the tiny teacher's conditioning: 64 wide, pooled 16.
+fn judge_config() -> UNetConfig {
+    let mut cfg = unet_shape("tiny").unwrap();
+    cfg.cross_attention_dim = PerBlock::One(64);
+    cfg.projection_class_embeddings_input_dim = Some(16 + 6 * 8);
+    cfg
+}
+
+fn judge_dir(layout: UNetFileLayout) -> PathBuf {
+    let cfg = judge_config();
+    let name = match layout {
+        UNetFileLayout::Diffusers => "vision-judge",
+        UNetFileLayout::SingleFile => "vision-judge.safetensors",
+    };
+    let path = scratch(&format!("{name}-{}", std::process::id()));
+    if layout == UNetFileLayout::SingleFile {
+        let _ = std::fs::remove_dir_all(&path);
+    }
+    write_unet(&cfg, &path, layout, DType::F32, 7).unwrap();
+    path
+}
+
+fn judge() -> Judge {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| judge_dir(UNetFileLayout::Diffusers));
+    Judge::load(dir, None, None, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn captions(n: usize) -> CaptionSet {
+    let colors = ["red", "blue", "green", "yellow", "black", "white"];
+    let objects = ["cat", "dog", "car", "house", "tree", "bird", "cup"];
+    let relations = ["left of", "right of", "under", "above"];
+    let mut out = Vec::new();
+    'all: for c in colors {
+        for o in objects {
+            for r in relations {
+                out.push(format!(
+                    "a {c} {o} {r} a {} {}",
+                    colors[(out.len() + 1) % 6],
+                    objects[out.len() % 7]
+                ));
+                if out.len() == n {
+                    break 'all;
+                }
+            }
+        }
+    }
+    CaptionSet::from_captions(out, "generated").unwrap()
+}
+
+fn cache(name: &str, n: usize) -> TargetCache {
+    let teacher = Teacher::load(&teacher_dir(), &Device::Cpu).unwrap();
+    let dir = scratch(name);
+    build_cache(
+        &teacher,
+        &captions(n),
+        &dir,
+        &CacheOptions {
+            shard_size: 64,
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap()
+}
+
+fn student() -> Encoder {
+    let opts = EncoderOptions {
+        lora_mode: LoraMode::Unmerged,
+        ..Default::default()
+    };
+    Encoder::load(&tiny().join("model"), None, opts).unwrap()
+}
+
+fn config(steps: u64) -> serde_json::Value {
+    serde_json::json!({
+        "objective": "vision", "steps": steps, "batch_size": 4, "held_out": 0.25,
+        "eval_every": 0, "save_every": 0, "eval_batch_size": 16, "lr_lora": 3e-3,
+        "lr_resampler": 5e-3, "lora_r": 4, "lora_alpha": 4.0, "resampler_width": 64,
+        "resampler_heads": 4, "resampler_ff_mult": 2, "resampler_layers": 2,
+        "schedule": "constant",
+        "vision": {"resolution": 32, "denoise_steps": 4},
+    })
+}
+
+/// The empty prompt's teacher targets, as the CLI computes them.
+fn empty_prompt() -> (Tensor, Tensor) {
+    let t = Teacher::load(&teacher_dir(), &Device::Cpu).unwrap();
+    let out = t.encode(&[""]).unwrap();
+    (out.prompt_embeds, out.pooled)
+}
+
+fn train(
+    cache: &TargetCache,
+    settings: serde_json::Value,
+    out: &Path,
+    resume: bool,
+    stop_at: Option<u64>,
+) -> qwenclip::Result<RunSummary> {
+    let d = cache.dims();
+    let mut run = Run::open(
+        student(),
+        cache.captions().to_vec(),
+        RunSpec {
+            out: out.to_path_buf(),
+            settings,
+            dims: TargetDims {
+                seq: d.seq,
+                embed: d.embed,
+                pooled: d.pooled,
+            },
+            resume: if resume {
+                Resume::From(out.to_path_buf())
+            } else {
+                Resume::Never
+            },
+            judge: Some(judge()),
+        },
+    )?;
+    let stop = AtomicBool::new(false);
+    let empty = empty_prompt();
+    run::drive(
+        &mut run,
+        &mut |req| match req.need {
+            Need::Empty => Ok(empty.clone()),
+            _ => cache.get_batch(&req.indices, &Device::Cpu),
+        },
+        &stop,
+        &mut |ev| {
+            if let Event::Step { report, .. } = ev {
+                if Some(report.step) == stop_at {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        },
+    )
+}
+
+#[test]
+fn the_student_learns_from_the_judge_and_the_held_out_vision_loss_falls() {
+    let cache = cache("vision-learn", 48);
+    let out = scratch("vision-learn-run");
+    let _ = std::fs::remove_dir_all(&out);
+    let s = train(&cache, config(200), &out, false, None).unwrap();
+    let first = s.first_eval.vision_loss.unwrap();
+    let last = s.final_eval.vision_loss.unwrap();
+    eprintln!("held-out vision loss {first} -> {last}; {:?}", s.final_eval);
+    assert!(
+        last <= 0.5 * first,
+        "vision loss fell less than 50%: {first} -> {last}"
+    );
+    let metrics = std::fs::read_to_string(out.join(run::METRICS_FILE)).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss_vision").is_some())
+        .collect();
+    assert_eq!(
+        steps.len(),
+        200,
+        "one line per optimizer step, with the vision loss"
+    );
+    let pair = (
+        s.final_eval.pairwise_cos_student.unwrap(),
+        s.final_eval.pairwise_cos_teacher.unwrap(),
+    );
+    assert!(
+        pair.0.is_finite() && pair.1 > 0.0 && pair.1 < 1.0,
+        "{pair:?}"
+    );
+}
+
+#[test]
+fn a_vision_run_stopped_mid_trajectory_resumes_exactly() {
+    let cache = cache("vision-resume", 24);
+    let straight = scratch("vision-resume-straight");
+    let split = scratch("vision-resume-split");
+    for d in [&straight, &split] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    // 4 denoising steps per trajectory: a stop after step 6 is in the middle of the second.
+    let cfg = {
+        let mut c = config(10);
+        c["grad_accum"] = 1.into();
+        c
+    };
+    train(&cache, cfg.clone(), &straight, false, None).unwrap();
+    let first = train(&cache, cfg.clone(), &split, false, Some(6)).unwrap();
+    assert!(first.interrupted && first.steps == 6, "{first:?}");
+    let ckpt = qwenclip::training::trainer::read_state(&split.join(run::CHECKPOINT_FILE)).unwrap();
+    assert_eq!(
+        ckpt.extra["trajectory"]["step"], 2,
+        "the checkpoint holds the trajectory in progress"
+    );
+    let s = train(&cache, cfg, &split, true, None).unwrap();
+    assert_eq!(s.steps, 10);
+    for f in ["adapter_model.safetensors", "resampler.safetensors"] {
+        let a = load(&straight.join("adapter").join(f));
+        let b = load(&split.join("adapter").join(f));
+        for (name, t) in &a {
+            assert_eq!(
+                max_diff(t, &b[name]),
+                0.0,
+                "{f}:{name} differs after the resume"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_judge_checks_what_it_is_given() {
+    // Conditioning widths that are not the targets'.
+    let cache = cache("vision-bad", 8);
+    let mut narrow = unet_shape("tiny").unwrap();
+    narrow.projection_class_embeddings_input_dim = Some(20 + 6 * 8);
+    let dir = scratch("vision-judge-narrow");
+    write_unet(&narrow, &dir, UNetFileLayout::Diffusers, DType::F32, 1).unwrap();
+    let d = cache.dims();
+    let spec = |judge| RunSpec {
+        out: scratch("vision-bad-run"),
+        settings: config(1),
+        dims: TargetDims {
+            seq: d.seq,
+            embed: d.embed,
+            pooled: d.pooled,
+        },
+        resume: Resume::Never,
+        judge,
+    };
+    let narrow = Judge::load(&dir, None, None, DType::F32, &Device::Cpu).unwrap();
+    let err = Run::open(student(), cache.captions().to_vec(), spec(Some(narrow)))
+        .err()
+        .expect("a judge of other widths is refused")
+        .to_string();
+    assert!(err.contains("24 wide") && err.contains("64"), "{err}");
+    // No judge for the vision objective.
+    let err = Run::open(student(), cache.captions().to_vec(), spec(None))
+        .err()
+        .expect("the vision objective needs a judge")
+        .to_string();
+    assert!(err.contains("--unet"), "{err}");
+    // A single file that says it is v-prediction is not judged as epsilon.
+    let file = judge_dir(UNetFileLayout::SingleFile);
+    let mut tensors = load(&file);
+    tensors.insert(
+        "v_pred".into(),
+        Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let cfg = judge_config();
+    let err = Judge::load(
+        &file,
+        Some(&cfg),
+        Some(PredictionType::Epsilon),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        err.contains("v_pred") && err.contains("v-prediction"),
+        "{err}"
+    );
+    let j = Judge::load(&file, Some(&cfg), None, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(j.scheduler.prediction_type.as_deref(), Some("v_prediction"));
+}

@@ -422,7 +422,11 @@ fn distillation_pipeline_from_the_command_line() {
         ],
         &[],
     );
-    assert!(ok && out.contains("| MSE prompt_embeds |"), "{out}{err}");
+    assert!(
+        ok && out.contains("| MSE prompt_embeds |")
+            && out.contains("| pairwise cosine between prompts, student / teacher |"),
+        "{out}{err}"
+    );
     let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(json["count"], 6);
     assert!(
@@ -451,6 +455,78 @@ fn distillation_pipeline_from_the_command_line() {
         load(&d.join("c.safetensors"))["prompt_embeds"].dims(),
         &[1, 77, 64]
     );
+
+    // The vision objective: a judge UNet of the teacher's widths (64, pooled 16).
+    let mut cfg = qwenclip::dev::tiny::unet::unet_shape("tiny").unwrap();
+    cfg.cross_attention_dim = qwenclip::unet::PerBlock::One(64);
+    cfg.projection_class_embeddings_input_dim = Some(16 + 6 * 8);
+    let unet = d.join("unet");
+    qwenclip::dev::tiny::unet::write_unet(
+        &cfg,
+        &unet,
+        qwenclip::dev::tiny::unet::UNetFileLayout::Diffusers,
+        candle_core::DType::F32,
+        3,
+    )
+    .unwrap();
+    let vision_run = d.join("run-vision");
+    let teacher = d.join("teacher");
+    let mut args = vec![
+        "train",
+        "--model",
+        s(&model),
+        "--cache",
+        s(&cache),
+        "--out",
+        s(&vision_run),
+        "--steps",
+        "3",
+        "--objective",
+        "vision",
+        "--unet",
+        s(&unet),
+        "--teacher",
+        s(&teacher),
+        "--resolution",
+        "32",
+        "--denoise-steps",
+        "2",
+        "--guidance-range",
+        "3,4",
+    ];
+    args.extend(small);
+    let (ok, out, err) = qwenclip(&args, &[]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("judge UNet"), "{err}");
+    let metrics = std::fs::read_to_string(vision_run.join("metrics.jsonl")).unwrap();
+    let steps = metrics
+        .lines()
+        .filter(|l| l.contains("\"loss_vision\""))
+        .count();
+    assert_eq!(steps, 3, "{metrics}");
+    assert!(
+        metrics.contains("\"vision_loss\""),
+        "held-out vision loss: {metrics}"
+    );
+    let ckpt = qwenclip::training::trainer::read_state(&vision_run.join("checkpoint.safetensors"))
+        .unwrap();
+    assert_eq!(ckpt.config.vision.denoise_steps, 2);
+    assert_eq!(ckpt.config.vision.guidance_grid(), vec![3.0, 3.5, 4.0]);
+    // Without a judge the vision objective says what is missing.
+    let none = d.join("run-vision-none");
+    let args = [
+        "train",
+        "--model",
+        s(&model),
+        "--cache",
+        s(&cache),
+        "--out",
+        s(&none),
+        "--objective",
+        "vision",
+    ];
+    let (ok, _, err) = qwenclip(&args, &[]);
+    assert!(!ok && err.contains("--unet"), "{err}");
 }
 
 #[test]

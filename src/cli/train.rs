@@ -11,7 +11,7 @@ use qwenclip::data::TargetCache;
 use qwenclip::sampling::PredictionType;
 use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec};
 use qwenclip::training::trainer::describe_parts;
-use qwenclip::training::vision::{Judge, Objective, SamplerKind};
+use qwenclip::training::vision::{collapse, Judge, Objective, SamplerKind};
 use qwenclip::training::{EvalMetrics, Schedule, TargetDims, TrainConfig, Trainer};
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
@@ -108,7 +108,7 @@ pub struct TrainArgs {
     #[arg(long)]
     denoise_steps: Option<usize>,
     /// Guidance drawn per trajectory from MIN,MAX in steps of 0.5.
-    #[arg(long, value_delimiter = ',', num_args = 2)]
+    #[arg(long, value_delimiter = ',')]
     guidance_range: Option<Vec<f64>>,
     /// euler or ddim
     #[arg(long)]
@@ -232,6 +232,9 @@ pub struct EvalArgs {
 }
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
+    if a.guidance_range.as_ref().is_some_and(|g| g.len() != 2) {
+        bail!("--guidance-range takes two numbers, MIN,MAX (e.g. 2,5)");
+    }
     let cache = TargetCache::open(&a.cache)?;
     let opts = EncoderOptions {
         device: a.device.device()?,
@@ -435,13 +438,21 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let trainer = Trainer::new(encoder, TrainConfig::default(), dims)?;
     let device = trainer.encoder().llm().device().clone();
     let mut m = EvalMetrics::default();
+    let (mut student, mut teacher) = (Vec::new(), Vec::new());
     for chunk in indices.chunks(a.batch_size.max(1)) {
         let prompts: Vec<&str> = chunk
             .iter()
             .map(|&i| cache.captions()[i].as_str())
             .collect();
         let (te, tp) = cache.get_batch(chunk, &device)?;
-        m = m.merge(&trainer.evaluate(&prompts, &te, &tp)?);
+        let (part, se, sp) = trainer.evaluate_outputs(&prompts, &te, &tp)?;
+        m = m.merge(&part);
+        student.extend(collapse::summaries(&se, &sp)?);
+        teacher.extend(collapse::summaries(&te, &tp)?);
+    }
+    if student.len() >= 2 {
+        m.pairwise_cos_student = Some(collapse::pairwise_cosine(&student));
+        m.pairwise_cos_teacher = Some(collapse::pairwise_cosine(&teacher));
     }
     println!("| metric | value |\n|---|---|");
     println!("| captions | {} |", m.count);
@@ -449,6 +460,14 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     println!("| MSE pooled | {:.6} |", m.mse_pooled);
     println!("| cosine per token | {:.5} |", m.cos_tokens);
     println!("| cosine pooled | {:.5} |", m.cos_pooled);
+    if let (Some(st), Some(te)) = (m.pairwise_cos_student, m.pairwise_cos_teacher) {
+        // Above 1: the student puts different prompts closer together than the teacher
+        // (collapse).
+        println!(
+            "| pairwise cosine between prompts, student / teacher | {st:.5} / {te:.5} = {:.4} |",
+            st / te
+        );
+    }
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
 }

@@ -282,7 +282,7 @@ impl Run {
     }
 
     /// Checks the judge against the objective and the targets, and asks for the empty
-    /// prompt's targets first when the objective follows trajectories.
+    /// prompt's targets first when there is one.
     fn attach_judge(&mut self, judge: Option<Judge>) -> Result<()> {
         let objective = self.config().objective;
         match &judge {
@@ -304,7 +304,8 @@ impl Run {
             None => {}
         }
         self.judge = judge;
-        if objective.needs_judge() && !matches!(self.phase, Phase::Done) {
+        // With a judge every run asks for the empty prompt (evaluation uses it too).
+        if self.judge.is_some() && !matches!(self.phase, Phase::Done) {
             let then = std::mem::replace(&mut self.phase, Phase::Done);
             self.phase = Phase::Uncond {
                 then: Box::new(then),

@@ -456,19 +456,8 @@ fn distillation_pipeline_from_the_command_line() {
         &[1, 77, 64]
     );
 
-    // The vision objective: a judge UNet of the teacher's widths (64, pooled 16).
-    let mut cfg = qwenclip::dev::tiny::unet::unet_shape("tiny").unwrap();
-    cfg.cross_attention_dim = qwenclip::unet::PerBlock::One(64);
-    cfg.projection_class_embeddings_input_dim = Some(16 + 6 * 8);
+    // The vision objective, judged by the tiny UNet of the teacher's widths.
     let unet = d.join("unet");
-    qwenclip::dev::tiny::unet::write_unet(
-        &cfg,
-        &unet,
-        qwenclip::dev::tiny::unet::UNetFileLayout::Diffusers,
-        candle_core::DType::F32,
-        3,
-    )
-    .unwrap();
     let vision_run = d.join("run-vision");
     let teacher = d.join("teacher");
     let mut args = vec![

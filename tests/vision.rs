@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use qwenclip::data::{build_cache, CacheOptions, CaptionSet, TargetCache};
-use qwenclip::dev::tiny::unet::{unet_shape, write_unet, UNetFileLayout};
+use qwenclip::dev::tiny::unet::{tiny_judge_shape, unet_shape, write_unet, UNetFileLayout};
 use qwenclip::sampling::PredictionType;
 use qwenclip::teacher::Teacher;
 use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec, RunSummary};
 use qwenclip::training::vision::Judge;
 use qwenclip::training::TargetDims;
-use qwenclip::unet::{PerBlock, UNetConfig};
+use qwenclip::unet::UNetConfig;
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
 fn teacher_dir() -> PathBuf {
@@ -32,10 +32,7 @@ fn teacher_dir() -> PathBuf {
 
 /// The tiny UNet made to take the tiny teacher's conditioning: 64 wide, pooled 16.
 fn judge_config() -> UNetConfig {
-    let mut cfg = unet_shape("tiny").unwrap();
-    cfg.cross_attention_dim = PerBlock::One(64);
-    cfg.projection_class_embeddings_input_dim = Some(16 + 6 * 8);
-    cfg
+    tiny_judge_shape()
 }
 
 fn judge_dir(layout: UNetFileLayout) -> PathBuf {

@@ -53,11 +53,19 @@ pub fn run_tiny(a: TinyArgs) -> Result<()> {
     let tokenizer = tokenizer_json(a.tokenizer.as_deref())?;
     tiny::write_tiny(&a.out, &tokenizer, a.seed)?;
     tiny::write_tiny_teacher(&a.out.join("teacher"), a.seed)?;
+    tiny::unet::write_unet(
+        &tiny::unet::tiny_judge_shape(),
+        &a.out.join("unet"),
+        tiny::unet::UNetFileLayout::Diffusers,
+        candle_core::DType::F32,
+        a.seed,
+    )?;
     println!(
-        "tiny model: {}\ntiny adapter: {}\ntiny SDXL teacher: {}",
+        "tiny model: {}\ntiny adapter: {}\ntiny SDXL teacher: {}\ntiny SDXL UNet (the teacher's widths): {}",
         a.out.join("model").display(),
         a.out.join("adapter").display(),
-        a.out.join("teacher").display()
+        a.out.join("teacher").display(),
+        a.out.join("unet").display()
     );
     Ok(())
 }

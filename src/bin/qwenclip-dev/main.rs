@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write the seeded tiny Qwen3 (`OUT/model`), adapter (`OUT/adapter`) and SDXL teacher (`OUT/teacher`) for smoke runs and tests.
+    /// Write the seeded tiny Qwen3 (`OUT/model`), adapter (`OUT/adapter`), SDXL teacher (`OUT/teacher`) and a UNet of the teacher's widths (`OUT/unet`) for smoke runs and tests.
     Tiny(generate::TinyArgs),
     /// Write a Qwen3 of a real size with random weights (for benchmarks).
     RandomModel(generate::RandomModelArgs),

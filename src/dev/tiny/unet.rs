@@ -38,6 +38,15 @@ pub fn unet_shape(name: &str) -> Result<UNetConfig> {
     }
 }
 
+/// The tiny UNet at the widths of the tiny SDXL teacher (`write_tiny_teacher`: conditioning
+/// 64 wide, pooled 16): a judge for vision distillation on the tiny models.
+pub fn tiny_judge_shape() -> UNetConfig {
+    let mut c = unet_shape("tiny").expect("a named shape");
+    c.cross_attention_dim = PerBlock::One(64);
+    c.projection_class_embeddings_input_dim = Some(16 + 6 * 8);
+    c
+}
+
 /// How a random weight is drawn: norms' weights around 1, biases small, matrices and
 /// kernels at PyTorch's default scale (`1/sqrt(fan_in)`).
 fn draw(spec: &TensorSpec, rng: &mut Rng) -> Vec<f32> {

@@ -1,7 +1,7 @@
 //! The frozen SDXL UNet (`src/unet/`) against diffusers' `UNet2DConditionModel`
 //! (`tests/fixtures/unet/`, made by `tests/reference/make_unet_fixtures.py`), its gradients
 //! against torch autograd and central finite differences, its kernels (`ops::frozen_conv2d`,
-//! `ops::full_attention`, `ops::group_norm`) against candle's composed ops, and its errors.
+//! `ops::full_attention`, `ops::group_norm`, `ops::geglu`) against candle's composed ops, and its errors.
 //!
 //! Without a system BLAS the kernel tests only exercise the fallbacks, unless
 //! `QWENCLIP_REQUIRE_BLAS` is set: then a missing BLAS fails them.
@@ -842,4 +842,185 @@ fn conditioning_that_does_not_fit_is_refused() {
             "expected [2, S, 24]",
         ],
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements (not run by default): `cargo test --release --test unet -- --ignored --nocapture`
+// ---------------------------------------------------------------------------------------------
+
+/// `(current, peak)` resident set size of this process in MiB; `reset` first restarts the
+/// peak from the current size (Linux `clear_refs` 5).
+fn rss_mib(reset: bool) -> (f64, f64) {
+    if reset {
+        std::fs::write("/proc/self/clear_refs", "5").expect("Linux /proc/self/clear_refs");
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap()
+            / 1024.0
+    };
+    (kb("VmRSS:"), kb("VmHWM:"))
+}
+
+fn secs(t: std::time::Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// SDXL's shape with random weights (f32, 10.3 GB) at 256 px: latents `[1, 4, 32, 32]`, 77
+/// conditioning tokens, gradients for the conditioning and the pooled vector. Prints the
+/// time of a fast forward and of forward + backward with and without recomputation, and
+/// the peak resident memory each adds to the loaded model.
+#[test]
+#[ignore = "needs ~12 GB of memory and minutes of CPU"]
+fn sdxl_shaped_forward_backward_memory_and_time() {
+    let t0 = std::time::Instant::now();
+    let mut unet = random_unet(&UNetConfig::sdxl(), 1, DType::F32, &Device::Cpu).unwrap();
+    let (base, _) = rss_mib(true);
+    eprintln!(
+        "SDXL-shaped UNet: random f32 weights in {:.1} s, RSS {base:.0} MiB",
+        secs(t0)
+    );
+    let sample = randn(&[1, 4, 32, 32], 1);
+    let timesteps = Tensor::new(&[500f32], &Device::Cpu).unwrap();
+    let context = randn(&[1, 77, 2048], 2);
+    let pooled = randn(&[1, 1280], 3);
+    let time_ids = Tensor::new(&[[256f32, 256., 0., 0., 256., 256.]], &Device::Cpu).unwrap();
+    let cond = UNetConditioning {
+        encoder_hidden_states: &context,
+        text_embeds: &pooled,
+        time_ids: &time_ids,
+    };
+    let t = std::time::Instant::now();
+    let out = unet.forward(&sample, &timesteps, &cond, F).unwrap();
+    let (_, peak) = rss_mib(false);
+    eprintln!(
+        "fast forward: {:.2} s, peak +{:.0} MiB, |out| max {:.3}",
+        secs(t),
+        peak - base,
+        max_abs(&out)
+    );
+    for checkpointing in [true, false] {
+        unet.set_checkpointing(checkpointing);
+        let (ctx, pool) = (
+            Var::from_tensor(&context).unwrap(),
+            Var::from_tensor(&pooled).unwrap(),
+        );
+        let cond = UNetConditioning {
+            encoder_hidden_states: ctx.as_tensor(),
+            text_embeds: pool.as_tensor(),
+            time_ids: &time_ids,
+        };
+        let (before, _) = rss_mib(true);
+        let t = std::time::Instant::now();
+        let out = unet.forward(&sample, &timesteps, &cond, D).unwrap();
+        let loss = out.sqr().unwrap().mean_all().unwrap();
+        let fwd = secs(t);
+        let (after_fwd, _) = rss_mib(false);
+        let t = std::time::Instant::now();
+        let grads = loss.backward().unwrap();
+        let bwd = secs(t);
+        let (_, peak) = rss_mib(false);
+        let g = grads.get(ctx.as_tensor()).unwrap();
+        eprintln!(
+            "recomputation {checkpointing}: forward {fwd:.2} s (graph kept: +{:.0} MiB), backward {bwd:.2} s, peak +{:.0} MiB over the model, |d/dcontext| max {:.3e}",
+            after_fwd - before,
+            peak - before,
+            max_abs(g)
+        );
+        drop((grads, loss, out));
+    }
+}
+
+/// The fused kernels against candle's generic ones on SDXL's shapes at 256 px.
+#[test]
+#[ignore = "a benchmark"]
+fn kernels_against_candle_on_sdxl_shapes() {
+    if !blas_loaded("kernel benchmark") {
+        return;
+    }
+    let time = |f: &dyn Fn() -> Tensor| {
+        f();
+        let t = std::time::Instant::now();
+        for _ in 0..3 {
+            f();
+        }
+        secs(t) / 3.0
+    };
+    let params = Conv2dParams {
+        stride: 1,
+        padding: 1,
+    };
+    for (c, hw) in [(320, 32), (640, 16), (1280, 8)] {
+        let x = randn(&[1, c, hw, hw], 1);
+        let w = (randn(&[c, c, 3, 3], 2) * 0.01).unwrap();
+        let ours = time(&|| ops::frozen_conv2d(&x, &w, None, params).unwrap());
+        let candle = time(&|| x.conv2d(&w, 1, 1, 1, 1).unwrap());
+        let (xv, gy) = (Var::from_tensor(&x).unwrap(), randn(&[1, c, hw, hw], 3));
+        let ours_bwd = time(&|| {
+            let y = ops::frozen_conv2d(xv.as_tensor(), &w, None, params).unwrap();
+            let g = (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(xv.as_tensor()).unwrap().clone()
+        });
+        let candle_bwd = time(&|| {
+            let y = xv.as_tensor().conv2d(&w, 1, 1, 1, 1).unwrap();
+            let g = (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(xv.as_tensor()).unwrap().clone()
+        });
+        eprintln!(
+            "conv 3x3 {c}->{c} at {hw}x{hw}: forward {:.1} ms (candle {:.1}), forward+backward {:.1} ms (candle {:.1})",
+            ours * 1e3,
+            candle * 1e3,
+            ours_bwd * 1e3,
+            candle_bwd * 1e3
+        );
+    }
+    for (c, heads, tq, tk) in [(640, 10, 256, 256), (640, 10, 256, 77), (1280, 20, 64, 64)] {
+        let q = randn(&[1, tq, c], 1);
+        let k = randn(&[1, tk, c], 2);
+        let v = randn(&[1, tk, c], 3);
+        let ours = time(&|| ops::full_attention(&q, &k, &v, heads, D).unwrap());
+        let composed = time(&|| {
+            let hd = c / heads;
+            let split = |t: &Tensor, n| {
+                t.reshape((1, n, heads, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let s = (split(&q, tq).matmul(&split(&k, tk).t().unwrap()).unwrap()
+                / (hd as f64).sqrt())
+            .unwrap();
+            candle_nn::ops::softmax(&s, candle_core::D::Minus1)
+                .unwrap()
+                .matmul(&split(&v, tk))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((1, tq, c))
+                .unwrap()
+        });
+        eprintln!(
+            "attention {tq}x{tk}, {heads} heads: {:.2} ms (composed candle {:.2})",
+            ours * 1e3,
+            composed * 1e3
+        );
+    }
+}
+
+#[test]
+fn fused_geglu_matches_the_composed_one() {
+    let p = randn(&[2, 7, 2 * 40], 3).affine(2.0, 0.0).unwrap();
+    let composed = |p: &Tensor| {
+        let h = p.narrow(candle_core::D::Minus1, 0, 40).unwrap();
+        let g = p.narrow(candle_core::D::Minus1, 40, 40).unwrap();
+        (h * g.gelu_erf().unwrap()).unwrap()
+    };
+    against_reference("geglu", &p, &|p| ops::geglu(p).unwrap(), &composed, 1e-5);
 }

@@ -203,13 +203,40 @@ impl Geometry {
         self.k == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// The input pixel (row, column) that output column `col` sees at kernel offset `(i, j)`.
+    /// The output columns `ox0..ox1` of output row `oy` whose input pixel at kernel offset
+    /// `(i, j)` lies inside the image: `(input row, first valid ox, end of valid ox)`, or
+    /// `None` when the row itself is padding.
     #[inline(always)]
-    fn source(&self, col: usize, i: usize, j: usize) -> Option<usize> {
-        let (oy, ox) = (col / self.wo, col % self.wo);
+    fn valid(
+        &self,
+        oy: usize,
+        (i, j): (usize, usize),
+        (ox0, ox1): (usize, usize),
+    ) -> Option<(usize, usize, usize)> {
         let y = (oy * self.stride + i).checked_sub(self.padding)?;
-        let x = (ox * self.stride + j).checked_sub(self.padding)?;
-        (y < self.h && x < self.w).then_some(y * self.w + x)
+        if y >= self.h {
+            return None;
+        }
+        // x = ox s + j - p in [0, w): ox >= ceil((p - j) / s), ox <= (w - 1 + p - j) / s.
+        let lo = self.padding.saturating_sub(j).div_ceil(self.stride);
+        let hi = (self.w - 1 + self.padding)
+            .checked_sub(j)
+            .map_or(0, |v| v / self.stride + 1);
+        let a = lo.max(ox0).min(ox1);
+        Some((y, a, hi.min(ox1).max(a)))
+    }
+
+    /// Calls `f(oy, ox0, ox1, offset)` for each output-row segment of columns `c0..c1`
+    /// (`offset`: the segment's first column, relative to `c0`).
+    #[inline(always)]
+    fn segments(&self, (c0, c1): (usize, usize), mut f: impl FnMut(usize, usize, usize, usize)) {
+        let mut col = c0;
+        while col < c1 {
+            let (oy, ox0) = (col / self.wo, col % self.wo);
+            let ox1 = self.wo.min(ox0 + (c1 - col));
+            f(oy, ox0, ox1, col - c0);
+            col += ox1 - ox0;
+        }
     }
 
     /// Columns `c0..c1` of the im2col matrix of one image `x` `[C_in, H, W]`, row-major
@@ -217,13 +244,32 @@ impl Geometry {
     fn im2col(&self, x: &[f32], (c0, c1): (usize, usize), out: &mut [f32]) {
         let n = c1 - c0;
         let hw = self.h * self.w;
+        let s = self.stride;
         out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
             let (c, ij) = (r / (self.k * self.k), r % (self.k * self.k));
             let (i, j) = (ij / self.k, ij % self.k);
             let plane = &x[c * hw..(c + 1) * hw];
-            for (v, col) in row.iter_mut().zip(c0..c1) {
-                *v = self.source(col, i, j).map_or(0.0, |s| plane[s]);
-            }
+            self.segments((c0, c1), |oy, ox0, ox1, off| {
+                let dst = &mut row[off..off + ox1 - ox0];
+                let Some((y, a, b)) = self.valid(oy, (i, j), (ox0, ox1)) else {
+                    dst.fill(0.0);
+                    return;
+                };
+                dst[..a - ox0].fill(0.0);
+                dst[b - ox0..].fill(0.0);
+                if a == b {
+                    return;
+                }
+                let src = &plane[y * self.w..(y + 1) * self.w];
+                let x0 = a * s + j - self.padding;
+                if s == 1 {
+                    dst[a - ox0..b - ox0].copy_from_slice(&src[x0..x0 + b - a]);
+                } else {
+                    for (d, x) in dst[a - ox0..b - ox0].iter_mut().zip((x0..).step_by(s)) {
+                        *d = src[x];
+                    }
+                }
+            });
         });
     }
 
@@ -233,17 +279,34 @@ impl Geometry {
     fn col2im(&self, dcols: &[f32], (c0, c1): (usize, usize), dx: &mut [f32]) {
         let n = c1 - c0;
         let kk = self.k * self.k;
+        let s = self.stride;
         dx.par_chunks_mut(self.h * self.w)
             .enumerate()
             .for_each(|(c, plane)| {
                 for ij in 0..kk {
                     let (i, j) = (ij / self.k, ij % self.k);
                     let row = &dcols[(c * kk + ij) * n..(c * kk + ij + 1) * n];
-                    for (&g, col) in row.iter().zip(c0..c1) {
-                        if let Some(s) = self.source(col, i, j) {
-                            plane[s] += g;
+                    self.segments((c0, c1), |oy, ox0, ox1, off| {
+                        let Some((y, a, b)) = self.valid(oy, (i, j), (ox0, ox1)) else {
+                            return;
+                        };
+                        if a == b {
+                            return;
                         }
-                    }
+                        let src = &row[off + a - ox0..off + b - ox0];
+                        let dst = &mut plane[y * self.w..(y + 1) * self.w];
+                        let x0 = a * s + j - self.padding;
+                        if s == 1 {
+                            dst[x0..x0 + b - a]
+                                .iter_mut()
+                                .zip(src)
+                                .for_each(|(d, &g)| *d += g);
+                        } else {
+                            for (&g, x) in src.iter().zip((x0..).step_by(s)) {
+                                dst[x] += g;
+                            }
+                        }
+                    });
                 }
             });
     }

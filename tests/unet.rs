@@ -349,7 +349,7 @@ fn assert_rel_close(what: &str, got: &Tensor, want: &Tensor, rel: f64) {
     eprintln!("{what}: max |diff| = {diff:e} (max |want| {scale:e})");
 }
 
-/// float64 against torch's float64 autograd: the residual (~3e-7 relative) is torch's float32
+/// float64 against torch's float64 autograd: the residual (<= 2e-7 relative) is torch's float32
 /// `sin`/`cos` of the size ids' large arguments (diffusers computes the sinusoidal embeddings
 /// in float32 for every model dtype, and torch's are up to 9e-7 off for arguments ~1344,
 /// glibc's 4e-8).
@@ -435,7 +435,7 @@ fn check_fd(
             .unwrap();
         let err = (g[i] - fd).abs() / fd.abs().max(g[i].abs()).max(1e-6);
         assert!(
-            err < 1e-5,
+            err < 1e-6,
             "{what}[{i}]: autograd {} vs finite difference {fd} (rel err {err:e})",
             g[i]
         );
@@ -1020,7 +1020,38 @@ fn fused_geglu_matches_the_composed_one() {
     let composed = |p: &Tensor| {
         let h = p.narrow(candle_core::D::Minus1, 0, 40).unwrap();
         let g = p.narrow(candle_core::D::Minus1, 40, 40).unwrap();
-        (h * g.gelu_erf().unwrap()).unwrap()
+        // GELU from erf: candle's gelu_erf backward rounds 1/sqrt(2 pi).
+        let erf = (&g * std::f64::consts::FRAC_1_SQRT_2)
+            .unwrap()
+            .erf()
+            .unwrap();
+        let gelu = ((erf + 1.0).unwrap() * &g).unwrap() * 0.5;
+        (h * gelu.unwrap()).unwrap()
     };
     against_reference("geglu", &p, &|p| ops::geglu(p).unwrap(), &composed, 1e-5);
+}
+
+#[test]
+fn the_fast_path_records_no_graph() {
+    let unet = UNet::load(&unet_dir(), DType::F32, &Device::Cpu).unwrap();
+    let e = expected();
+    let c = case(&e, 1, DType::F32);
+    let v = tracked(&c);
+    let out = unet
+        .forward(
+            v.sample.as_tensor(),
+            &c.timesteps,
+            &UNetConditioning {
+                encoder_hidden_states: v.context.as_tensor(),
+                text_embeds: v.pooled.as_tensor(),
+                time_ids: &c.time_ids,
+            },
+            F,
+        )
+        .unwrap();
+    assert!(
+        !out.track_op(),
+        "fast path: no partial graph through kernels without backward"
+    );
+    assert_close("fast path with tracked inputs", &out, &c.out, 1e-4);
 }

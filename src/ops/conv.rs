@@ -23,6 +23,8 @@ const COLUMN_CHUNK: usize = 4096;
 const MIN_COLUMNS: usize = 64;
 /// Fewest rows of one BLAS call when a product is split by rows.
 const MIN_ROWS: usize = 32;
+/// Most blocks a product is split into.
+const BLOCKS: usize = 8;
 
 /// Square kernel, stride and zero padding of a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,9 +314,11 @@ impl Geometry {
     }
 }
 
-/// `c = op(a) @ op(b)` (`[m, n]`, leading dimension `ldc`) split over the rayon pool by
-/// column blocks, or by row blocks when there are too few columns. Operands as in
-/// [`Blas::gemm`].
+/// `c = op(a) @ op(b)` (`[m, n]`, leading dimension `ldc`) split over the rayon pool into
+/// up to [`BLOCKS`] column or row blocks. Each block's call packs its part of one operand
+/// and the whole of the other, so the split is along the larger of `m` and `n` (the smaller
+/// operand is the one packed again). Blocks depend on the shape alone, so results do not
+/// depend on the number of cores. Operands as in [`Blas::gemm`].
 ///
 /// # Safety
 /// As [`Blas::gemm`] (with beta = 0): the pointers cover the described matrices and `c` is
@@ -326,7 +330,6 @@ unsafe fn par_gemm(
     (b, ldb, tb): (*const f32, usize, bool),
     (c, ldc): (*mut f32, usize),
 ) {
-    let tasks = 2 * rayon::current_num_threads();
     let (a, b, c) = (a as usize, b as usize, c as usize);
     let run = |(r0, r1): (usize, usize), (j0, j1): (usize, usize)| {
         let a_off = if ta { r0 } else { r0 * lda };
@@ -344,7 +347,7 @@ unsafe fn par_gemm(
     };
     let blocks = |len: usize, min: usize| -> Vec<(usize, usize)> {
         let per = len
-            .div_ceil(tasks)
+            .div_ceil(BLOCKS)
             .max(min)
             .next_multiple_of(16)
             .min(len.max(1));
@@ -353,7 +356,12 @@ unsafe fn par_gemm(
             .map(|s| (s, (s + per).min(len)))
             .collect()
     };
-    if n >= tasks * MIN_COLUMNS || m < tasks * MIN_ROWS {
+    let by_columns = if m <= n {
+        n >= 2 * MIN_COLUMNS
+    } else {
+        m < 2 * MIN_ROWS
+    };
+    if by_columns {
         blocks(n, MIN_COLUMNS)
             .into_par_iter()
             .for_each(|cols| run((0, m), cols));

@@ -164,6 +164,7 @@ impl UNet {
     /// Gradients: pass the conditioning (and, if wanted, `sample`) as tracked tensors (`Var`s
     /// or outputs of a tracked computation) with [`ForwardMode::Differentiable`]; `backward()`
     /// of a loss over the result then holds their gradients, and none for the weights.
+    /// [`ForwardMode::Fast`] records no graph at all (the teacher's pass).
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -172,6 +173,31 @@ impl UNet {
         path: ForwardMode,
     ) -> Result<Tensor> {
         let batch = self.check_inputs(sample, timesteps, cond)?;
+        if path == ForwardMode::Fast {
+            // Some fast kernels record no gradient: a partial graph would give wrong
+            // gradients silently, so the fast path records none.
+            let (ctx, pooled) = (
+                cond.encoder_hidden_states.detach(),
+                cond.text_embeds.detach(),
+            );
+            let cond = UNetConditioning {
+                encoder_hidden_states: &ctx,
+                text_embeds: &pooled,
+                time_ids: cond.time_ids,
+            };
+            return self.forward_inner(&sample.detach(), timesteps, &cond, path, batch);
+        }
+        self.forward_inner(sample, timesteps, cond, path, batch)
+    }
+
+    fn forward_inner(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        cond: &UNetConditioning,
+        path: ForwardMode,
+        batch: usize,
+    ) -> Result<Tensor> {
         let ckpt = self.checkpointing && path == ForwardMode::Differentiable;
         let dt = self.dtype;
         let c0 = self.cfg.block_out_channels[0];

@@ -1055,3 +1055,79 @@ fn the_fast_path_records_no_graph() {
     );
     assert_close("fast path with tracked inputs", &out, &c.out, 1e-4);
 }
+
+#[test]
+fn frozen_conv2d_input_gradient_matches_finite_differences() {
+    blas_loaded("frozen_conv2d finite differences");
+    // A convolution is linear in its input: central differences of the f64 forward are exact
+    // up to rounding, for the BLAS f32 kernel's gradient and the f64 fallback's alike.
+    for (k, s, p) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+        let x = randn(&[2, 3, 7, 6], 1);
+        let kernel = randn(&[4, 3, k, k], 2);
+        let bias = randn(&[4], 3);
+        let params = Conv2dParams {
+            stride: s,
+            padding: p,
+        };
+        let probe = randn(
+            ops::frozen_conv2d(&x, &kernel, Some(&bias), params)
+                .unwrap()
+                .dims(),
+            4,
+        );
+        let grad_of = |dtype: DType| {
+            let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let (kw, bw, pr) = [&kernel, &bias, &probe]
+                .map(|t| t.to_dtype(dtype).unwrap())
+                .into();
+            let y = ops::frozen_conv2d(v.as_tensor(), &kw, Some(&bw), params).unwrap();
+            let g = (y * pr).unwrap().sum_all().unwrap().backward().unwrap();
+            g.get(v.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let (g32, g64) = (grad_of(DType::F32), grad_of(DType::F64));
+        let x64 = x
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let [kw, bw, pr] = [&kernel, &bias, &probe].map(|t| t.to_dtype(DType::F64).unwrap());
+        let loss = |v: &[f64]| {
+            let xt = Tensor::from_vec(v.to_vec(), x.dims(), &Device::Cpu).unwrap();
+            let y = ops::frozen_conv2d(&xt, &kw, Some(&bw), params).unwrap();
+            (y * &pr)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let mut rng = Rng::new(7);
+        for _ in 0..20 {
+            let i = rng.below(x64.len());
+            let (mut plus, mut minus) = (x64.clone(), x64.clone());
+            plus[i] += 1e-3;
+            minus[i] -= 1e-3;
+            let fd = (loss(&plus) - loss(&minus)) / 2e-3;
+            let scale = fd.abs().max(1.0);
+            assert!(
+                (g64[i] - fd).abs() < 1e-9 * scale,
+                "{k}x{k}/{s} f64 d/dx[{i}]: {} vs {fd}",
+                g64[i]
+            );
+            assert!(
+                (g32[i] - fd).abs() < 1e-5 * scale,
+                "{k}x{k}/{s} f32 d/dx[{i}]: {} vs {fd}",
+                g32[i]
+            );
+        }
+    }
+}

@@ -151,20 +151,17 @@ impl CustomOp1 for Handover {
         let (_, _, h, w) = x.dims4()?;
         let (_, _, k, _) = self.w.dims4()?;
         let (_, _, ho, wo) = grad.dims4()?;
-        // conv_transpose2d gives (n_out - 1) s - 2p + k (+ output_padding): the rows and
-        // columns the strided convolution never reached get the output padding.
+        // conv_transpose2d gives (n_out - 1) s - 2p + k + output_padding rows: the input
+        // rows a strided convolution's last window stops short of come from the output
+        // padding. candle takes one for both axes: use the larger, then crop the other axis
+        // (each position's value does not depend on how far the output extends).
         let reach = |n_out: usize| (n_out - 1) * self.p.stride + k - 2 * self.p.padding;
         let (pad_h, pad_w) = (h - reach(ho), w - reach(wo));
-        if pad_h != pad_w {
-            candle_core::bail!("frozen-conv2d backward: unequal output padding {pad_h} x {pad_w}");
-        }
-        let dx = grad.contiguous()?.conv_transpose2d(
-            &self.w,
-            self.p.padding,
-            pad_h,
-            self.p.stride,
-            1,
-        )?;
+        let dx = grad
+            .contiguous()?
+            .conv_transpose2d(&self.w, self.p.padding, pad_h.max(pad_w), self.p.stride, 1)?
+            .narrow(2, 0, h)?
+            .narrow(3, 0, w)?;
         Ok(Some(dx))
     }
 }

@@ -147,7 +147,10 @@ impl UNet {
     }
 
     /// Recomputation by block in the backward pass (on by default; it only acts when the
-    /// forward records a graph). Off keeps every activation until the graph is dropped.
+    /// forward records a graph): the graph keeps each resnet's, transformer block's,
+    /// upsampler's and the output head's inputs only, and the backward runs each block
+    /// again. Off keeps every activation until the graph is dropped (SDXL at 256 px: 1146 MiB
+    /// instead of 43 MiB; see the module documentation).
     pub fn set_checkpointing(&mut self, on: bool) {
         self.checkpointing = on;
     }

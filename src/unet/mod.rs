@@ -32,8 +32,9 @@
 //! | recomputation off | 1146 MiB | 1194 MiB |
 //! | fast forward (inference, no graph) | - | 45 MiB |
 //!
-//! The price is one more forward of each block during the backward: 28 s instead of 20 s
-//! for that forward + backward on that (shared, busy) machine. Reproduce with
+//! The price is one more forward of each block during the backward: about 30 CPU-seconds
+//! instead of 21 for that forward + backward (forward 8, backward 13, recomputation 9; CPU
+//! time, as wall time on that shared machine varied twofold). Reproduce with
 //! `cargo test --release --test unet sdxl_shaped -- --ignored --nocapture`.
 
 mod checkpoint;

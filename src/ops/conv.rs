@@ -23,6 +23,8 @@ const COLUMN_CHUNK: usize = 4096;
 const MIN_COLUMNS: usize = 64;
 /// Fewest rows of one BLAS call when a product is split by rows.
 const MIN_ROWS: usize = 32;
+/// Most blocks a product is split into.
+const BLOCKS: usize = 8;
 
 /// Square kernel, stride and zero padding of a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,20 +151,17 @@ impl CustomOp1 for Handover {
         let (_, _, h, w) = x.dims4()?;
         let (_, _, k, _) = self.w.dims4()?;
         let (_, _, ho, wo) = grad.dims4()?;
-        // conv_transpose2d gives (n_out - 1) s - 2p + k (+ output_padding): the rows and
-        // columns the strided convolution never reached get the output padding.
+        // conv_transpose2d gives (n_out - 1) s - 2p + k + output_padding rows: the input
+        // rows a strided convolution's last window stops short of come from the output
+        // padding. candle takes one for both axes: use the larger, then crop the other axis
+        // (each position's value does not depend on how far the output extends).
         let reach = |n_out: usize| (n_out - 1) * self.p.stride + k - 2 * self.p.padding;
         let (pad_h, pad_w) = (h - reach(ho), w - reach(wo));
-        if pad_h != pad_w {
-            candle_core::bail!("frozen-conv2d backward: unequal output padding {pad_h} x {pad_w}");
-        }
-        let dx = grad.contiguous()?.conv_transpose2d(
-            &self.w,
-            self.p.padding,
-            pad_h,
-            self.p.stride,
-            1,
-        )?;
+        let dx = grad
+            .contiguous()?
+            .conv_transpose2d(&self.w, self.p.padding, pad_h.max(pad_w), self.p.stride, 1)?
+            .narrow(2, 0, h)?
+            .narrow(3, 0, w)?;
         Ok(Some(dx))
     }
 }
@@ -203,13 +202,40 @@ impl Geometry {
         self.k == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// The input pixel (row, column) that output column `col` sees at kernel offset `(i, j)`.
+    /// The output columns `ox0..ox1` of output row `oy` whose input pixel at kernel offset
+    /// `(i, j)` lies inside the image: `(input row, first valid ox, end of valid ox)`, or
+    /// `None` when the row itself is padding.
     #[inline(always)]
-    fn source(&self, col: usize, i: usize, j: usize) -> Option<usize> {
-        let (oy, ox) = (col / self.wo, col % self.wo);
+    fn valid(
+        &self,
+        oy: usize,
+        (i, j): (usize, usize),
+        (ox0, ox1): (usize, usize),
+    ) -> Option<(usize, usize, usize)> {
         let y = (oy * self.stride + i).checked_sub(self.padding)?;
-        let x = (ox * self.stride + j).checked_sub(self.padding)?;
-        (y < self.h && x < self.w).then_some(y * self.w + x)
+        if y >= self.h {
+            return None;
+        }
+        // x = ox s + j - p in [0, w): ox >= ceil((p - j) / s), ox <= (w - 1 + p - j) / s.
+        let lo = self.padding.saturating_sub(j).div_ceil(self.stride);
+        let hi = (self.w - 1 + self.padding)
+            .checked_sub(j)
+            .map_or(0, |v| v / self.stride + 1);
+        let a = lo.max(ox0).min(ox1);
+        Some((y, a, hi.min(ox1).max(a)))
+    }
+
+    /// Calls `f(oy, ox0, ox1, offset)` for each output-row segment of columns `c0..c1`
+    /// (`offset`: the segment's first column, relative to `c0`).
+    #[inline(always)]
+    fn segments(&self, (c0, c1): (usize, usize), mut f: impl FnMut(usize, usize, usize, usize)) {
+        let mut col = c0;
+        while col < c1 {
+            let (oy, ox0) = (col / self.wo, col % self.wo);
+            let ox1 = self.wo.min(ox0 + (c1 - col));
+            f(oy, ox0, ox1, col - c0);
+            col += ox1 - ox0;
+        }
     }
 
     /// Columns `c0..c1` of the im2col matrix of one image `x` `[C_in, H, W]`, row-major
@@ -217,13 +243,32 @@ impl Geometry {
     fn im2col(&self, x: &[f32], (c0, c1): (usize, usize), out: &mut [f32]) {
         let n = c1 - c0;
         let hw = self.h * self.w;
+        let s = self.stride;
         out.par_chunks_mut(n).enumerate().for_each(|(r, row)| {
             let (c, ij) = (r / (self.k * self.k), r % (self.k * self.k));
             let (i, j) = (ij / self.k, ij % self.k);
             let plane = &x[c * hw..(c + 1) * hw];
-            for (v, col) in row.iter_mut().zip(c0..c1) {
-                *v = self.source(col, i, j).map_or(0.0, |s| plane[s]);
-            }
+            self.segments((c0, c1), |oy, ox0, ox1, off| {
+                let dst = &mut row[off..off + ox1 - ox0];
+                let Some((y, a, b)) = self.valid(oy, (i, j), (ox0, ox1)) else {
+                    dst.fill(0.0);
+                    return;
+                };
+                dst[..a - ox0].fill(0.0);
+                dst[b - ox0..].fill(0.0);
+                if a == b {
+                    return;
+                }
+                let src = &plane[y * self.w..(y + 1) * self.w];
+                let x0 = a * s + j - self.padding;
+                if s == 1 {
+                    dst[a - ox0..b - ox0].copy_from_slice(&src[x0..x0 + b - a]);
+                } else {
+                    for (d, x) in dst[a - ox0..b - ox0].iter_mut().zip((x0..).step_by(s)) {
+                        *d = src[x];
+                    }
+                }
+            });
         });
     }
 
@@ -233,25 +278,44 @@ impl Geometry {
     fn col2im(&self, dcols: &[f32], (c0, c1): (usize, usize), dx: &mut [f32]) {
         let n = c1 - c0;
         let kk = self.k * self.k;
+        let s = self.stride;
         dx.par_chunks_mut(self.h * self.w)
             .enumerate()
             .for_each(|(c, plane)| {
                 for ij in 0..kk {
                     let (i, j) = (ij / self.k, ij % self.k);
                     let row = &dcols[(c * kk + ij) * n..(c * kk + ij + 1) * n];
-                    for (&g, col) in row.iter().zip(c0..c1) {
-                        if let Some(s) = self.source(col, i, j) {
-                            plane[s] += g;
+                    self.segments((c0, c1), |oy, ox0, ox1, off| {
+                        let Some((y, a, b)) = self.valid(oy, (i, j), (ox0, ox1)) else {
+                            return;
+                        };
+                        if a == b {
+                            return;
                         }
-                    }
+                        let src = &row[off + a - ox0..off + b - ox0];
+                        let dst = &mut plane[y * self.w..(y + 1) * self.w];
+                        let x0 = a * s + j - self.padding;
+                        if s == 1 {
+                            dst[x0..x0 + b - a]
+                                .iter_mut()
+                                .zip(src)
+                                .for_each(|(d, &g)| *d += g);
+                        } else {
+                            for (&g, x) in src.iter().zip((x0..).step_by(s)) {
+                                dst[x] += g;
+                            }
+                        }
+                    });
                 }
             });
     }
 }
 
-/// `c = op(a) @ op(b)` (`[m, n]`, leading dimension `ldc`) split over the rayon pool by
-/// column blocks, or by row blocks when there are too few columns. Operands as in
-/// [`Blas::gemm`].
+/// `c = op(a) @ op(b)` (`[m, n]`, leading dimension `ldc`) split over the rayon pool into
+/// up to [`BLOCKS`] column or row blocks. Each block's call packs its part of one operand
+/// and the whole of the other, so the split is along the larger of `m` and `n` (the smaller
+/// operand is the one packed again). Blocks depend on the shape alone, so results do not
+/// depend on the number of cores. Operands as in [`Blas::gemm`].
 ///
 /// # Safety
 /// As [`Blas::gemm`] (with beta = 0): the pointers cover the described matrices and `c` is
@@ -263,7 +327,6 @@ unsafe fn par_gemm(
     (b, ldb, tb): (*const f32, usize, bool),
     (c, ldc): (*mut f32, usize),
 ) {
-    let tasks = 2 * rayon::current_num_threads();
     let (a, b, c) = (a as usize, b as usize, c as usize);
     let run = |(r0, r1): (usize, usize), (j0, j1): (usize, usize)| {
         let a_off = if ta { r0 } else { r0 * lda };
@@ -281,7 +344,7 @@ unsafe fn par_gemm(
     };
     let blocks = |len: usize, min: usize| -> Vec<(usize, usize)> {
         let per = len
-            .div_ceil(tasks)
+            .div_ceil(BLOCKS)
             .max(min)
             .next_multiple_of(16)
             .min(len.max(1));
@@ -290,7 +353,12 @@ unsafe fn par_gemm(
             .map(|s| (s, (s + per).min(len)))
             .collect()
     };
-    if n >= tasks * MIN_COLUMNS || m < tasks * MIN_ROWS {
+    let by_columns = if m <= n {
+        n >= 2 * MIN_COLUMNS
+    } else {
+        m < 2 * MIN_ROWS
+    };
+    if by_columns {
         blocks(n, MIN_COLUMNS)
             .into_par_iter()
             .for_each(|cols| run((0, m), cols));

@@ -17,6 +17,7 @@ mod conv;
 mod dispatch;
 mod frozen;
 mod full_attention;
+mod geglu;
 mod gelu;
 mod group_norm;
 mod layer_norm;
@@ -37,6 +38,7 @@ pub use dispatch::{
 };
 pub use frozen::{frozen_linear, frozen_linear_lora, quantized_linear};
 pub use full_attention::full_attention;
+pub use geglu::geglu;
 pub use gelu::gelu_erf;
 pub use group_norm::group_norm;
 pub use matmul::{batched_matmul, linear, matmul_t};

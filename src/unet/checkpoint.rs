@@ -131,7 +131,7 @@ impl<const N: usize> Recompute<N> {
             None => args[i].detach(),
         });
         let y = (self.f)(&inputs)?;
-        let store = (y * grad.detach())?.sum_all()?.backward()?;
+        let store = y.apply_op1(Seed { g: grad.detach() })?.backward()?;
         let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
         for (i, v) in vars.iter().enumerate() {
             if let Some(v) = v {
@@ -143,6 +143,46 @@ impl<const N: usize> Recompute<N> {
             }
         }
         Ok(out)
+    }
+}
+
+/// A scalar whose gradient with respect to its input `y` is `g`: where the recomputed
+/// block's backward starts, without a full-size `y * g` and its own backward.
+struct Seed {
+    g: Tensor,
+}
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "checkpoint-seed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let zero = Tensor::zeros((), self.g.dtype(), &candle_core::Device::Cpu)?;
+        let (storage, _) = zero.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => Ok((s.clone(), Shape::from(()))),
+            _ => candle_core::bail!("checkpoint-seed: not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let zero = Tensor::zeros((), self.g.dtype(), self.g.device())?;
+        let (storage, layout) = zero.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, Shape::from(()))),
+            _ => candle_core::bail!("checkpoint-seed: not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, _y: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.g.clone()))
     }
 }
 

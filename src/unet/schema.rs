@@ -150,15 +150,12 @@ impl TransformerSpec {
         let s = &self.site;
         out.push(s.tensor("norm.weight", vec![c]));
         out.push(s.tensor("norm.bias", vec![c]));
-        let proj = |name: &str| {
-            if self.linear_projection {
-                vec![c, c]
-            } else {
-                let _ = name;
-                vec![c, c, 1, 1]
-            }
+        let proj = if self.linear_projection {
+            vec![c, c]
+        } else {
+            vec![c, c, 1, 1]
         };
-        out.push(s.tensor("proj_in.weight", proj("proj_in")));
+        out.push(s.tensor("proj_in.weight", proj.clone()));
         out.push(s.tensor("proj_in.bias", vec![c]));
         for i in 0..self.depth {
             let b = self.block(i);
@@ -179,7 +176,7 @@ impl TransformerSpec {
             out.push(b.tensor("ff.net.2.weight", vec![c, inner]));
             out.push(b.tensor("ff.net.2.bias", vec![c]));
         }
-        out.push(s.tensor("proj_out.weight", proj("proj_out")));
+        out.push(s.tensor("proj_out.weight", proj));
         out.push(s.tensor("proj_out.bias", vec![c]));
     }
 }
@@ -292,8 +289,7 @@ impl Layout {
             context: cfg.context_dim(),
             linear_projection: cfg.use_linear_projection,
         };
-        let (atd, proj) = cfg.addition_dims();
-        let _ = atd;
+        let (_, proj) = cfg.addition_dims();
         let linear = |d: &str, l: &str, inp, out| LinearSpec {
             site: Site::new(d, l),
             inp,

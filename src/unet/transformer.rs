@@ -66,11 +66,7 @@ struct FeedForward {
 
 impl FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let p = self.proj.forward(x)?;
-        let inner = p.dim(candle_core::D::Minus1)? / 2;
-        let h = p.narrow(candle_core::D::Minus1, 0, inner)?;
-        let gate = p.narrow(candle_core::D::Minus1, inner, inner)?;
-        self.out.forward(&(h * ops::gelu_erf(&gate)?)?)
+        self.out.forward(&ops::geglu(&self.proj.forward(x)?)?)
     }
 }
 

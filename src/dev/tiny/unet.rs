@@ -1,6 +1,7 @@
 //! Seeded SDXL-family UNets with random weights, for tests and benchmarks: the SDXL base
 //! shape (2.57B parameters) and a tiny one. Same seed, same values, on every machine and
-//! thread count (one generator per tensor, seeded from the seed and the tensor's index).
+//! thread count (one generator per chunk of a tensor, seeded from the seed, the tensor's
+//! index and the chunk's).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,23 +48,32 @@ pub fn tiny_judge_shape() -> UNetConfig {
     c
 }
 
+/// Values per generator: large tensors are drawn in parallel chunks.
+const CHUNK: usize = 1 << 20;
+
 /// How a random weight is drawn: norms' weights around 1, biases small, matrices and
-/// kernels at PyTorch's default scale (`1/sqrt(fan_in)`).
-fn draw(spec: &TensorSpec, rng: &mut Rng) -> Vec<f32> {
+/// kernels at PyTorch's default scale (`1/sqrt(fan_in)`). Tensor `index` of the table.
+fn draw(spec: &TensorSpec, index: usize, seed: u64) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
     let norm = spec.name.contains("norm");
-    match spec.shape.len() {
-        1 if norm && spec.name.ends_with(".weight") => rng
-            .normal_vec(n, 0.1)
-            .into_iter()
-            .map(|v| v + 1.0)
-            .collect(),
-        1 => rng.normal_vec(n, 0.05),
+    let (std, mean) = match spec.shape.len() {
+        1 if norm && spec.name.ends_with(".weight") => (0.1, 1.0),
+        1 => (0.05, 0.0),
         _ => {
             let fan_in: usize = spec.shape[1..].iter().product();
-            rng.normal_vec(n, 1.0 / (fan_in as f64).sqrt())
+            (1.0 / (fan_in as f64).sqrt(), 0.0)
         }
-    }
+    };
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, part)| {
+        let key = ((index as u64) << 24) ^ c as u64;
+        let mut rng = Rng::new(seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let draws = rng.normal_vec(part.len(), std);
+        for (v, r) in part.iter_mut().zip(draws) {
+            *v = r + mean;
+        }
+    });
+    out
 }
 
 /// Every tensor of a random UNet for `cfg`, under its diffusers name, in f32 on the CPU.
@@ -74,8 +84,7 @@ pub fn random_unet_tensors(cfg: &UNetConfig, seed: u64) -> Result<HashMap<String
         .into_par_iter()
         .enumerate()
         .map(|(i, spec)| {
-            let mut rng = Rng::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let t = Tensor::from_vec(draw(&spec, &mut rng), spec.shape.as_slice(), &Device::Cpu)?;
+            let t = Tensor::from_vec(draw(&spec, i, seed), spec.shape.as_slice(), &Device::Cpu)?;
             Ok((spec.name, t))
         })
         .collect()

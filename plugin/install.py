@@ -112,7 +112,7 @@ def check(pkg: Path) -> None:
     print(f"install: the nodes will use {r.stdout.strip()}")
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--custom-nodes", required=True, type=Path, help="ComfyUI's custom_nodes folder")
     ap.add_argument("--cuda", action="store_true", help="build (or install) the CUDA library")
@@ -120,7 +120,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-build", action="store_true", help="link the package only")
     ap.add_argument("--copy", action="store_true", help="copy the package instead of linking it")
     ap.add_argument("--name", default="comfyui-qwenclip", help="folder name in custom_nodes")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    a = parser().parse_args(argv)
 
     dest = link_package(a.custom_nodes.expanduser().resolve(), a.name, a.copy)
     if a.library or not a.no_build:

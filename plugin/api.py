@@ -8,8 +8,14 @@ from . import encoder, library
 
 
 def status() -> dict:
-    out = {"library": None, "version": None, "cuda": None, "memory": None, "error": None,
-           "live_encoders": len(encoder.live_bases())}
+    out = {
+        "library": None,
+        "version": None,
+        "cuda": None,
+        "memory": None,
+        "error": None,
+        "live_encoders": len(encoder.live_bases()),
+    }
     try:
         lib = library.get()
         out.update(library=str(lib.path), version=lib.version, cuda=lib.has_cuda, memory=lib.memory())

@@ -156,7 +156,9 @@ def release_all(reason: str) -> None:
         if before["cpu_bytes"] or before["cuda_bytes"]:
             log.info(
                 "qwenclip: released encoder weights (%s): %.1f MB CPU, %.1f MB CUDA",
-                reason, before["cpu_bytes"] / 2**20, before["cuda_bytes"] / 2**20,
+                reason,
+                before["cpu_bytes"] / 2**20,
+                before["cuda_bytes"] / 2**20,
             )
     except Exception as e:  # never break ComfyUI's own memory management
         log.warning("qwenclip: could not release memory: %s", e)

@@ -89,14 +89,15 @@ def resolve(repo_id: str, progress, folders: str) -> str:
         ) from None
     files = [s for s in info.siblings if any(fnmatch.fnmatch(s.rfilename, p) for p in FILES)]
     total = sum(s.size or 0 for s in files)
-    log.info("qwenclip: downloading %s: %d files, %.2f GB into %s", repo_id, len(files), total / 1e9,
-             _cache_dir())
+    log.info(
+        "qwenclip: downloading %s: %d files, %.2f GB into %s", repo_id, len(files), total / 1e9, _cache_dir()
+    )
     blobs = _cache_dir() / f"models--{repo_id.replace('/', '--')}" / "blobs"
     done = 0
     for s in files:
         failure: list[BaseException] = []
 
-        def fetch(name=s.rfilename):
+        def fetch(name=s.rfilename, failure=failure):
             try:
                 hf_hub_download(repo_id, name, endpoint=_endpoint())
             except BaseException as e:  # reported by the waiting thread
@@ -117,7 +118,9 @@ def resolve(repo_id: str, progress, folders: str) -> str:
         progress(done, total)
     path = cached(repo_id)
     if path is None:
-        raise Unavailable(f"qwenclip: {repo_id} was downloaded but its snapshot is incomplete. "
-                          + _how_to_get(repo_id, folders))
+        raise Unavailable(
+            f"qwenclip: {repo_id} was downloaded but its snapshot is incomplete. "
+            + _how_to_get(repo_id, folders)
+        )
     log.info("qwenclip: %s ready at %s", repo_id, path)
     return path

@@ -133,7 +133,9 @@ def main(argv=None) -> None:
             sys.exit(f"install: {src} does not exist")
         install_library(src, dest.resolve() if dest.is_symlink() else dest, a.cuda)
     check(dest.resolve() if dest.is_symlink() else dest)
-    print("install: done. Restart ComfyUI; put Qwen3 models in models/text_encoders and adapters in models/qwenclip.")
+    print(
+        "install: done. Restart ComfyUI; put Qwen3 models in models/text_encoders and adapters in models/qwenclip."
+    )
 
 
 if __name__ == "__main__":

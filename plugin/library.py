@@ -240,9 +240,7 @@ class Library:
     def captions_read(self, paths: list[str], text: str | None = None) -> dict:
         """A caption set by the library's caption rule: captions and counts."""
         spec = json.dumps({"paths": [str(p) for p in paths], "text": text}).encode()
-        return self._json(
-            "captions", lambda b, n, need: self._lib.qwenclip_captions_read(spec, b, n, need)
-        )
+        return self._json("captions", lambda b, n, need: self._lib.qwenclip_captions_read(spec, b, n, need))
 
     def run_open(self, encoder: int, spec: dict) -> int:
         h = _u64()
@@ -317,8 +315,7 @@ def find() -> Library:
             if lib is not None:
                 return lib
             raise LibraryMissing(
-                f"qwenclip: QWENCLIP_LIB={env} could not be loaded ({'; '.join(tried)}). "
-                + install_hint()
+                f"qwenclip: QWENCLIP_LIB={env} could not be loaded ({'; '.join(tried)}). " + install_hint()
             )
     else:
         places = search_places()

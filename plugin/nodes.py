@@ -241,14 +241,41 @@ class QwenEncoderLoader:
         bases = sorted(base_models()) + hub.choices()
         return {
             "required": {
-                "base_model": (bases, {"tooltip": "A Qwen3 model folder or .gguf file (4/5/6/8-bit, llama.cpp's or `qwenclip quantize`'s) in models/text_encoders, or a Hugging Face hub id: as it is when it is in the Hugging Face cache, with '(download)' when running the node downloads it first (size in the log, progress on the node, resumed if stopped)."}),
-                "adapter": (adapter_choices(), {"tooltip": "An adapter folder in models/qwenclip (LoRA + resampler). Without one there is no SDXL conditioning."}),
+                "base_model": (
+                    bases,
+                    {
+                        "tooltip": "A Qwen3 model folder or .gguf file (4/5/6/8-bit, llama.cpp's or `qwenclip quantize`'s) in models/text_encoders, or a Hugging Face hub id: as it is when it is in the Hugging Face cache, with '(download)' when running the node downloads it first (size in the log, progress on the node, resumed if stopped)."
+                    },
+                ),
+                "adapter": (
+                    adapter_choices(),
+                    {
+                        "tooltip": "An adapter folder in models/qwenclip (LoRA + resampler). Without one there is no SDXL conditioning."
+                    },
+                ),
                 "device": (["auto", "cpu", "cuda"], {"default": "auto"}),
-                "dtype": (["auto", "f32", "bf16", "f16"], {"default": "auto", "tooltip": "auto: bf16 on CUDA, f32 on the CPU."}),
+                "dtype": (
+                    ["auto", "f32", "bf16", "f16"],
+                    {"default": "auto", "tooltip": "auto: bf16 on CUDA, f32 on the CPU."},
+                ),
             },
             "optional": {
-                "hub_id": ("STRING", {"default": "", "tooltip": "Any hub id or model folder path; overrides base_model when set."}),
-                "max_tokens": ("INT", {"default": 0, "min": 0, "max": 32768, "tooltip": "Prompt token limit; 0 = the adapter's (256 by default)."}),
+                "hub_id": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Any hub id or model folder path; overrides base_model when set.",
+                    },
+                ),
+                "max_tokens": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 32768,
+                        "tooltip": "Prompt token limit; 0 = the adapter's (256 by default).",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -283,8 +310,14 @@ class QwenEncoderLoader:
             pass
         t0 = time.perf_counter()
         base = enc.base_for(config, adapter_dir)
-        log.info("qwenclip: encoder %s (%s, %s) adapter %s ready in %.2f s", model, dev, dt,
-                 adapter_dir, time.perf_counter() - t0)
+        log.info(
+            "qwenclip: encoder %s (%s, %s) adapter %s ready in %.2f s",
+            model,
+            dev,
+            dt,
+            adapter_dir,
+            time.perf_counter() - t0,
+        )
         return (enc.QwenEncoder(base, adapter_dir, label=adapter if adapter_dir else base_model),)
 
 
@@ -337,7 +370,14 @@ class QwenTextEncodeSDXL:
         return {
             "required": {
                 "encoder": (ENCODER,),
-                "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "Plain text: (word:1.2) weights are not parsed, the LLM reads the prompt as written."}),
+                "text": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "dynamicPrompts": True,
+                        "tooltip": "Plain text: (word:1.2) weights are not parsed, the LLM reads the prompt as written.",
+                    },
+                ),
                 "width": ("INT", res),
                 "height": ("INT", res),
                 "crop_w": ("INT", zero),
@@ -353,21 +393,29 @@ class QwenTextEncodeSDXL:
     CATEGORY = "qwenclip"
     DESCRIPTION = "Encodes a prompt into SDXL conditioning ([1,77,2048] + pooled [1,1280] + size conditioning), a drop-in for CLIPTextEncodeSDXL."
 
-    def encode(self, encoder, text, width, height, crop_w, crop_h, target_width, target_height,
-               unique_id=None):
+    def encode(
+        self, encoder, text, width, height, crop_w, crop_h, target_width, target_height, unique_id=None
+    ):
         library.get()
         cond, pooled, warnings = encoder.encode([text])
         for w in warnings:
             warn(unique_id, "QwenTextEncodeSDXL", w.replace("prompt 0", "the prompt", 1))
-        return ([[cond, {
-            "pooled_output": pooled,
-            "width": width,
-            "height": height,
-            "crop_w": crop_w,
-            "crop_h": crop_h,
-            "target_width": target_width,
-            "target_height": target_height,
-        }]],)
+        return (
+            [
+                [
+                    cond,
+                    {
+                        "pooled_output": pooled,
+                        "width": width,
+                        "height": height,
+                        "crop_w": crop_w,
+                        "crop_h": crop_h,
+                        "target_width": target_width,
+                        "target_height": target_height,
+                    },
+                ]
+            ],
+        )
 
 
 def warn(node_id, node_type: str, message: str) -> None:
@@ -446,7 +494,7 @@ def caption_folders() -> list[str]:
 
 def _adapter_name_ok(name: str) -> str:
     name = name.strip()
-    if not name or name.startswith(".") or any(c in name for c in "\\:*?\"<>|") or ".." in Path(name).parts:
+    if not name or name.startswith(".") or any(c in name for c in '\\:*?"<>|') or ".." in Path(name).parts:
         raise ValueError(f"qwenclip: adapter_name '{name}' is not a usable folder name")
     return name
 
@@ -468,10 +516,21 @@ def _widget(kind: str, defaults: dict, key: str, **opts) -> tuple:
 
 # Widget -> training setting, for the settings the node exposes.
 TRAIN_WIDGETS = {
-    "steps": int, "batch_size": int, "grad_accum": int, "lr_lora": float, "lr_resampler": float,
-    "save_every": int, "seed": int, "lora_r": int, "lora_alpha": float, "resampler_width": int,
-    "resampler_heads": int, "resampler_layers": int, "resampler_ff_mult": int,
-    "warmup_steps": int, "schedule": str,
+    "steps": int,
+    "batch_size": int,
+    "grad_accum": int,
+    "lr_lora": float,
+    "lr_resampler": float,
+    "save_every": int,
+    "seed": int,
+    "lora_r": int,
+    "lora_alpha": float,
+    "resampler_width": int,
+    "resampler_heads": int,
+    "resampler_layers": int,
+    "resampler_ff_mult": int,
+    "warmup_steps": int,
+    "schedule": str,
 }
 
 
@@ -483,25 +542,94 @@ class QwenAdapterTrain:
         d = train_defaults()
         return {
             "required": {
-                "encoder": (ENCODER, {"tooltip": "The Qwen3 base model to train on (its adapter is the starting point when init is 'encoder adapter')."}),
-                "clip": ("CLIP", {"tooltip": "The SDXL checkpoint's CLIP: the teacher whose conditioning the adapter learns to reproduce."}),
-                "adapter_name": ("STRING", {"default": "my_adapter", "tooltip": "The run folder under models/qwenclip (checkpoint, adapter/, metrics.jsonl, loss.png); training resumes when it holds a checkpoint, and never writes over an adapter without one."}),
-                "captions_folder": (caption_folders(), {"default": NO_FOLDER, "tooltip": "A folder under ComfyUI's input directory: each .txt/.caption file beside an image of the same name is that image's caption; other .txt/.caption files hold one caption per line (# starts a comment); .jsonl and .csv files hold a caption column. The same rule as `qwenclip cache-targets`."}),
-                "captions_text": ("STRING", {"multiline": True, "default": "", "tooltip": "More captions, one per line (# starts a comment)."}),
-                "steps": _widget("INT", d, "steps", min=1, max=1_000_000, tooltip="Optimizer steps in total. A resumed run continues up to this; a larger value extends a finished run (the learning-rate schedule is re-planned over it)."),
+                "encoder": (
+                    ENCODER,
+                    {
+                        "tooltip": "The Qwen3 base model to train on (its adapter is the starting point when init is 'encoder adapter')."
+                    },
+                ),
+                "clip": (
+                    "CLIP",
+                    {
+                        "tooltip": "The SDXL checkpoint's CLIP: the teacher whose conditioning the adapter learns to reproduce."
+                    },
+                ),
+                "adapter_name": (
+                    "STRING",
+                    {
+                        "default": "my_adapter",
+                        "tooltip": "The run folder under models/qwenclip (checkpoint, adapter/, metrics.jsonl, loss.png); training resumes when it holds a checkpoint, and never writes over an adapter without one.",
+                    },
+                ),
+                "captions_folder": (
+                    caption_folders(),
+                    {
+                        "default": NO_FOLDER,
+                        "tooltip": "A folder under ComfyUI's input directory: each .txt/.caption file beside an image of the same name is that image's caption; other .txt/.caption files hold one caption per line (# starts a comment); .jsonl and .csv files hold a caption column. The same rule as `qwenclip cache-targets`.",
+                    },
+                ),
+                "captions_text": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "More captions, one per line (# starts a comment).",
+                    },
+                ),
+                "steps": _widget(
+                    "INT",
+                    d,
+                    "steps",
+                    min=1,
+                    max=1_000_000,
+                    tooltip="Optimizer steps in total. A resumed run continues up to this; a larger value extends a finished run (the learning-rate schedule is re-planned over it).",
+                ),
                 "batch_size": _widget("INT", d, "batch_size", min=1, max=256),
-                "grad_accum": _widget("INT", d, "grad_accum", min=1, max=256, tooltip="Micro-batches per optimizer step."),
+                "grad_accum": _widget(
+                    "INT", d, "grad_accum", min=1, max=256, tooltip="Micro-batches per optimizer step."
+                ),
                 "lr_lora": _widget("FLOAT", d, "lr_lora", min=0.0, max=1.0, step=1e-5, round=False),
                 "lr_resampler": _widget("FLOAT", d, "lr_resampler", min=0.0, max=1.0, step=1e-5, round=False),
-                "save_every": _widget("INT", d, "save_every", min=1, max=1_000_000, tooltip="Checkpoint + adapter every N optimizer steps (and on Cancel, and at the end)."),
-                "seed": _widget("INT", d, "seed", min=0, max=0xFFFFFFFF, control_after_generate=False, tooltip="Caption order, held-out split and initial weights. Fixed when a run starts: a resumed run keeps its own."),
+                "save_every": _widget(
+                    "INT",
+                    d,
+                    "save_every",
+                    min=1,
+                    max=1_000_000,
+                    tooltip="Checkpoint + adapter every N optimizer steps (and on Cancel, and at the end).",
+                ),
+                "seed": _widget(
+                    "INT",
+                    d,
+                    "seed",
+                    min=0,
+                    max=0xFFFFFFFF,
+                    control_after_generate=False,
+                    tooltip="Caption order, held-out split and initial weights. Fixed when a run starts: a resumed run keeps its own.",
+                ),
             },
             "optional": {
-                "init": (["encoder adapter", "scratch"], {"default": "encoder adapter", "tooltip": "A new adapter starts from the encoder's adapter (when it has one) or from scratch."}),
+                "init": (
+                    ["encoder adapter", "scratch"],
+                    {
+                        "default": "encoder adapter",
+                        "tooltip": "A new adapter starts from the encoder's adapter (when it has one) or from scratch.",
+                    },
+                ),
                 "lora_r": _widget("INT", d, "lora_r", min=1, max=1024),
                 "lora_alpha": _widget("FLOAT", d, "lora_alpha", min=0.0, max=4096.0, step=1.0),
-                "resampler_width": _widget("INT", d, "resampler_width", min=0, max=8192, step=8, tooltip="0: derived from the base model's width (its hidden size, at most 2048), so a small base gets a small resampler."),
-                "resampler_heads": _widget("INT", d, "resampler_heads", min=0, max=128, tooltip="0: the width / 64, at most 16."),
+                "resampler_width": _widget(
+                    "INT",
+                    d,
+                    "resampler_width",
+                    min=0,
+                    max=8192,
+                    step=8,
+                    tooltip="0: derived from the base model's width (its hidden size, at most 2048), so a small base gets a small resampler.",
+                ),
+                "resampler_heads": _widget(
+                    "INT", d, "resampler_heads", min=0, max=128, tooltip="0: the width / 64, at most 16."
+                ),
                 "resampler_layers": _widget("INT", d, "resampler_layers", min=1, max=64),
                 "resampler_ff_mult": _widget("INT", d, "resampler_ff_mult", min=1, max=16),
                 "warmup_steps": _widget("INT", d, "warmup_steps", min=0, max=1_000_000),
@@ -517,28 +645,67 @@ class QwenAdapterTrain:
     CATEGORY = "qwenclip"
     DESCRIPTION = "Trains a qwenclip adapter so the Qwen encoder reproduces the connected SDXL CLIP's conditioning. Saves into models/qwenclip/<adapter_name>, resumes from there, stops cleanly on Cancel."
 
-    def train(self, encoder, clip, adapter_name, captions_folder, captions_text, steps, batch_size,
-              grad_accum, lr_lora, lr_resampler, save_every, seed, init="encoder adapter",
-              lora_r=None, lora_alpha=None, resampler_width=None, resampler_heads=None,
-              resampler_layers=None, resampler_ff_mult=None, warmup_steps=None, schedule=None,
-              unique_id=None):
+    def train(
+        self,
+        encoder,
+        clip,
+        adapter_name,
+        captions_folder,
+        captions_text,
+        steps,
+        batch_size,
+        grad_accum,
+        lr_lora,
+        lr_resampler,
+        save_every,
+        seed,
+        init="encoder adapter",
+        lora_r=None,
+        lora_alpha=None,
+        resampler_width=None,
+        resampler_heads=None,
+        resampler_layers=None,
+        resampler_ff_mult=None,
+        warmup_steps=None,
+        schedule=None,
+        unique_id=None,
+    ):
         library.get()
         name = _adapter_name_ok(adapter_name)
         paths = []
         if captions_folder and captions_folder != NO_FOLDER:
             paths.append(os.path.join(folder_paths.get_input_directory(), captions_folder))
         captions = {"paths": paths, "text": captions_text or None}
-        given = dict(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr_lora=lr_lora,
-                     lr_resampler=lr_resampler, save_every=save_every, seed=seed, lora_r=lora_r,
-                     lora_alpha=lora_alpha, resampler_width=resampler_width,
-                     resampler_heads=resampler_heads, resampler_layers=resampler_layers,
-                     resampler_ff_mult=resampler_ff_mult, warmup_steps=warmup_steps, schedule=schedule)
+        given = dict(
+            steps=steps,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            lr_lora=lr_lora,
+            lr_resampler=lr_resampler,
+            save_every=save_every,
+            seed=seed,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            resampler_width=resampler_width,
+            resampler_heads=resampler_heads,
+            resampler_layers=resampler_layers,
+            resampler_ff_mult=resampler_ff_mult,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+        )
         # Settings left unset take the library's defaults (or, resuming, the run's own).
         config = {k: TRAIN_WIDGETS[k](v) for k, v in given.items() if v is not None}
         out_dir = Path(_paths(MODELS_KEY)[0]) / name
         hooks = _ComfyHooks(int(steps), unique_id)
-        return training.train(encoder, clip, out_dir, captions, config,
-                              init_from_encoder_adapter=(init == "encoder adapter"), hooks=hooks)
+        return training.train(
+            encoder,
+            clip,
+            out_dir,
+            captions,
+            config,
+            init_from_encoder_adapter=(init == "encoder adapter"),
+            hooks=hooks,
+        )
 
 
 NODE_CLASS_MAPPINGS = {

@@ -85,13 +85,22 @@ def _describe(event: dict, steps: int) -> str | None:
         m = event["metrics"]
         if not m["count"]:
             return None
-        return (f"step {event['step']} held-out: MSE embeds {m['mse_embeds']:.5f} pooled "
-                f"{m['mse_pooled']:.5f}, cosine {m['cos_tokens']:.4f} ({m['count']} captions)")
+        return (
+            f"step {event['step']} held-out: MSE embeds {m['mse_embeds']:.5f} pooled "
+            f"{m['mse_pooled']:.5f}, cosine {m['cos_tokens']:.4f} ({m['count']} captions)"
+        )
     return None
 
 
-def train(encoder: QwenEncoder, clip, out_dir: Path, captions: dict, settings: dict,
-          init_from_encoder_adapter: bool, hooks) -> tuple[QwenEncoder, torch.Tensor]:
+def train(
+    encoder: QwenEncoder,
+    clip,
+    out_dir: Path,
+    captions: dict,
+    settings: dict,
+    init_from_encoder_adapter: bool,
+    hooks,
+) -> tuple[QwenEncoder, torch.Tensor]:
     """One call of Qwen Adapter Train: opens the run in `out_dir` (resuming it when it holds a
     checkpoint), answers it until it is done or ComfyUI cancels, and returns the encoder with
     the trained adapter and the loss picture. `hooks` are ComfyUI's (progress, cancel, text)."""
@@ -113,9 +122,11 @@ def train(encoder: QwenEncoder, clip, out_dir: Path, captions: dict, settings: d
         if state["step"]:
             log.info("qwenclip: resuming %s from step %d", out_dir, state["step"])
         sizes = state["save_sizes"]
-        written = (f"each save writes {_mib(sizes['adapter_bytes'] + sizes['checkpoint_bytes'])} "
-                   f"(adapter {_mib(sizes['adapter_bytes'])}, checkpoint {_mib(sizes['checkpoint_bytes'])}) "
-                   f"into {out_dir}")
+        written = (
+            f"each save writes {_mib(sizes['adapter_bytes'] + sizes['checkpoint_bytes'])} "
+            f"(adapter {_mib(sizes['adapter_bytes'])}, checkpoint {_mib(sizes['checkpoint_bytes'])}) "
+            f"into {out_dir}"
+        )
         log.info("qwenclip: %s", written)
         hooks.text(state["step"], written, force=True)
         teacher = Teacher(clip, (77, 2048, 1280))
@@ -147,8 +158,10 @@ def train(encoder: QwenEncoder, clip, out_dir: Path, captions: dict, settings: d
     finally:
         lib.run_free(handle)
     if teacher is not None and teacher.truncated:
-        log.warning("qwenclip: %d captions were longer than one CLIP chunk (75 tokens): "
-                    "the teacher's first chunk was used", teacher.truncated)
-    log.info("qwenclip: trained %s to step %d in %.1f s", out_dir, state["step"],
-             time.perf_counter() - t0)
+        log.warning(
+            "qwenclip: %d captions were longer than one CLIP chunk (75 tokens): "
+            "the teacher's first chunk was used",
+            teacher.truncated,
+        )
+    log.info("qwenclip: trained %s to step %d in %.1f s", out_dir, state["step"], time.perf_counter() - t0)
     return encoder.with_adapter(state["adapter"], label=out_dir.name), image

@@ -38,7 +38,9 @@ comfy.cli_args.args.cpu = True
 import torch  # noqa: E402
 from conftest import PLUGIN, plugin_package  # noqa: E402
 
-PROMPT = "a photo of a red fox sitting in fresh snow, soft morning light, detailed fur, shallow depth of field"
+PROMPT = (
+    "a photo of a red fox sitting in fresh snow, soft morning light, detailed fur, shallow depth of field"
+)
 
 
 def bench_encode(pack, model_dir: Path, adapter_dir: Path, rounds: int, warmup: int = 3) -> dict:
@@ -79,11 +81,17 @@ def bench_encode(pack, model_dir: Path, adapter_dir: Path, rounds: int, warmup: 
     md, mn = statistics.median(d), statistics.median(n)
     paired = statistics.median(b - a for a, b in zip(d, n, strict=True))  # drift-free: each pair back to back
     return {
-        "model": model_dir.name, "load_s": round(load_s, 3), "rounds": rounds,
-        "direct_ms_median": round(md * 1e3, 3), "node_ms_median": round(mn * 1e3, 3),
-        "direct_ms_mean": round(statistics.mean(d) * 1e3, 3), "node_ms_mean": round(statistics.mean(n) * 1e3, 3),
-        "overhead_ms_median": round((mn - md) * 1e3, 3), "overhead_pct_median": round((mn - md) / md * 100, 2),
-        "overhead_ms_paired_median": round(paired * 1e3, 3), "overhead_pct_paired": round(paired / md * 100, 2),
+        "model": model_dir.name,
+        "load_s": round(load_s, 3),
+        "rounds": rounds,
+        "direct_ms_median": round(md * 1e3, 3),
+        "node_ms_median": round(mn * 1e3, 3),
+        "direct_ms_mean": round(statistics.mean(d) * 1e3, 3),
+        "node_ms_mean": round(statistics.mean(n) * 1e3, 3),
+        "overhead_ms_median": round((mn - md) * 1e3, 3),
+        "overhead_pct_median": round((mn - md) / md * 100, 2),
+        "overhead_ms_paired_median": round(paired * 1e3, 3),
+        "overhead_pct_paired": round(paired / md * 100, 2),
     }
 
 
@@ -95,7 +103,7 @@ def import_time_fresh(repeats: int = 7) -> dict:
         import torch, folder_paths, comfy.model_management, comfy.utils, comfy.sd, nodes
         import importlib.util
         t = time.perf_counter()
-        spec = importlib.util.spec_from_file_location('comfyui_qwenclip', {str(PLUGIN / '__init__.py')!r},
+        spec = importlib.util.spec_from_file_location('comfyui_qwenclip', {str(PLUGIN / "__init__.py")!r},
                                                       submodule_search_locations=[{str(PLUGIN)!r}])
         m = importlib.util.module_from_spec(spec); sys.modules['comfyui_qwenclip'] = m; spec.loader.exec_module(m)
         print(time.perf_counter() - t)
@@ -104,7 +112,11 @@ def import_time_fresh(repeats: int = 7) -> dict:
     for _ in range(repeats):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         times.append(float(r.stdout.split()[-1]))
-    return {"repeats": repeats, "median_ms": round(statistics.median(times) * 1e3, 2), "max_ms": round(max(times) * 1e3, 2)}
+    return {
+        "repeats": repeats,
+        "median_ms": round(statistics.median(times) * 1e3, 2),
+        "max_ms": round(max(times) * 1e3, 2),
+    }
 
 
 def import_time_server() -> dict:
@@ -148,15 +160,24 @@ def main() -> None:
 
     tiny = a.work / "tiny"
     if not (tiny / "adapter" / "qwenclip.json").is_file():
-        subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(tiny)], check=True, cwd=ROOT, capture_output=True)
+        subprocess.run(
+            [os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(tiny)],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
     results["encode_tiny"] = bench_encode(pack, tiny / "model", tiny / "adapter", a.rounds * 5)
     print(json.dumps(results["encode_tiny"]), flush=True)
 
     if not a.quick:
         big = a.work / "qwen3-0.6b" / "qwen3-0.6b"
         if not (big / "config.json").is_file():
-            subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "random-model", "--shape", "qwen3-0.6b", "--out", str(big)],
-                           check=True, cwd=ROOT, capture_output=True)
+            subprocess.run(
+                [os.environ["QWENCLIP_DEV_BIN"], "random-model", "--shape", "qwen3-0.6b", "--out", str(big)],
+                check=True,
+                cwd=ROOT,
+                capture_output=True,
+            )
         adapter = adapter_for(pack, big, a.work / "adapters" / "qwen3-0.6b-untrained")
         results["encode_qwen3_0.6b"] = bench_encode(pack, big, adapter, max(5, a.rounds // 3))
         print(json.dumps(results["encode_qwen3_0.6b"]), flush=True)

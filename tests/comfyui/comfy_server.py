@@ -31,7 +31,9 @@ def free_port() -> int:
 def make_tiny_models(dest: Path) -> dict:
     out = dest / "tiny"
     if not (out / "adapter" / "qwenclip.json").is_file():
-        r = subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(out)], capture_output=True, text=True)
+        r = subprocess.run(
+            [os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(out)], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise RuntimeError(f"qwenclip-dev tiny failed ({r.returncode}): {r.stdout}{r.stderr}")
     return {"model": out / "model", "adapter": out / "adapter"}
@@ -53,13 +55,30 @@ class ComfyServer:
         """Folders, the pack (linked), the test node, tiny models, and empty placeholders named
         like the models the shipped workflows reference (validation only checks names)."""
         b = self.base
-        for d in ("custom_nodes", "models/checkpoints", "models/text_encoders", "models/qwenclip",
-                  "input", "output", "user", "temp"):
+        for d in (
+            "custom_nodes",
+            "models/checkpoints",
+            "models/text_encoders",
+            "models/qwenclip",
+            "input",
+            "output",
+            "user",
+            "temp",
+        ):
             (b / d).mkdir(parents=True, exist_ok=True)
         # the pack goes in the documented way: install.py links it (the library comes from
         # QWENCLIP_LIB, set by .ci/comfyui.sh, so nothing is built here)
-        subprocess.run([sys.executable, str(ROOT / "plugin" / "install.py"), "--custom-nodes",
-                        str(b / "custom_nodes"), "--no-build"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "plugin" / "install.py"),
+                "--custom-nodes",
+                str(b / "custom_nodes"),
+                "--no-build",
+            ],
+            check=True,
+            capture_output=True,
+        )
         test_nodes = b / "custom_nodes" / "qwenclip_test_models"
         if not test_nodes.exists():
             os.symlink(HERE / "custom_nodes" / "qwenclip_test_models", test_nodes)
@@ -68,8 +87,20 @@ class ComfyServer:
         shutil.copytree(tiny["adapter"], b / "models/qwenclip/tiny", dirs_exist_ok=True)
         gguf = b / "models/text_encoders/qwen3-tiny-q8_0.gguf"
         if not gguf.is_file():  # the quantized base, as an artist would drop it in
-            subprocess.run([os.environ["QWENCLIP_BIN"], "quantize", "--model", str(tiny["model"]), "--type",
-                            "q8_0", "--out", str(gguf)], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    os.environ["QWENCLIP_BIN"],
+                    "quantize",
+                    "--model",
+                    str(tiny["model"]),
+                    "--type",
+                    "q8_0",
+                    "--out",
+                    str(gguf),
+                ],
+                check=True,
+                capture_output=True,
+            )
         ph = placeholders or {}
         for ckpt in ph.get("checkpoints", []):
             (b / "models/checkpoints" / ckpt).write_bytes(b"")
@@ -99,16 +130,39 @@ class ComfyServer:
     # -- process ----------------------------------------------------------------------------
     def start(self, timeout: float = 180) -> None:
         b = self.base
-        cmd = [sys.executable, str(self.comfy / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--disable-auto-launch", "--disable-api-nodes",
-               "--extra-model-paths-config", str(b / "extra_model_paths.yaml"),
-               "--output-directory", str(b / "output"), "--input-directory", str(b / "input"),
-               "--user-directory", str(b / "user"), "--temp-directory", str(b / "temp"),
-               "--database-url", "sqlite:///:memory:"]
+        cmd = [
+            sys.executable,
+            str(self.comfy / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--disable-auto-launch",
+            "--disable-api-nodes",
+            "--extra-model-paths-config",
+            str(b / "extra_model_paths.yaml"),
+            "--output-directory",
+            str(b / "output"),
+            "--input-directory",
+            str(b / "input"),
+            "--user-directory",
+            str(b / "user"),
+            "--temp-directory",
+            str(b / "temp"),
+            "--database-url",
+            "sqlite:///:memory:",
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **self.extra_env}
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=str(self.comfy), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=str(self.comfy),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -138,8 +192,9 @@ class ComfyServer:
     # -- HTTP -------------------------------------------------------------------------------
     def request(self, method: str, path: str, body=None, timeout: float = 30):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
@@ -168,7 +223,9 @@ class ComfyServer:
     def queue(self, prompt: dict) -> str:
         status, body = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
         if status != 200:
-            raise AssertionError(f"/prompt refused the workflow ({status}): {json.dumps(body, indent=1)[:4000]}")
+            raise AssertionError(
+                f"/prompt refused the workflow ({status}): {json.dumps(body, indent=1)[:4000]}"
+            )
         return body["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300) -> dict:
@@ -177,8 +234,10 @@ class ComfyServer:
         while time.time() - t0 < timeout:
             hist = self.get(f"/history/{prompt_id}")
             entry = hist.get(prompt_id) if hist else None
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                entry["status"].get("completed") or entry["status"].get("status_str") == "error"
+            if (
+                entry
+                and entry.get("status", {}).get("completed") is not None
+                and (entry["status"].get("completed") or entry["status"].get("status_str") == "error")
             ):
                 return entry
             time.sleep(0.3)
@@ -187,5 +246,7 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 300) -> dict:
         entry = self.wait(self.queue(prompt), timeout)
         if entry["status"].get("status_str") != "success":
-            raise AssertionError(f"workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}\n{self.log()[-3000:]}")
+            raise AssertionError(
+                f"workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}\n{self.log()[-3000:]}"
+            )
         return entry

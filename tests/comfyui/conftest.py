@@ -24,7 +24,9 @@ PACKAGE = "comfyui_qwenclip"
 
 COMFY = os.environ.get("QWENCLIP_COMFYUI")
 if not COMFY or not Path(COMFY, "main.py").is_file():
-    raise pytest.UsageError("QWENCLIP_COMFYUI must name a ComfyUI tree: run these tests with `bash .ci/comfyui.sh`")
+    raise pytest.UsageError(
+        "QWENCLIP_COMFYUI must name a ComfyUI tree: run these tests with `bash .ci/comfyui.sh`"
+    )
 for var in ("QWENCLIP_LIB", "QWENCLIP_BIN", "QWENCLIP_DEV_BIN"):
     if not os.environ.get(var) or not Path(os.environ[var]).is_file():
         raise pytest.UsageError(f"{var} must name a built file: run these tests with `bash .ci/comfyui.sh`")
@@ -46,7 +48,9 @@ def session_tmp(tmp_path_factory) -> Path:
 def tiny(session_tmp) -> dict:
     """The library's seeded tiny Qwen3 (hidden 32) and its adapter bundle."""
     out = session_tmp / "tiny"
-    subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(
+        [os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(out)], check=True, capture_output=True, cwd=ROOT
+    )
     return {"model": out / "model", "adapter": out / "adapter"}
 
 

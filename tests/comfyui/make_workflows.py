@@ -19,19 +19,22 @@ OUT = ROOT / "workflows"
 CKPT = "sd_xl_base_1.0.safetensors"
 BASE = "Qwen/Qwen3-4B"
 ADAPTER = "my_adapter"
-PROMPT = "a photo of a red fox sitting in fresh snow, soft morning light, detailed fur, shallow depth of field"
+PROMPT = (
+    "a photo of a red fox sitting in fresh snow, soft morning light, detailed fur, shallow depth of field"
+)
 NEGATIVE = "blurry, low quality, watermark"
-CAPTIONS = "\n".join([
-    "a photo of a red fox sitting in fresh snow, soft morning light",
-    "an oil painting of a lighthouse on a cliff at sunset",
-    "a bowl of ramen on a wooden table, top view, food photography",
-    "portrait of an old fisherman with a grey beard, dramatic lighting",
-    "a red cube to the left of a blue sphere on a white floor, 3d render",
-    "a cozy reading nook with a window, rain outside, warm lamp light",
-    "a watercolor of cherry blossoms over a river in spring",
-    "a futuristic city street at night, neon signs, wet asphalt",
-])
-
+CAPTIONS = "\n".join(
+    [
+        "a photo of a red fox sitting in fresh snow, soft morning light",
+        "an oil painting of a lighthouse on a cliff at sunset",
+        "a bowl of ramen on a wooden table, top view, food photography",
+        "portrait of an old fisherman with a grey beard, dramatic lighting",
+        "a red cube to the left of a blue sphere on a white floor, 3d render",
+        "a cozy reading nook with a window, rain outside, warm lamp light",
+        "a watercolor of cherry blossoms over a river in spring",
+        "a futuristic city street at night, neon signs, wet asphalt",
+    ]
+)
 
 
 def train_defaults() -> dict:
@@ -73,8 +76,17 @@ class Graph:
     def node(self, type_, pos, size, widgets=(), inputs=(), title=None, api=True, color=None):
         """widgets: [(name, value)]; inputs: [(name, type, (node, slot))]."""
         nid = len(self.nodes) + 1
-        n = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "widgets": list(widgets),
-             "inputs": list(inputs), "title": title, "api": api, "color": color}
+        n = {
+            "id": nid,
+            "type": type_,
+            "pos": list(pos),
+            "size": list(size),
+            "widgets": list(widgets),
+            "inputs": list(inputs),
+            "title": title,
+            "api": api,
+            "color": color,
+        }
         self.nodes.append(n)
         return nid
 
@@ -95,18 +107,34 @@ class Graph:
                 {"name": name, "type": typ, "links": out_links.get((n["id"], i), []), "slot_index": i}
                 for i, (name, typ) in enumerate(OUTPUT_TYPES[n["type"]])
             ]
-            u = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"], "flags": {},
-                 "order": order, "mode": 0, "inputs": n["_inputs"], "outputs": outputs,
-                 "properties": {"Node name for S&R": n["type"]},
-                 "widgets_values": [v for _, v in n["widgets"]]}
+            u = {
+                "id": n["id"],
+                "type": n["type"],
+                "pos": n["pos"],
+                "size": n["size"],
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": n["_inputs"],
+                "outputs": outputs,
+                "properties": {"Node name for S&R": n["type"]},
+                "widgets_values": [v for _, v in n["widgets"]],
+            }
             if n["title"]:
                 u["title"] = n["title"]
             if n["color"]:
                 u["color"], u["bgcolor"] = n["color"]
             ui_nodes.append(u)
-        return {"last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes,
-                "links": links, "groups": [], "config": {},
-                "extra": {"ds": self.view()}, "version": 0.4}
+        return {
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(links),
+            "nodes": ui_nodes,
+            "links": links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": self.view()},
+            "version": 0.4,
+        }
 
     def view(self) -> dict:
         """The canvas offset and scale that show every node on a 1600x1000 window, clear of
@@ -146,38 +174,95 @@ def note(g: Graph, text: str, pos=(-480, 0), size=(440, 520)):
 
 
 def loader(g, pos, adapter=ADAPTER):
-    return g.node("QwenEncoderLoader", pos, (320, 180), [
-        ("base_model", BASE), ("adapter", adapter), ("device", "auto"), ("dtype", "auto"),
-        ("hub_id", ""), ("max_tokens", 0)])
+    return g.node(
+        "QwenEncoderLoader",
+        pos,
+        (320, 180),
+        [
+            ("base_model", BASE),
+            ("adapter", adapter),
+            ("device", "auto"),
+            ("dtype", "auto"),
+            ("hub_id", ""),
+            ("max_tokens", 0),
+        ],
+    )
 
 
 def qwen_encode(g, pos, encoder, text, title):
-    return g.node("QwenTextEncodeSDXL", pos, (400, 260), [
-        ("text", text), ("width", 1024), ("height", 1024), ("crop_w", 0), ("crop_h", 0),
-        ("target_width", 1024), ("target_height", 1024)],
-        [("encoder", "QWEN_ENCODER", (encoder, 0))], title=title)
+    return g.node(
+        "QwenTextEncodeSDXL",
+        pos,
+        (400, 260),
+        [
+            ("text", text),
+            ("width", 1024),
+            ("height", 1024),
+            ("crop_w", 0),
+            ("crop_h", 0),
+            ("target_width", 1024),
+            ("target_height", 1024),
+        ],
+        [("encoder", "QWEN_ENCODER", (encoder, 0))],
+        title=title,
+    )
 
 
 def clip_encode(g, pos, ckpt, text, title):
-    return g.node("CLIPTextEncodeSDXL", pos, (400, 290), [
-        ("width", 1024), ("height", 1024), ("crop_w", 0), ("crop_h", 0), ("target_width", 1024),
-        ("target_height", 1024), ("text_g", text), ("text_l", text)],
-        [("clip", "CLIP", (ckpt, 1))], title=title)
+    return g.node(
+        "CLIPTextEncodeSDXL",
+        pos,
+        (400, 290),
+        [
+            ("width", 1024),
+            ("height", 1024),
+            ("crop_w", 0),
+            ("crop_h", 0),
+            ("target_width", 1024),
+            ("target_height", 1024),
+            ("text_g", text),
+            ("text_l", text),
+        ],
+        [("clip", "CLIP", (ckpt, 1))],
+        title=title,
+    )
 
 
 def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None):
-    k = g.node("KSampler", (x, y), (320, 262), [
-        ("seed", seed), ("control_after_generate", "fixed"), ("steps", 25), ("cfg", 7.0),
-        ("sampler_name", "euler"), ("scheduler", "normal"), ("denoise", 1.0)],
-        [("model", "MODEL", (ckpt, 0)), ("positive", "CONDITIONING", (pos, 0)),
-         ("negative", "CONDITIONING", (neg, 0)), ("latent_image", "LATENT", (latent, 0))], title=title)
-    d = g.node("VAEDecode", (x + 350, y), (210, 46), [], [("samples", "LATENT", (k, 0)), ("vae", "VAE", (ckpt, 2))])
-    g.node("SaveImage", (x + 590, y), (400, 420), [("filename_prefix", prefix)], [("images", "IMAGE", (d, 0))])
+    k = g.node(
+        "KSampler",
+        (x, y),
+        (320, 262),
+        [
+            ("seed", seed),
+            ("control_after_generate", "fixed"),
+            ("steps", 25),
+            ("cfg", 7.0),
+            ("sampler_name", "euler"),
+            ("scheduler", "normal"),
+            ("denoise", 1.0),
+        ],
+        [
+            ("model", "MODEL", (ckpt, 0)),
+            ("positive", "CONDITIONING", (pos, 0)),
+            ("negative", "CONDITIONING", (neg, 0)),
+            ("latent_image", "LATENT", (latent, 0)),
+        ],
+        title=title,
+    )
+    d = g.node(
+        "VAEDecode", (x + 350, y), (210, 46), [], [("samples", "LATENT", (k, 0)), ("vae", "VAE", (ckpt, 2))]
+    )
+    g.node(
+        "SaveImage", (x + 590, y), (400, 420), [("filename_prefix", prefix)], [("images", "IMAGE", (d, 0))]
+    )
 
 
 def text_to_image() -> Graph:
     g = Graph()
-    note(g, f"""
+    note(
+        g,
+        f"""
 SDXL text-to-image with Qwen Text Encode (SDXL) for both prompts.
 
 What to set:
@@ -192,19 +277,24 @@ What to set:
 3. The prompts are plain text: (word:1.2) weights are not parsed.
 4. width/height (and target_*) are SDXL's size conditioning: keep them equal to the image
    size set in Empty Latent Image.
-""")
+""",
+    )
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
     enc = loader(g, (0, 160))
     pos = qwen_encode(g, (360, 0), enc, PROMPT, "Positive (Qwen)")
     neg = qwen_encode(g, (360, 300), enc, NEGATIVE, "Negative (Qwen)")
-    lat = g.node("EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)])
+    lat = g.node(
+        "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
+    )
     sample(g, 800, 0, ckpt, pos, neg, lat, "qwenclip/text_to_image")
     return g
 
 
 def train_then_generate() -> Graph:
     g = Graph()
-    note(g, """
+    note(
+        g,
+        """
 Train a qwenclip adapter on your own captions, then generate with it.
 
 Qwen Adapter Train distils your checkpoint's own CLIP (the teacher) into the Qwen encoder:
@@ -226,29 +316,52 @@ What to set:
      a GPU run; a checkpoint + the adapter are written every save_every steps.
    - Cancel stops cleanly after saving; queue again to resume.
 4. The loss curve goes to the preview; the trained encoder feeds the prompts below.
-""", size=(460, 640))
+""",
+        size=(460, 640),
+    )
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
     enc = loader(g, (0, 160), adapter="none")
     d = train_defaults()
     settings = ["steps", "batch_size", "grad_accum", "lr_lora", "lr_resampler", "save_every", "seed"]
-    optional = ["lora_r", "lora_alpha", "resampler_width", "resampler_heads", "resampler_layers",
-                "resampler_ff_mult", "warmup_steps", "schedule"]
-    train = g.node("QwenAdapterTrain", (360, 0), (420, 640), [
-        ("adapter_name", ADAPTER), ("captions_folder", "none (use captions_text)"),
-        ("captions_text", CAPTIONS), *[(k, d[k]) for k in settings],
-        ("init", "encoder adapter"), *[(k, d[k]) for k in optional]],
-        [("encoder", "QWEN_ENCODER", (enc, 0)), ("clip", "CLIP", (ckpt, 1))])
+    optional = [
+        "lora_r",
+        "lora_alpha",
+        "resampler_width",
+        "resampler_heads",
+        "resampler_layers",
+        "resampler_ff_mult",
+        "warmup_steps",
+        "schedule",
+    ]
+    train = g.node(
+        "QwenAdapterTrain",
+        (360, 0),
+        (420, 640),
+        [
+            ("adapter_name", ADAPTER),
+            ("captions_folder", "none (use captions_text)"),
+            ("captions_text", CAPTIONS),
+            *[(k, d[k]) for k in settings],
+            ("init", "encoder adapter"),
+            *[(k, d[k]) for k in optional],
+        ],
+        [("encoder", "QWEN_ENCODER", (enc, 0)), ("clip", "CLIP", (ckpt, 1))],
+    )
     g.node("PreviewImage", (820, 700), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
     pos = qwen_encode(g, (820, 0), train, PROMPT, "Positive (trained adapter)")
     neg = qwen_encode(g, (820, 300), train, NEGATIVE, "Negative (trained adapter)")
-    lat = g.node("EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)])
+    lat = g.node(
+        "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
+    )
     sample(g, 1260, 0, ckpt, pos, neg, lat, "qwenclip/trained_adapter")
     return g
 
 
 def clip_vs_qwen() -> Graph:
     g = Graph()
-    note(g, f"""
+    note(
+        g,
+        f"""
 CLIP vs Qwen, side by side: the same checkpoint, prompt, seed and sampler, conditioned
 once by the checkpoint's own CLIP (CLIP Text Encode SDXL, top) and once by Qwen Text
 Encode (SDXL) with your adapter (bottom). Both images are saved under qwenclip/compare_*.
@@ -259,14 +372,17 @@ What to set:
    ("{ADAPTER}" is what the training workflow writes).
 3. Write the same prompt in both positive nodes (and both negatives). Both KSamplers use
    seed 42 ("fixed"): change both together.
-""")
+""",
+    )
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
     cpos = clip_encode(g, (360, 0), ckpt, PROMPT, "Positive (CLIP)")
     cneg = clip_encode(g, (360, 320), ckpt, NEGATIVE, "Negative (CLIP)")
     enc = loader(g, (0, 700))
     qpos = qwen_encode(g, (360, 700), enc, PROMPT, "Positive (Qwen)")
     qneg = qwen_encode(g, (360, 990), enc, NEGATIVE, "Negative (Qwen)")
-    lat = g.node("EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)])
+    lat = g.node(
+        "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
+    )
     sample(g, 800, 0, ckpt, cpos, cneg, lat, "qwenclip/compare_clip", title="KSampler (CLIP)")
     sample(g, 800, 700, ckpt, qpos, qneg, lat, "qwenclip/compare_qwen", title="KSampler (Qwen)")
     return g

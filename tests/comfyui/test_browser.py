@@ -32,8 +32,12 @@ def browser_results(server, tmp_path_factory):
     os.symlink(modules, work / "node_modules")  # ESM resolves packages next to the script
     shots = work / "screenshots"
     shots.mkdir()
-    r = subprocess.run(["node", str(work / "browser.mjs"), server.url, str(shots), *map(str, UI_FILES)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        ["node", str(work / "browser.mjs"), server.url, str(shots), *map(str, UI_FILES)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     results = {x["file"]: x for x in json.loads(r.stdout.strip().splitlines()[-1])}
     # the accepted prompts were deleted / interrupted: wait until the queue is idle again
@@ -84,11 +88,17 @@ def test_a_prompt_cut_at_the_token_limit_shows_a_warning_in_the_frontend(server,
     os.symlink(os.environ["QWENCLIP_NODE_MODULES"], tmp_path / "node_modules")
     shot = HERE.parents[1] / "target" / "test-scratch" / "warning-toast.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["node", str(tmp_path / "toast.mjs"), server.url, str(tmp_path / "prompt.json"), str(shot)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        ["node", str(tmp_path / "toast.mjs"), server.url, str(tmp_path / "prompt.json"), str(shot)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["page_errors"] == [], out["page_errors"]
     toasts = "\n".join(out["toasts"])
-    assert "Qwen Text Encode (SDXL)" in toasts and "the last" in toasts and "were dropped (limit 256)" in toasts, out
+    assert (
+        "Qwen Text Encode (SDXL)" in toasts and "the last" in toasts and "were dropped (limit 256)" in toasts
+    ), out
     assert "were dropped (limit 256)" in server.log(), "the server log has it too"

@@ -18,9 +18,19 @@ OURS = {
     "QwenAdapterTrain": "Qwen Adapter Train",
     "QwenAdapterSelect": "Qwen Adapter Select",
 }
-SMALL_TRAIN = {"batch_size": 2, "grad_accum": 1, "init": "scratch", "lora_r": 4, "lora_alpha": 4.0,
-               "resampler_width": 64, "resampler_heads": 4, "resampler_layers": 1, "resampler_ff_mult": 2,
-               "lr_lora": 1e-3, "lr_resampler": 1e-3}
+SMALL_TRAIN = {
+    "batch_size": 2,
+    "grad_accum": 1,
+    "init": "scratch",
+    "lora_r": 4,
+    "lora_alpha": 4.0,
+    "resampler_width": 64,
+    "resampler_heads": 4,
+    "resampler_layers": 1,
+    "resampler_ff_mult": 2,
+    "lr_lora": 1e-3,
+    "lr_resampler": 1e-3,
+}
 
 
 def workflow(name: str) -> dict:
@@ -115,8 +125,9 @@ def test_server_log_has_no_import_error_and_the_pack_imports_fast(server):
     # The library loads on first use (the node list reads the training defaults from it), not
     # while ComfyUI starts.
     started = log.find("To see the GUI go to")
-    assert started >= 0 and log.find("qwenclip: using") in (-1, *range(started, len(log))), \
+    assert started >= 0 and log.find("qwenclip: using") in (-1, *range(started, len(log))), (
         "the library loads on first use, not at start-up"
+    )
 
 
 def test_node_help_pages_are_served_for_the_frontend(server):
@@ -142,9 +153,13 @@ def test_text_to_image_workflow(server):
     # Same seed and prompt, with ComfyUI's caches dropped so everything runs again: the same
     # picture. Another prompt: another picture.
     assert server.post("/free", {"free_memory": True})[0] == 200
-    again = pixels(saved_images(server, server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_t2i_again")))[0])
+    again = pixels(
+        saved_images(server, server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_t2i_again")))[0]
+    )
     assert np.array_equal(picture, again), "the same seed and prompt gave another picture"
-    other_graph = with_prompt(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_t2i_other"), "a lighthouse under the stars")
+    other_graph = with_prompt(
+        tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_t2i_other"), "a lighthouse under the stars"
+    )
     other = pixels(saved_images(server, server.run(other_graph))[0])
     assert np.abs(picture - other).mean() > 1.0, "another prompt gave the same picture"
     log = server.log()
@@ -152,7 +167,9 @@ def test_text_to_image_workflow(server):
 
 
 def test_text_to_image_workflow_on_a_gguf_base(server):
-    entry = server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_gguf", base="qwen3-tiny-q8_0.gguf"))
+    entry = server.run(
+        tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_gguf", base="qwen3-tiny-q8_0.gguf")
+    )
     images = saved_images(server, entry)
     assert len(images) == 1
     pixels(images[0])
@@ -168,19 +185,32 @@ def test_clip_vs_qwen_workflow(server):
 
 
 def test_train_then_generate_then_load_the_saved_adapter(server):
-    prompt = tiny(workflow("sdxl_qwen_train_then_generate"), prefix="e2e_train",
-                  adapter_name="e2e_adapter", steps=4, save_every=2)
+    prompt = tiny(
+        workflow("sdxl_qwen_train_then_generate"),
+        prefix="e2e_train",
+        adapter_name="e2e_adapter",
+        steps=4,
+        save_every=2,
+    )
     entry = server.run(prompt)
     folder = server.base / "models" / "qwenclip" / "e2e_adapter"
-    for f in ("adapter/qwenclip.json", "adapter/resampler.safetensors", "adapter/adapter_model.safetensors",
-              "checkpoint.safetensors", "metrics.jsonl", "loss.png"):
+    for f in (
+        "adapter/qwenclip.json",
+        "adapter/resampler.safetensors",
+        "adapter/adapter_model.safetensors",
+        "checkpoint.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+    ):
         assert (folder / f).is_file(), f
     state = run_state(folder)
     assert state["step"] == 4 and len(state["losses"]) == 4
     images = saved_images(server, entry)
     assert len(images) == 1
     pixels(images[0])
-    previews = [img for o in entry["outputs"].values() for img in o.get("images", []) if img["type"] == "temp"]
+    previews = [
+        img for o in entry["outputs"].values() for img in o.get("images", []) if img["type"] == "temp"
+    ]
     assert previews, "the loss curve reached the Preview Image node"
     assert "qwenclip: trained" in server.log()
 
@@ -195,8 +225,13 @@ def test_train_then_generate_then_load_the_saved_adapter(server):
 
 
 def test_cancel_saves_then_queueing_again_resumes(server):
-    prompt = tiny(workflow("sdxl_qwen_train_then_generate"), prefix="e2e_cancel",
-                  adapter_name="e2e_cancel", steps=100000, save_every=100000)
+    prompt = tiny(
+        workflow("sdxl_qwen_train_then_generate"),
+        prefix="e2e_cancel",
+        adapter_name="e2e_cancel",
+        steps=100000,
+        save_every=100000,
+    )
     pid = server.queue(prompt)
     t0 = time.time()
     while "qwenclip: step 1/100000" not in server.log():
@@ -211,11 +246,20 @@ def test_cancel_saves_then_queueing_again_resumes(server):
     folder = server.base / "models" / "qwenclip" / "e2e_cancel"
     state = run_state(folder)
     stopped = state["step"]
-    assert stopped >= 1 and (folder / "checkpoint.safetensors").is_file() and (folder / "adapter" / "qwenclip.json").is_file()
+    assert (
+        stopped >= 1
+        and (folder / "checkpoint.safetensors").is_file()
+        and (folder / "adapter" / "qwenclip.json").is_file()
+    )
     assert "saved" in server.log() and "stopped: InterruptProcessingException" in server.log()
 
-    prompt = tiny(workflow("sdxl_qwen_train_then_generate"), prefix="e2e_resume",
-                  adapter_name="e2e_cancel", steps=stopped + 3, save_every=100000)
+    prompt = tiny(
+        workflow("sdxl_qwen_train_then_generate"),
+        prefix="e2e_resume",
+        adapter_name="e2e_cancel",
+        steps=stopped + 3,
+        save_every=100000,
+    )
     server.run(prompt)
     state = run_state(folder)
     assert state["step"] == stopped + 3
@@ -248,8 +292,11 @@ def test_free_releases_our_memory(server):
     # once, right after dropping its caches; an encoder caught in a reference cycle that only
     # became garbage later (ComfyUI keeps tracebacks of failed nodes in locals) waits for the
     # next collection, which another /free starts.
-    until(lambda s: s["live_encoders"] == 0, "free_memory dropped ComfyUI's caches and our handles",
-          nudge=lambda: server.post("/free", {"free_memory": True}))
+    until(
+        lambda s: s["live_encoders"] == 0,
+        "free_memory dropped ComfyUI's caches and our handles",
+        nudge=lambda: server.post("/free", {"free_memory": True}),
+    )
     assert "qwenclip: freed encoder" in server.log()
     # and everything still works afterwards
     server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_after_free"))

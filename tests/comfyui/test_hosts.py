@@ -17,9 +17,23 @@ import pytest
 import torch
 from conftest import Progress
 
-SETTINGS = dict(steps=6, batch_size=2, grad_accum=2, lr_lora=1e-3, lr_resampler=1e-3, save_every=100,
-                seed=3, lora_r=4, lora_alpha=4.0, resampler_width=64, resampler_heads=4, resampler_layers=1,
-                resampler_ff_mult=2, warmup_steps=0, schedule="constant")
+SETTINGS = dict(
+    steps=6,
+    batch_size=2,
+    grad_accum=2,
+    lr_lora=1e-3,
+    lr_resampler=1e-3,
+    save_every=100,
+    seed=3,
+    lora_r=4,
+    lora_alpha=4.0,
+    resampler_width=64,
+    resampler_heads=4,
+    resampler_layers=1,
+    resampler_ff_mult=2,
+    warmup_steps=0,
+    schedule="constant",
+)
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
@@ -45,7 +59,9 @@ def tiny_checkpoint(session_tmp) -> Path:
 
     path = session_tmp / "tiny_sdxl.safetensors"
     if not path.is_file():
-        comfy.sd.save_checkpoint(str(path), tiny_sdxl.tiny_model(), tiny_sdxl.tiny_clip(), tiny_sdxl.tiny_vae())
+        comfy.sd.save_checkpoint(
+            str(path), tiny_sdxl.tiny_model(), tiny_sdxl.tiny_clip(), tiny_sdxl.tiny_vae()
+        )
     return path
 
 
@@ -57,13 +73,15 @@ def caption_folder(comfy_dirs) -> Path:
     (d / "sub").mkdir(parents=True, exist_ok=True)
     (d / "prompts.txt").write_text(
         "a red cube left of a blue sphere\n# a comment\n\na lighthouse under the stars\n"
-        "a bowl of ramen, top view\na red cube left of a blue sphere\n")
+        "a bowl of ramen, top view\na red cube left of a blue sphere\n"
+    )
     (d / "img01.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (d / "img01.txt").write_text("portrait of an old fisherman,\n  oil painting\n")
     (d / "sub" / "cat.caption").write_text("a (cat) sitting under a wooden table")
     (d / "sub" / "more.jsonl").write_text(
         '{"caption": "a green bicycle against a brick wall"}\n\n{"text": "a bowl of ramen, top view"}\n'
-        '{"caption": "two dogs running on a beach"}\n')
+        '{"caption": "two dogs running on a beach"}\n'
+    )
     return d
 
 
@@ -180,7 +198,8 @@ def straight(pack, cache, session_tmp) -> Path:
 
 
 def test_a_run_the_node_started_and_cancelled_ends_on_the_command_line_exactly(
-        pack, cache, straight, progress_hook):
+    pack, cache, straight, progress_hook
+):
     _node_train(pack, CacheClip(cache), "hosts_node_first", progress_hook, cancel_at=3)
     folder = _run_folder(pack, "hosts_node_first")
     state = _checkpoint_state(folder)

@@ -17,16 +17,25 @@ import pytest
 import torch
 from conftest import COMFY, PACKAGE, PLUGIN, Progress
 
-CAPTIONS = "\n".join([
-    "a red cube left of a blue sphere",
-    "a lighthouse under the stars",
-    "portrait of an old fisherman, oil painting",
-    "a bowl of ramen, top view, photo",
-    "(a cat) sitting under a wooden table",
-])
+CAPTIONS = "\n".join(
+    [
+        "a red cube left of a blue sphere",
+        "a lighthouse under the stars",
+        "portrait of an old fisherman, oil painting",
+        "a bowl of ramen, top view, photo",
+        "(a cat) sitting under a wooden table",
+    ]
+)
 
-SMALL = dict(lora_r=4, lora_alpha=4.0, resampler_width=64, resampler_heads=4, resampler_layers=1,
-             resampler_ff_mult=2, init="scratch")
+SMALL = dict(
+    lora_r=4,
+    lora_alpha=4.0,
+    resampler_width=64,
+    resampler_heads=4,
+    resampler_layers=1,
+    resampler_ff_mult=2,
+    init="scratch",
+)
 
 
 def _sdxl_text_encode(clip, text, w=1024, h=1024):
@@ -67,7 +76,7 @@ def test_import_is_fast_and_loads_no_library():
         import torch, folder_paths, comfy.model_management, comfy.utils
         import importlib.util
         t = time.perf_counter()
-        spec = importlib.util.spec_from_file_location({PACKAGE!r}, {str(PLUGIN / '__init__.py')!r},
+        spec = importlib.util.spec_from_file_location({PACKAGE!r}, {str(PLUGIN / "__init__.py")!r},
                                                       submodule_search_locations=[{str(PLUGIN)!r}])
         m = importlib.util.module_from_spec(spec); sys.modules[{PACKAGE!r}] = m; spec.loader.exec_module(m)
         dt = time.perf_counter() - t
@@ -123,8 +132,20 @@ def gguf_base(comfy_dirs, tiny) -> Path:
     file that is not a model (must not be listed)."""
     te = comfy_dirs["text_encoders"]
     out = te / "qwen3-tiny-q8_0.gguf"
-    subprocess.run([os.environ["QWENCLIP_BIN"], "quantize", "--model", str(tiny["model"]), "--type", "q8_0",
-                    "--out", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            os.environ["QWENCLIP_BIN"],
+            "quantize",
+            "--model",
+            str(tiny["model"]),
+            "--type",
+            "q8_0",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (te / "readme.txt").write_text("not a model")
     return out
 
@@ -132,14 +153,18 @@ def gguf_base(comfy_dirs, tiny) -> Path:
 def test_loader_lists_gguf_files_under_its_own_key_and_leaves_shared_sets_alone(pack, gguf_base):
     import folder_paths
 
-    shared_exts = {k: set(v[1]) for k, v in folder_paths.folder_names_and_paths.items() if k != "qwenclip_gguf"}
+    shared_exts = {
+        k: set(v[1]) for k, v in folder_paths.folder_names_and_paths.items() if k != "qwenclip_gguf"
+    }
     choices = pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]["base_model"][0]
     assert "qwen3-tiny-q8_0.gguf" in choices and "qwen3-tiny" in choices
     assert not any(c.endswith(".txt") for c in choices)
     paths, exts = folder_paths.folder_names_and_paths["qwenclip_gguf"]
     assert exts == {".gguf"} and str(gguf_base.parent) in paths
     assert folder_paths.get_full_path("qwenclip_gguf", "qwen3-tiny-q8_0.gguf") == str(gguf_base)
-    assert {k: set(v[1]) for k, v in folder_paths.folder_names_and_paths.items() if k != "qwenclip_gguf"} == shared_exts
+    assert {
+        k: set(v[1]) for k, v in folder_paths.folder_names_and_paths.items() if k != "qwenclip_gguf"
+    } == shared_exts
     assert ".gguf" not in folder_paths.folder_names_and_paths["text_encoders"][1]
 
 
@@ -194,7 +219,9 @@ def test_missing_library_every_node_says_how_to_install(pack, monkeypatch, tmp_p
             lambda: pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32"),
             lambda: pack.nodes.QwenTextEncodeSDXL().encode(encoder, "x", 1024, 1024, 0, 0, 1024, 1024),
             lambda: pack.nodes.QwenAdapterSelect().select(encoder, "tiny"),
-            lambda: pack.nodes.QwenAdapterTrain().train(encoder, teacher_clip, "x", "none (use captions_text)", "a", 1, 1, 1, 1e-4, 5e-4, 1, 0),
+            lambda: pack.nodes.QwenAdapterTrain().train(
+                encoder, teacher_clip, "x", "none (use captions_text)", "a", 1, 1, 1, 1e-4, 5e-4, 1, 0
+            ),
         ]
         messages = set()
         for call in calls:
@@ -258,8 +285,10 @@ def test_library_refuses_another_abi(pack, monkeypatch):
 def _check_same_format(ours, theirs):
     assert isinstance(ours, list) and len(ours) == len(theirs) == 1
     (c, d), (tc, td) = ours[0], theirs[0]
-    assert isinstance(c, torch.Tensor) and c.shape == tc.shape and c.dtype == tc.dtype and c.device == tc.device
-    assert set(d) == set(td), (set(d) ^ set(td))
+    assert (
+        isinstance(c, torch.Tensor) and c.shape == tc.shape and c.dtype == tc.dtype and c.device == tc.device
+    )
+    assert set(d) == set(td), set(d) ^ set(td)
     for k, v in td.items():
         if isinstance(v, torch.Tensor):
             assert d[k].shape == v.shape and d[k].dtype == v.dtype and d[k].device == v.device, k
@@ -268,7 +297,9 @@ def _check_same_format(ours, theirs):
 
 
 def test_conditioning_is_exactly_clip_text_encode_sdxl_format(pack, encoder, teacher_clip):
-    ours = pack.nodes.QwenTextEncodeSDXL().encode(encoder, "a lighthouse under the stars", 832, 1216, 16, 32, 832, 1216)[0]
+    ours = pack.nodes.QwenTextEncodeSDXL().encode(
+        encoder, "a lighthouse under the stars", 832, 1216, 16, 32, 832, 1216
+    )[0]
     theirs = _sdxl_text_encode(teacher_clip, "a lighthouse under the stars", 832, 1216)
     theirs[0][1].update(crop_w=16, crop_h=32)
     _check_same_format(ours, theirs)
@@ -286,7 +317,9 @@ def test_conditioning_equals_the_library_and_the_empty_prompt_works(pack, encode
     pooled = torch.zeros(1, 1280)
     with base.lock:
         base.select(encoder.adapter)
-        lib.encode_into(base.handle, ["a red cube"], cond.data_ptr(), cond.numel(), pooled.data_ptr(), pooled.numel())
+        lib.encode_into(
+            base.handle, ["a red cube"], cond.data_ptr(), cond.numel(), pooled.data_ptr(), pooled.numel()
+        )
     assert torch.equal(a[0][0], cond) and torch.equal(a[0][1]["pooled_output"], pooled)
     empty = pack.nodes.QwenTextEncodeSDXL().encode(encoder, "", 1024, 1024, 0, 0, 1024, 1024)[0]
     assert empty[0][0].shape == (1, 77, 2048) and not torch.equal(empty[0][0], cond)
@@ -354,8 +387,17 @@ def test_loaders_share_one_base_model(pack):
 
 
 def _train(pack, encoder, clip, name, steps, **kw):
-    args = dict(captions_folder="none (use captions_text)", captions_text=CAPTIONS, steps=steps,
-                batch_size=2, grad_accum=2, lr_lora=1e-3, lr_resampler=1e-3, save_every=2, seed=3)
+    args = dict(
+        captions_folder="none (use captions_text)",
+        captions_text=CAPTIONS,
+        steps=steps,
+        batch_size=2,
+        grad_accum=2,
+        lr_lora=1e-3,
+        lr_resampler=1e-3,
+        save_every=2,
+        seed=3,
+    )
     args.update(SMALL)
     args.update(kw)
     return pack.nodes.QwenAdapterTrain().train(encoder, clip, name, unique_id="7", **args)
@@ -383,8 +425,14 @@ def test_train_progress_saves_and_outputs(pack, encoder, teacher_clip, progress_
     state, folder = _state(pack, "unit_run")
     assert state["step"] == 4 and [s for s, _ in state["losses"]] == [1, 2, 3, 4]
     assert state["trainer"]["config"]["grad_accum"] == 2 and state["trainer"]["micro"] == 0
-    for f in ("checkpoint.safetensors", "metrics.jsonl", "loss.png", "adapter/qwenclip.json",
-              "adapter/resampler.safetensors", "adapter/adapter_model.safetensors"):
+    for f in (
+        "checkpoint.safetensors",
+        "metrics.jsonl",
+        "loss.png",
+        "adapter/qwenclip.json",
+        "adapter/resampler.safetensors",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (folder / f).is_file(), f
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0
@@ -397,7 +445,9 @@ def test_train_progress_saves_and_outputs(pack, encoder, teacher_clip, progress_
     # the output encoder carries the new adapter; the input encoder is unchanged
     adapter = str(folder / "adapter")
     assert out_encoder.adapter == adapter and encoder.adapter != adapter
-    cond = pack.nodes.QwenTextEncodeSDXL().encode(out_encoder, "a lighthouse", 1024, 1024, 0, 0, 1024, 1024)[0]
+    cond = pack.nodes.QwenTextEncodeSDXL().encode(out_encoder, "a lighthouse", 1024, 1024, 0, 0, 1024, 1024)[
+        0
+    ]
     assert cond[0][0].shape == (1, 77, 2048)
     # and it is listed for the loader
     assert "unit_run" in pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]["adapter"][0]
@@ -406,7 +456,9 @@ def test_train_progress_saves_and_outputs(pack, encoder, teacher_clip, progress_
     assert torch.allclose(again[0][0], cond[0][0], atol=1e-5)
 
 
-def test_train_cancel_saves_then_resume_matches_an_uninterrupted_run(pack, encoder, teacher_clip, progress_hook):
+def test_train_cancel_saves_then_resume_matches_an_uninterrupted_run(
+    pack, encoder, teacher_clip, progress_hook
+):
     import comfy.model_management as mm
 
     progress_hook(Progress(cancel_at=3))
@@ -514,14 +566,18 @@ def test_workflow_files_are_what_make_workflows_writes(tmp_path, monkeypatch):
     make_workflows.main()
     shipped = Path(make_workflows.ROOT) / "workflows"
     for f in sorted(tmp_path.iterdir()):
-        assert f.read_text() == (shipped / f.name).read_text(), f"{f.name}: run tests/comfyui/make_workflows.py"
+        assert f.read_text() == (shipped / f.name).read_text(), (
+            f"{f.name}: run tests/comfyui/make_workflows.py"
+        )
 
 
 # -- install.py -----------------------------------------------------------------------------------
 
 
 def _install(*args, env=None):
-    return subprocess.run([sys.executable, str(PLUGIN / "install.py"), *args], capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, str(PLUGIN / "install.py"), *args], capture_output=True, text=True, env=env
+    )
 
 
 def test_install_copies_the_pack_and_a_library_that_the_nodes_then_find(tmp_path):
@@ -569,7 +625,9 @@ def test_loader_asks_comfyui_for_room_first(pack, monkeypatch):
 
     calls = []
     real = mm.free_memory
-    monkeypatch.setattr(mm, "free_memory", lambda need, dev, *a, **k: (calls.append((need, dev)), real(need, dev, *a, **k))[1])
+    monkeypatch.setattr(
+        mm, "free_memory", lambda need, dev, *a, **k: (calls.append((need, dev)), real(need, dev, *a, **k))[1]
+    )
     pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32", max_tokens=77)
     assert calls and calls[0][0] > 10_000_000 and calls[0][1].type == "cpu"  # ~20 MB of f32 weights
 
@@ -633,7 +691,7 @@ class FakeHub:
                 prefix = f"/{repo}/resolve/"
                 if not self.path.startswith(prefix):
                     return None
-                name = self.path[len(prefix):].split("/", 1)[1]
+                name = self.path[len(prefix) :].split("/", 1)[1]
                 return name, files.get(name)
 
             def do_HEAD(self):
@@ -650,8 +708,13 @@ class FakeHub:
 
             def do_GET(self):
                 if self.path.startswith(f"/api/models/{repo}"):
-                    body = json.dumps({"id": repo, "sha": sha, "siblings": [
-                        {"rfilename": n, "size": len(d)} for n, d in files.items()]}).encode()
+                    body = json.dumps(
+                        {
+                            "id": repo,
+                            "sha": sha,
+                            "siblings": [{"rfilename": n, "size": len(d)} for n, d in files.items()],
+                        }
+                    ).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
@@ -680,16 +743,20 @@ class FakeHub:
         self.server.shutdown()
 
 
-def test_a_hub_download_says_its_size_shows_progress_and_loads(pack, hf_cache, monkeypatch, tiny,
-                                                                progress_hook, caplog):
-    files = {f: (tiny["model"] / f).read_bytes() for f in ("config.json", "tokenizer.json", "model.safetensors")}
+def test_a_hub_download_says_its_size_shows_progress_and_loads(
+    pack, hf_cache, monkeypatch, tiny, progress_hook, caplog
+):
+    files = {
+        f: (tiny["model"] / f).read_bytes() for f in ("config.json", "tokenizer.json", "model.safetensors")
+    }
     hub = FakeHub("qwenclip-test/tiny", files)
     try:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         hook = progress_hook(Progress())
         with caplog.at_level("INFO", logger="qwenclip"):
-            enc = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32",
-                                                      hub_id="qwenclip-test/tiny")[0]
+            enc = pack.nodes.QwenEncoderLoader().load(
+                "qwen3-tiny", "tiny", "cpu", "f32", hub_id="qwenclip-test/tiny"
+            )[0]
         total = sum(len(d) for d in files.values())
         assert f"downloading qwenclip-test/tiny: 3 files, {total / 1e9:.2f} GB" in caplog.text
         assert hub.sent == total
@@ -698,7 +765,9 @@ def test_a_hub_download_says_its_size_shows_progress_and_loads(pack, hf_cache, m
         assert cond[0][0].shape == (1, 77, 2048)
         # now it is cached: listed as it is, and loaded without the hub
         hub.close()
-        again = pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32", hub_id="qwenclip-test/tiny")[0]
+        again = pack.nodes.QwenEncoderLoader().load(
+            "qwen3-tiny", "tiny", "cpu", "f32", hub_id="qwenclip-test/tiny"
+        )[0]
         assert again.config["model"] == enc.config["model"]
     finally:
         hub.close()

@@ -69,7 +69,9 @@ def tiny_model(seed: int = 0):
     model = cfg.get_model({})
     _init(model.diffusion_model, seed)
     model.diffusion_model.to(torch.float32)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 def tiny_clip(seed: int = 1):
@@ -77,7 +79,9 @@ def tiny_clip(seed: int = 1):
     import comfy.sdxl_clip
     import comfy.supported_models_base
 
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+    target = comfy.supported_models_base.ClipTarget(
+        comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel
+    )
     clip = comfy.sd.CLIP(target=target, model_options={**TINY_CLIP_OPTIONS, "dtype": torch.float32})
     _init(clip.cond_stage_model, seed)
     return clip

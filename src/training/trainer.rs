@@ -313,6 +313,13 @@ impl Trainer {
         self.micro
     }
 
+    /// The gradient accumulated toward the next optimizer step, by parameter name (as in
+    /// checkpoints' `acc.<name>`: `lora.<PEFT key>`, `resampler.<name>`): the sum of each
+    /// micro-batch's gradient times `1 / grad_accum`; empty right after an optimizer step.
+    pub fn accumulated_gradient(&self) -> &BTreeMap<String, Tensor> {
+        &self.acc
+    }
+
     /// Number of trainable values (LoRA + resampler).
     pub fn trainable_params(&self) -> usize {
         self.opt.params.values().map(|p| p.var.elem_count()).sum()

@@ -449,6 +449,17 @@ impl Run {
         &self.trainer
     }
 
+    /// The reports of the micro-batches trained since the last optimizer step (its
+    /// [`Event::Step`] gives their mean).
+    pub fn micro_reports(&self) -> &[StepReport] {
+        &self.micro
+    }
+
+    /// The vision objective's trajectory in progress (its step: the denoising steps trained).
+    pub fn trajectory(&self) -> Option<&Trajectory> {
+        self.state.trajectory.as_ref()
+    }
+
     /// Optimizer steps taken.
     pub fn step(&self) -> u64 {
         self.trainer.step_count()

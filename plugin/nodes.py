@@ -708,11 +708,14 @@ class QwenAdapterTrain:
         )
 
 
+from .demo import QwenDemoTinySDXL  # noqa: E402  (the offline demo's checkpoint)
+
 NODE_CLASS_MAPPINGS = {
     "QwenEncoderLoader": QwenEncoderLoader,
     "QwenTextEncodeSDXL": QwenTextEncodeSDXL,
     "QwenAdapterTrain": QwenAdapterTrain,
     "QwenAdapterSelect": QwenAdapterSelect,
+    "QwenDemoTinySDXL": QwenDemoTinySDXL,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -720,4 +723,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "QwenTextEncodeSDXL": "Qwen Text Encode (SDXL)",
     "QwenAdapterTrain": "Qwen Adapter Train",
     "QwenAdapterSelect": "Qwen Adapter Select",
+    "QwenDemoTinySDXL": "Tiny SDXL (offline demo)",
 }

@@ -79,9 +79,6 @@ class ComfyServer:
             check=True,
             capture_output=True,
         )
-        test_nodes = b / "custom_nodes" / "qwenclip_test_models"
-        if not test_nodes.exists():
-            os.symlink(HERE / "custom_nodes" / "qwenclip_test_models", test_nodes)
         tiny = make_tiny_models(b)
         shutil.copytree(tiny["model"], b / "models/text_encoders/qwen3-tiny", dirs_exist_ok=True)
         shutil.copytree(tiny["adapter"], b / "models/qwenclip/tiny", dirs_exist_ok=True)

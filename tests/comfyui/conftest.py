@@ -96,9 +96,7 @@ def pack(comfy_dirs):
 
 @pytest.fixture(scope="session")
 def teacher_clip():
-    import tiny_sdxl
-
-    return tiny_sdxl.tiny_clip()
+    return plugin_package().demo.tiny_clip()
 
 
 @pytest.fixture(scope="session")

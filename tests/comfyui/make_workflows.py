@@ -52,8 +52,19 @@ VIEW_SIZE = (1600, 1000)
 VIEW_CLEAR = (70, 100, 30, 70)
 TITLE_HEIGHT = 30
 
+# The size conditioning of a 64x64 picture.
+SIZE_64 = [
+    ("width", 64),
+    ("height", 64),
+    ("crop_w", 0),
+    ("crop_h", 0),
+    ("target_width", 64),
+    ("target_height", 64),
+]
+
 OUTPUT_TYPES = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "QwenDemoTinySDXL": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "QwenEncoderLoader": [("encoder", "QWEN_ENCODER")],
     "QwenAdapterSelect": [("encoder", "QWEN_ENCODER")],
     "QwenTextEncodeSDXL": [("CONDITIONING", "CONDITIONING")],
@@ -173,16 +184,16 @@ def note(g: Graph, text: str, pos=(-480, 0), size=(440, 520)):
     g.node("Note", pos, size, [("text", text.strip() + "\n")], api=False, color=NOTE_COLOR)
 
 
-def loader(g, pos, adapter=ADAPTER):
+def loader(g, pos, adapter=ADAPTER, base=BASE, device="auto", dtype="auto"):
     return g.node(
         "QwenEncoderLoader",
         pos,
         (320, 180),
         [
-            ("base_model", BASE),
+            ("base_model", base),
             ("adapter", adapter),
-            ("device", "auto"),
-            ("dtype", "auto"),
+            ("device", device),
+            ("dtype", dtype),
             ("hub_id", ""),
             ("max_tokens", 0),
         ],
@@ -228,7 +239,7 @@ def clip_encode(g, pos, ckpt, text, title):
     )
 
 
-def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None):
+def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None, steps=25):
     k = g.node(
         "KSampler",
         (x, y),
@@ -236,7 +247,7 @@ def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None):
         [
             ("seed", seed),
             ("control_after_generate", "fixed"),
-            ("steps", 25),
+            ("steps", steps),
             ("cfg", 7.0),
             ("sampler_name", "euler"),
             ("scheduler", "normal"),
@@ -357,6 +368,52 @@ What to set:
     return g
 
 
+def tiny_demo() -> Graph:
+    g = Graph()
+    note(
+        g,
+        """
+The offline demo: tiny models, seconds on a CPU, a meaningless but real picture.
+
+What to set (see the pack's README, "Try it offline"):
+1. Tiny SDXL (offline demo): a tiny SDXL made in memory (random weights, nothing to
+   download); for real work use Load Checkpoint with an SDXL checkpoint.
+2. Qwen Encoder Loader: "qwen3-tiny" and the adapter "tiny", the folders `qwenclip-dev tiny`
+   writes, copied to models/text_encoders/qwen3-tiny and models/qwenclip/tiny.
+3. Queue: a 64x64 picture appears in Save Image. Another prompt gives another picture; the
+   same seed and prompt give the same one.
+""",
+        size=(420, 420),
+    )
+    ckpt = g.node(
+        "QwenDemoTinySDXL",
+        (0, 0),
+        (320, 98),
+        [("seed", 0), ("control_after_generate", "fixed")],
+        title="Tiny SDXL (offline demo)",
+    )
+    enc = loader(g, (0, 160), adapter="tiny", base="qwen3-tiny", device="cpu", dtype="f32")
+    pos = g.node(
+        "QwenTextEncodeSDXL",
+        (360, 0),
+        (400, 260),
+        [("text", "a red cube left of a blue sphere"), *SIZE_64],
+        [("encoder", "QWEN_ENCODER", (enc, 0))],
+        title="Positive",
+    )
+    neg = g.node(
+        "QwenTextEncodeSDXL",
+        (360, 300),
+        (400, 260),
+        [("text", ""), *SIZE_64],
+        [("encoder", "QWEN_ENCODER", (enc, 0))],
+        title="Negative",
+    )
+    lat = g.node("EmptyLatentImage", (0, 400), (320, 106), [("width", 64), ("height", 64), ("batch_size", 1)])
+    sample(g, 800, 0, ckpt, pos, neg, lat, "qwenclip/tiny_demo", steps=4)
+    return g
+
+
 def clip_vs_qwen() -> Graph:
     g = Graph()
     note(
@@ -391,6 +448,7 @@ What to set:
 WORKFLOWS = {
     "sdxl_qwen_text_to_image": text_to_image,
     "sdxl_qwen_train_then_generate": train_then_generate,
+    "sdxl_qwen_tiny_demo": tiny_demo,
     "sdxl_clip_vs_qwen": clip_vs_qwen,
 }
 

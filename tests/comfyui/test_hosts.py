@@ -52,16 +52,14 @@ def _cli_settings(**over) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(session_tmp) -> Path:
+def tiny_checkpoint(session_tmp, pack) -> Path:
     """The tiny SDXL (UNet, CLIP, VAE) as ComfyUI's own save writes a checkpoint."""
     import comfy.sd
-    import tiny_sdxl
 
     path = session_tmp / "tiny_sdxl.safetensors"
     if not path.is_file():
-        comfy.sd.save_checkpoint(
-            str(path), tiny_sdxl.tiny_model(), tiny_sdxl.tiny_clip(), tiny_sdxl.tiny_vae()
-        )
+        d = pack.demo
+        comfy.sd.save_checkpoint(str(path), d.tiny_model(), d.tiny_clip(), d.tiny_vae())
     return path
 
 

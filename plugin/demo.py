@@ -1,4 +1,9 @@
-"""A tiny SDXL-shaped checkpoint built from ComfyUI's own classes, for tests on the CPU.
+"""Tiny SDXL (offline demo): a tiny SDXL-shaped checkpoint built in memory from ComfyUI's
+own classes, seeded, for checking an install offline and for the tests: with the tiny Qwen3
+and adapter `qwenclip-dev tiny` writes, a text-to-image graph runs on the CPU in seconds to a
+picture that is finite and depends on the prompt but means nothing (random weights). Nothing
+is downloaded. ComfyUI's Load Checkpoint cannot load a model this small (its model detection
+knows SDXL by its real sizes), hence a node.
 
 - MODEL: `comfy.supported_models.SDXL` with a small UNet (32 channels, context_dim 2048,
   adm_in_channels 2816), wrapped in a ModelPatcher: takes real SDXL conditioning through a
@@ -100,3 +105,22 @@ def tiny_vae(seed: int = 2):
             else:  # biases, the latent shift: 0; the latent scale: 1
                 p.fill_(1.0 if name == "vae_scale" else 0.0)
     return comfy.sd.VAE(sd=taesd.state_dict())
+
+
+class QwenDemoTinySDXL:
+    """MODEL, CLIP and VAE of a tiny SDXL with seeded random weights (see the module doc)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "build"
+    CATEGORY = "qwenclip/demo"
+    DESCRIPTION = (
+        "A tiny SDXL with random weights (MODEL, CLIP, VAE) for checking an install offline: "
+        "pictures are meaningless but real. Use a real checkpoint with Load Checkpoint for real work."
+    )
+
+    def build(self, seed):
+        return (tiny_model(seed), tiny_clip(seed + 1), tiny_vae(seed + 2))

@@ -11,6 +11,7 @@ use common::*;
 use qwenclip::data::{build_cache, CacheOptions, CaptionSet, TargetCache, TargetSource};
 use qwenclip::teacher::Teacher;
 use qwenclip::training::run::{self, Event, Resume, Run, RunSpec, RunSummary};
+use qwenclip::training::vision::Judging;
 use qwenclip::training::{Schedule, TargetDims, TrainConfig};
 use qwenclip::{Encoder, EncoderOptions, Error, LoraMode};
 
@@ -117,7 +118,7 @@ fn train_until(
                 Some(dir) => Resume::From(dir.to_path_buf()),
                 None => Resume::Never,
             },
-            judge: None,
+            judge: Judging::None,
         },
     )?;
     let stop = AtomicBool::new(false);
@@ -419,7 +420,7 @@ fn a_larger_steps_extends_a_finished_run_and_replans_its_schedule() {
                     pooled: d.pooled,
                 },
                 resume: Resume::From(out.clone()),
-                judge: None,
+                judge: Judging::None,
             },
         )
         .unwrap()
@@ -484,7 +485,7 @@ fn defaults_size_the_resampler_for_the_base_and_saves_write_what_was_announced()
                 pooled: d.pooled,
             },
             resume: Resume::Never,
-            judge: None,
+            judge: Judging::None,
         },
     )
     .unwrap();

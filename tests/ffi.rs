@@ -666,7 +666,7 @@ fn a_training_run_through_the_c_abi_equals_the_rust_run_and_resumes_exactly() {
             settings: run_settings(),
             dims: RUN_DIMS,
             resume: qwenclip::training::Resume::Never,
-            judge: None,
+            judge: qwenclip::training::vision::Judging::None,
         },
     )
     .unwrap();

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -15,7 +16,7 @@ use qwenclip::dev::tiny::unet::{tiny_judge_shape, unet_shape, write_unet, UNetFi
 use qwenclip::sampling::PredictionType;
 use qwenclip::teacher::Teacher;
 use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec, RunSummary};
-use qwenclip::training::vision::Judge;
+use qwenclip::training::vision::{Judge, Judging};
 use qwenclip::training::TargetDims;
 use qwenclip::unet::UNetConfig;
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
@@ -143,7 +144,7 @@ fn train(
             } else {
                 Resume::Never
             },
-            judge: Some(judge()),
+            judge: Judging::Unet(judge()),
         },
     )?;
     let stop = AtomicBool::new(false);
@@ -236,6 +237,168 @@ fn a_vision_run_stopped_mid_trajectory_resumes_exactly() {
     }
 }
 
+/// A host that judges the student with its own UNet (here the library's, driven from outside
+/// the run as the ComfyUI node drives ComfyUI's): it walks the run's trajectory from the
+/// run's noise, computes the vision loss and its gradient with respect to the conditioning
+/// the run hands out, and gives them back. With `Judging::Unet` the same loop only supplies
+/// targets (the library judges). Returns each optimizer step's loss and the gradient
+/// accumulated by the first training micro-batch.
+fn walk(
+    cache: &TargetCache,
+    settings: serde_json::Value,
+    out: &Path,
+    judging: Judging,
+) -> (Vec<f64>, BTreeMap<String, Tensor>) {
+    let host = matches!(judging, Judging::Host);
+    let d = cache.dims();
+    let mut run = Run::open(
+        student(),
+        cache.captions().to_vec(),
+        RunSpec {
+            out: out.to_path_buf(),
+            settings,
+            dims: TargetDims {
+                seq: d.seq,
+                embed: d.embed,
+                pooled: d.pooled,
+            },
+            resume: Resume::Never,
+            judge: judging,
+        },
+    )
+    .unwrap();
+    let judge = judge();
+    let empty = empty_prompt();
+    let mut losses = Vec::new();
+    let mut first_gradient = None;
+    while let Some(req) = run.request().cloned() {
+        if req.need == Need::Empty {
+            assert!(!host, "a host that judges has its own empty prompt");
+            run.supply(&empty.0, &empty.1).unwrap();
+            continue;
+        }
+        let (te, tp) = cache.get_batch(&req.indices, &Device::Cpu).unwrap();
+        let events = if req.need != Need::Train || !host {
+            run.supply(&te, &tp).unwrap()
+        } else {
+            let t = run.request_trajectory().unwrap().clone();
+            let sampler = judge.sampler(t.sampler, t.denoise_steps).unwrap();
+            let n = t.indices.len();
+            let time_ids = judge.time_ids(n, t.resolution).unwrap();
+            let noise = run.trajectory_noise(4).unwrap();
+            let mut x = (noise * sampler.init_noise_sigma()).unwrap();
+            let uncond = (&empty.0, &empty.1);
+            for k in 0..t.step {
+                x = judge
+                    .teacher_step(
+                        sampler.as_ref(),
+                        k,
+                        &x,
+                        &time_ids,
+                        (&te, &tp),
+                        uncond,
+                        &t.guidance,
+                    )
+                    .unwrap()
+                    .1;
+            }
+            let (want, _) = judge
+                .teacher_step(
+                    sampler.as_ref(),
+                    t.step,
+                    &x,
+                    &time_ids,
+                    (&te, &tp),
+                    uncond,
+                    &t.guidance,
+                )
+                .unwrap();
+            let (se, sp) = run.student_conditioning().unwrap();
+            let (ve, vp) = (
+                candle_core::Var::from_tensor(&se).unwrap(),
+                candle_core::Var::from_tensor(&sp).unwrap(),
+            );
+            let got = judge
+                .predict(
+                    sampler.as_ref(),
+                    t.step,
+                    &x,
+                    &time_ids,
+                    (ve.as_tensor(), vp.as_tensor()),
+                    qwenclip::ForwardMode::Differentiable,
+                )
+                .unwrap();
+            let loss = qwenclip::training::vision::vision_loss(&got, &want).unwrap();
+            let grads = loss.backward().unwrap();
+            let value = loss
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let (ge, gp) = (grads.get(&ve).unwrap(), grads.get(&vp).unwrap());
+            run.supply_gradient((&te, &tp), (ge, gp), value).unwrap()
+        };
+        if req.need == Need::Train && first_gradient.is_none() {
+            first_gradient = Some(run.trainer().accumulated_gradient().clone());
+        }
+        for e in events {
+            if let Event::Step { report, .. } = e {
+                losses.push(report.loss);
+            }
+        }
+    }
+    (losses, first_gradient.expect("a training micro-batch"))
+}
+
+#[test]
+fn a_host_that_judges_through_the_gradient_it_returns_trains_as_the_library_judge_does() {
+    let cache = cache("vision-host", 16);
+    let (lib, host) = (scratch("vision-host-lib"), scratch("vision-host-host"));
+    for d in [&lib, &host] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    // Two trajectories of 4 denoising steps (the host replays the second from its noise),
+    // accumulation over two micro-batches, mixed objective (the output term too).
+    let mut cfg = config(3);
+    cfg["objective"] = "mixed".into();
+    cfg["grad_accum"] = 2.into();
+    cfg["eval_every"] = 2.into();
+    let (want, want_grad) = walk(&cache, cfg.clone(), &lib, Judging::Unet(judge()));
+    let (got, got_grad) = walk(&cache, cfg, &host, Judging::Host);
+    assert_eq!((want.len(), got.len()), (3, 3));
+    // The same losses step after step (Adam's steps carry rounding on; 1e-4 holds).
+    for (a, b) in want.iter().zip(&got) {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "step losses differ: {want:?} vs {got:?}"
+        );
+    }
+    // The first micro-batch's gradient for every LoRA and resampler tensor.
+    assert_eq!(want_grad.len(), got_grad.len());
+    let mut nonzero = 0;
+    for (name, w) in &want_grad {
+        let scale = w
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        nonzero += usize::from(scale > 0.0);
+        let diff = max_diff(w, &got_grad[name]);
+        assert!(
+            diff <= 1e-4 * scale,
+            "{name}: the injected gradient and the library's differ by {diff} (scale {scale})"
+        );
+    }
+    // LoRA A starts with zero gradient (B = 0); everything else moves.
+    assert!(
+        nonzero * 2 > want_grad.len(),
+        "{nonzero} of {} gradients are nonzero",
+        want_grad.len()
+    );
+}
+
 #[test]
 fn the_judge_checks_what_it_is_given() {
     // Conditioning widths that are not the targets'.
@@ -257,13 +420,17 @@ fn the_judge_checks_what_it_is_given() {
         judge,
     };
     let narrow = Judge::load(&dir, None, None, DType::F32, &Device::Cpu).unwrap();
-    let err = Run::open(student(), cache.captions().to_vec(), spec(Some(narrow)))
-        .err()
-        .expect("a judge of other widths is refused")
-        .to_string();
+    let err = Run::open(
+        student(),
+        cache.captions().to_vec(),
+        spec(Judging::Unet(narrow)),
+    )
+    .err()
+    .expect("a judge of other widths is refused")
+    .to_string();
     assert!(err.contains("24 wide") && err.contains("64"), "{err}");
     // No judge for the vision objective.
-    let err = Run::open(student(), cache.captions().to_vec(), spec(None))
+    let err = Run::open(student(), cache.captions().to_vec(), spec(Judging::None))
         .err()
         .expect("the vision objective needs a judge")
         .to_string();

@@ -19,7 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use qwenclip::ops::blas;
 use qwenclip::training::run::{Need, Resume, Run, RunSpec};
-use qwenclip::training::vision::{Judge, SamplerKind, Trajectory};
+use qwenclip::training::vision::{Judge, Judging, SamplerKind, Trajectory};
 use qwenclip::training::TargetDims;
 use qwenclip::{Encoder, EncoderOptions, ForwardMode, LoraMode};
 use sha2::{Digest, Sha256};
@@ -258,7 +258,7 @@ fn run_micro_steps(f: &Fixture, base: &Path, n: usize) -> Vec<Micro> {
                 pooled: tp.dim(1).unwrap(),
             },
             resume: Resume::Never,
-            judge: Some(judge()),
+            judge: Judging::Unet(judge()),
         },
     )
     .unwrap();

@@ -11,7 +11,7 @@ use qwenclip::data::TargetCache;
 use qwenclip::sampling::PredictionType;
 use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec};
 use qwenclip::training::trainer::describe_parts;
-use qwenclip::training::vision::{collapse, Judge, Objective, SamplerKind};
+use qwenclip::training::vision::{collapse, Judge, Judging, Objective, SamplerKind};
 use qwenclip::training::{EvalMetrics, Schedule, TargetDims, TrainConfig, Trainer};
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
@@ -259,7 +259,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 })
                 .transpose()?;
             eprintln!("judge UNet: {}", path.display());
-            Some(Judge::load(
+            Judging::Unet(Judge::load(
                 path,
                 None,
                 prediction,
@@ -267,7 +267,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 &device,
             )?)
         }
-        None => None,
+        None => Judging::None,
     };
     let teacher_path = a.teacher.clone().or_else(|| a.unet.clone());
     let spec = RunSpec {

@@ -7,7 +7,7 @@ use std::ffi::c_char;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use once_cell::sync::Lazy;
 use serde::Deserialize;
 
@@ -15,8 +15,11 @@ use super::boundary::{self, call, invalid, qwenclip_status, Failure, FfiResult};
 use super::encoder::ENCODERS;
 use super::registry::Registry;
 use crate::data::load_caption_sources;
+use crate::sampling::PredictionType;
 use crate::training::run::{Event, Need, Resume, Run, RunSpec};
+use crate::training::vision::{Judge, Judging};
 use crate::training::{TargetDims, TrainConfig};
+use crate::unet::UNetConfig;
 use crate::LoraMode;
 
 /// Where captions come from: folders and files (read by the library's one caption rule),
@@ -41,6 +44,62 @@ struct RunOpenSpec {
     dims: TargetDims,
     #[serde(default = "auto")]
     resume: String,
+    #[serde(default)]
+    judge: Option<JudgeSpec>,
+}
+
+/// Who judges the student under the vision objective: `"host"` (the host walks each
+/// trajectory with its own UNet and returns a gradient) or the library's UNet.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum JudgeSpec {
+    Named(String),
+    Unet(UnetJudgeSpec),
+}
+
+/// The library's judge: a UNet file or folder (`Judge::load`), with the UNet config for a
+/// single file that is not SDXL-sized, a prediction type and a timestep spacing over its
+/// schedule.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnetJudgeSpec {
+    unet: PathBuf,
+    #[serde(default)]
+    config: Option<UNetConfig>,
+    #[serde(default)]
+    prediction: Option<String>,
+    #[serde(default)]
+    timestep_spacing: Option<String>,
+}
+
+impl JudgeSpec {
+    fn judging(self, device: &Device) -> FfiResult<Judging> {
+        match self {
+            JudgeSpec::Named(name) if name == "host" => Ok(Judging::Host),
+            JudgeSpec::Named(other) => Err(invalid(format!(
+                "run JSON: judge is \"{other}\"; expected \"host\" or {{\"unet\": PATH, ...}}"
+            ))),
+            JudgeSpec::Unet(u) => {
+                let prediction = u
+                    .prediction
+                    .as_deref()
+                    .map(|p| {
+                        PredictionType::parse(p).ok_or_else(|| {
+                            invalid(format!(
+                                "run JSON: judge.prediction is \"{p}\"; expected \"epsilon\" or \"v_prediction\""
+                            ))
+                        })
+                    })
+                    .transpose()?;
+                let mut judge =
+                    Judge::load(&u.unet, u.config.as_ref(), prediction, DType::F32, device)?;
+                if u.timestep_spacing.is_some() {
+                    judge.scheduler.timestep_spacing = u.timestep_spacing;
+                }
+                Ok(Judging::Unet(judge))
+            }
+        }
+    }
 }
 
 fn auto() -> String {
@@ -142,6 +201,10 @@ pub extern "C" fn qwenclip_run_open(
         let captions = load_caption_sources(&c.paths, c.text.as_deref(), c.column.as_deref())?;
         let mut enc = ENCODERS.get(encoder)?.with(|e| Ok(e.clone()))?;
         enc.set_lora_mode(LoraMode::Unmerged);
+        let judge = match spec.judge {
+            Some(j) => j.judging(enc.llm().device())?,
+            None => Judging::None,
+        };
         let run = Run::open(
             enc,
             captions.captions,
@@ -150,7 +213,7 @@ pub extern "C" fn qwenclip_run_open(
                 settings: spec.settings,
                 dims: spec.dims,
                 resume,
-                judge: None,
+                judge,
             },
         )?;
         *out = RUNS.insert(Mutex::new(Slot {
@@ -195,6 +258,7 @@ pub extern "C" fn qwenclip_run_state(
         let slot = RUNS.get(handle)?;
         let mut s = lock(&slot);
         let request = s.run.request().cloned();
+        let trajectory = s.run.request_trajectory().cloned();
         let run = &s.run;
         let (need, captions): (Option<Need>, Vec<&str>) = match &request {
             Some(r) => (Some(r.need), run.captions_of(r)),
@@ -203,6 +267,7 @@ pub extern "C" fn qwenclip_run_state(
         let value = serde_json::json!({
             "step": run.step(), "steps": run.config().steps, "epoch": run.epoch(),
             "done": run.is_done(), "need": need, "captions": captions,
+            "trajectory": trajectory, "judge": run.judged_by(),
             "events": s.events.iter().map(event_json).collect::<Vec<_>>(),
             "notes": run.notes(), "settings": run.config(), "out": run.out(),
             "adapter": run.adapter_dir(), "caption_count": run.captions().len(),
@@ -240,6 +305,93 @@ pub extern "C" fn qwenclip_run_supply(
         let p = Tensor::from_slice(p, (n, d.pooled), &Device::Cpu)?;
         s.events.clear();
         s.events = s.run.supply(&e, &p)?;
+        Ok(())
+    })
+}
+
+/// Copies `t` (f32, any shape) into a host buffer of `len` floats (checked).
+fn copy_out(t: &Tensor, out: *mut f32, len: usize, what: &str) -> FfiResult<()> {
+    let values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    boundary::buffer_mut(out, len, values.len(), what)?.copy_from_slice(&values);
+    Ok(())
+}
+
+/// The standard normal noise the pending trajectory starts from (`trajectory` in the state),
+/// `[n, channels, resolution / 8, resolution / 8]` into `noise` (`len` floats, checked): a
+/// host that judges walks the trajectory from it, scaled by its first sigma.
+#[no_mangle]
+pub extern "C" fn qwenclip_run_noise(
+    handle: u64,
+    channels: usize,
+    noise: *mut f32,
+    len: usize,
+) -> qwenclip_status {
+    call(|| {
+        let slot = RUNS.get(handle)?;
+        let t = lock(&slot).run.trajectory_noise(channels)?;
+        copy_out(&t, noise, len, "noise")
+    })
+}
+
+/// The student's conditioning for the captions of the pending training batch of a run the
+/// host judges (`"judge": "host"`): `embeds` `[n, seq, embed]` and `pooled` `[n, pooled]`,
+/// f32, sizes in floats (checked). The host computes its vision loss from these and returns
+/// the gradient with `qwenclip_run_supply_gradient`.
+#[no_mangle]
+pub extern "C" fn qwenclip_run_conditioning(
+    handle: u64,
+    embeds: *mut f32,
+    embeds_len: usize,
+    pooled: *mut f32,
+    pooled_len: usize,
+) -> qwenclip_status {
+    call(|| {
+        let slot = RUNS.get(handle)?;
+        let (e, p) = lock(&slot).run.student_conditioning()?;
+        copy_out(&e, embeds, embeds_len, "embeds")?;
+        copy_out(&p, pooled, pooled_len, "pooled")
+    })
+}
+
+/// The host's answer for a training batch of a run it judges: the teacher's targets (as for
+/// `qwenclip_run_supply`), the vision loss it computed and its gradient with respect to the
+/// conditioning `qwenclip_run_conditioning` gave (`grad_embeds` `[n, seq, embed]`,
+/// `grad_pooled` `[n, pooled]`). The library backpropagates it through resampler and LoRA and
+/// steps (accumulation, clipping, metrics, checkpoints as for any step).
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "C" fn qwenclip_run_supply_gradient(
+    handle: u64,
+    embeds: *const f32,
+    embeds_len: usize,
+    pooled: *const f32,
+    pooled_len: usize,
+    grad_embeds: *const f32,
+    grad_embeds_len: usize,
+    grad_pooled: *const f32,
+    grad_pooled_len: usize,
+    loss: f64,
+) -> qwenclip_status {
+    call(|| {
+        let slot = RUNS.get(handle)?;
+        let mut s = lock(&slot);
+        let n = s
+            .run
+            .request()
+            .map(|r| r.rows())
+            .ok_or_else(|| invalid("the run is done: it needs no more targets"))?;
+        let d = s.run.trainer().dims();
+        let shapes = [(n, d.seq, d.embed).into(), (n, d.pooled).into()];
+        let read = |ptr, len, shape: &candle_core::Shape, what| -> FfiResult<Tensor> {
+            let values = boundary::buffer(ptr, len, shape.elem_count(), what)?;
+            Ok(Tensor::from_slice(values, shape, &Device::Cpu)?)
+        };
+        let e = read(embeds, embeds_len, &shapes[0], "embeds")?;
+        let p = read(pooled, pooled_len, &shapes[1], "pooled")?;
+        let ge = read(grad_embeds, grad_embeds_len, &shapes[0], "grad_embeds")?;
+        let gp = read(grad_pooled, grad_pooled_len, &shapes[1], "grad_pooled")?;
+        s.events.clear();
+        s.events = s.run.supply_gradient((&e, &p), (&ge, &gp), loss)?;
         Ok(())
     })
 }

@@ -406,7 +406,18 @@ impl Trainer {
         prompts: &[&str],
         loss: impl FnOnce(&Tensor, &Tensor) -> Result<Loss>,
     ) -> Result<StepReport> {
-        let (e, p) = self.predict(prompts, ForwardMode::Differentiable)?;
+        let outputs = self.predict(prompts, ForwardMode::Differentiable)?;
+        self.step_on(outputs, loss)
+    }
+
+    /// [`Trainer::step_with`] on conditioning already computed by
+    /// [`Trainer::predict`] with [`ForwardMode::Differentiable`] (a host that judges the
+    /// student needs it before it can say the loss).
+    pub fn step_on(
+        &mut self,
+        (e, p): (Tensor, Tensor),
+        loss: impl FnOnce(&Tensor, &Tensor) -> Result<Loss>,
+    ) -> Result<StepReport> {
         let loss = loss(&e, &p)?;
         let scalar =
             |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };

@@ -17,13 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::config::{TargetDims, TrainConfig};
 use super::plot::LossImage;
 use super::trainer::{output_loss, read_state, EvalMetrics, Loss, StepReport, Trainer};
-use super::vision::{collapse, vision_loss, Judge, Objective, Trajectory};
+use super::vision::{collapse, injected_loss, vision_loss, Judging, Objective, Trajectory};
 use crate::conditioning::Encoder;
 use crate::data::fingerprint_of_hashes;
 use crate::error::{Error, Result};
@@ -59,8 +59,9 @@ pub struct RunSpec {
     pub settings: serde_json::Value,
     pub dims: TargetDims,
     pub resume: Resume,
-    /// The frozen SDXL UNet the vision objective needs (and evaluation uses when given).
-    pub judge: Option<Judge>,
+    /// Who judges the student under the vision objective: the library's frozen SDXL UNet
+    /// (evaluation uses it too) or the host.
+    pub judge: Judging,
 }
 
 /// What the run asks targets for.
@@ -197,6 +198,16 @@ struct Pending {
     order: Option<DataOrder>,
     /// A new trajectory, and the generator after drawing it.
     trajectory: Option<(Trajectory, Rng)>,
+    /// The student's conditioning handed to a host that judges it, with its graph.
+    student: Option<(Tensor, Tensor)>,
+}
+
+/// What a host that judges the student returns for a training micro-batch: the loss it
+/// computed and its gradient with respect to the conditioning the run handed out.
+struct Injected {
+    grad_embeds: Tensor,
+    grad_pooled: Tensor,
+    loss: f64,
 }
 
 pub struct Run {
@@ -205,7 +216,9 @@ pub struct Run {
     state: LoopState,
     folder: RunFolder,
     phase: Phase,
-    judge: Option<Judge>,
+    judge: Judging,
+    /// The host's answer for the micro-batch being supplied.
+    injected: Option<Injected>,
     /// The teacher's conditioning of the empty prompt.
     uncond: Option<(Tensor, Tensor)>,
     /// The latents of the trajectory in progress (its seed and step), not saved: replayed.
@@ -225,7 +238,7 @@ impl Run {
         if captions.is_empty() {
             return Err(Error::Invalid("there are no captions to train on".into()));
         }
-        let judge = spec.judge.take();
+        let judge = std::mem::take(&mut spec.judge);
         let folder = RunFolder::new(&spec.out);
         let captions_ref = CaptionsRef {
             count: captions.len(),
@@ -283,15 +296,15 @@ impl Run {
 
     /// Checks the judge against the objective and the targets, and asks for the empty
     /// prompt's targets first when there is one.
-    fn attach_judge(&mut self, judge: Option<Judge>) -> Result<()> {
+    fn attach_judge(&mut self, judge: Judging) -> Result<()> {
         let objective = self.config().objective;
         match &judge {
-            None if objective.needs_judge() => {
+            Judging::None if objective.needs_judge() => {
                 return Err(Error::Invalid(format!(
                     "the {objective:?} objective needs the SDXL UNet that judges the student (a judge): give one (`--unet`)"
                 )))
             }
-            Some(j) => {
+            Judging::Unet(j) => {
                 let d = self.trainer.dims();
                 let (ctx, pooled) = (j.unet.config().context_dim(), j.unet.config().pooled_dim());
                 if (ctx, pooled) != (d.embed, d.pooled) {
@@ -301,11 +314,12 @@ impl Run {
                     )));
                 }
             }
-            None => {}
+            Judging::None | Judging::Host => {}
         }
         self.judge = judge;
-        // With a judge every run asks for the empty prompt (evaluation uses it too).
-        if self.judge.is_some() && !matches!(self.phase, Phase::Done) {
+        // With the library's judge every run asks for the empty prompt (evaluation uses it
+        // too); a host that judges has its own.
+        if matches!(self.judge, Judging::Unet(_)) && !matches!(self.phase, Phase::Done) {
             let then = std::mem::replace(&mut self.phase, Phase::Done);
             self.phase = Phase::Uncond {
                 then: Box::new(then),
@@ -425,7 +439,8 @@ impl Run {
             state,
             folder,
             phase,
-            judge: None,
+            judge: Judging::None,
+            injected: None,
             uncond: None,
             latents: None,
             pending: None,
@@ -433,6 +448,15 @@ impl Run {
             started: Instant::now(),
             notes,
             interrupted: false,
+        }
+    }
+
+    /// Who judges the student: `"host"`, `"unet"` (the library's) or `None`.
+    pub fn judged_by(&self) -> Option<&'static str> {
+        match self.judge {
+            Judging::None => None,
+            Judging::Unet(_) => Some("unet"),
+            Judging::Host => Some("host"),
         }
     }
 
@@ -520,6 +544,7 @@ impl Run {
             request: Request { need, indices },
             order: None,
             trajectory: None,
+            student: None,
         };
         match &self.phase {
             Phase::Uncond { .. } => Some(simple(Need::Empty, Vec::new())),
@@ -552,6 +577,7 @@ impl Run {
                     },
                     order: Some(order),
                     trajectory: Some((trajectory, rng)),
+                    student: None,
                 })
             }
             Phase::Train => {
@@ -563,10 +589,131 @@ impl Run {
                     },
                     order: Some(order),
                     trajectory: None,
+                    student: None,
                 })
             }
             Phase::Done => None,
         }
+    }
+
+    /// The trajectory the pending training request walks under the vision objective (a new
+    /// one, or the one in progress at the denoising step it trains next); `None` for other
+    /// requests.
+    pub fn request_trajectory(&mut self) -> Option<&Trajectory> {
+        self.request()?;
+        let pending = self.pending.as_ref()?;
+        if pending.request.need != Need::Train {
+            return None;
+        }
+        pending
+            .trajectory
+            .as_ref()
+            .map(|(t, _)| t)
+            .or(self.state.trajectory.as_ref())
+    }
+
+    /// The standard normal noise the pending trajectory starts from, `[n, channels,
+    /// resolution / 8, resolution / 8]` on the CPU: a host that walks the trajectory starts
+    /// from it (scaled by its first sigma), so a resumed run walks it again exactly, on any
+    /// device.
+    pub fn trajectory_noise(&mut self, channels: usize) -> Result<Tensor> {
+        let Some(t) = self.request_trajectory().cloned() else {
+            return Err(Error::Invalid(format!(
+                "{} now: there is no trajectory",
+                self.asks()
+            )));
+        };
+        let side = t.resolution / 8;
+        t.noise((t.indices.len(), channels, side, side), 1.0, &Device::Cpu)
+    }
+
+    /// What the run asks for now, in words (for errors).
+    fn asks(&mut self) -> String {
+        match self.request().map(|r| r.need) {
+            None => "the run is done".into(),
+            Some(need) => format!("the run asks for {need:?} targets"),
+        }
+    }
+
+    /// The student's conditioning for the pending training batch of a run the host judges:
+    /// prompt embeddings `[n, seq, embed]` and pooled `[n, pooled]`, f32, detached. The run
+    /// keeps its graph for the gradient the host returns ([`Run::supply_gradient`]).
+    pub fn student_conditioning(&mut self) -> Result<(Tensor, Tensor)> {
+        if !matches!(self.judge, Judging::Host) {
+            return Err(Error::Invalid(
+                "only a run the host judges hands out the student's conditioning".into(),
+            ));
+        }
+        if self.request().map(|r| r.need) != Some(Need::Train) {
+            return Err(Error::Invalid(format!(
+                "{}; the student's conditioning is for training batches",
+                self.asks()
+            )));
+        }
+        let pending = self.pending.as_mut().expect("requested above");
+        if pending.student.is_none() {
+            let prompts: Vec<&str> = pending
+                .request
+                .indices
+                .iter()
+                .map(|&i| self.captions[i].as_str())
+                .collect();
+            pending.student = Some(
+                self.trainer
+                    .predict(&prompts, ForwardMode::Differentiable)?,
+            );
+        }
+        let (e, p) = pending.student.as_ref().expect("computed above");
+        Ok((e.detach(), p.detach()))
+    }
+
+    /// The host's answer for the pending training batch of a run it judges: the teacher's
+    /// targets (as for [`Run::supply`]; the `mixed` objective's output term and the metrics
+    /// use them), the vision loss it computed from [`Run::student_conditioning`], and that
+    /// loss's gradient with respect to the conditioning (`[n, seq, embed]`, `[n, pooled]`).
+    /// The library backpropagates it through resampler and LoRA and steps as for any batch.
+    pub fn supply_gradient(
+        &mut self,
+        (embeds, pooled): (&Tensor, &Tensor),
+        (grad_embeds, grad_pooled): (&Tensor, &Tensor),
+        loss: f64,
+    ) -> Result<Vec<Event>> {
+        if !matches!(self.judge, Judging::Host) {
+            return Err(Error::Invalid(
+                "only a run the host judges takes a gradient: supply the targets alone".into(),
+            ));
+        }
+        let Some(req) = self.request().cloned() else {
+            return Err(Error::Invalid(
+                "the run is done: it needs no more targets".into(),
+            ));
+        };
+        if req.need != Need::Train {
+            return Err(Error::Invalid(format!(
+                "{}: supply those without a gradient",
+                self.asks()
+            )));
+        }
+        let (n, d) = (req.rows(), self.trainer.dims());
+        if grad_embeds.dims() != [n, d.seq, d.embed] || grad_pooled.dims() != [n, d.pooled] {
+            return Err(Error::Invalid(format!(
+                "the gradient must be [{n}, {}, {}] and [{n}, {}] for {n} captions, got {:?} and {:?}",
+                d.seq,
+                d.embed,
+                d.pooled,
+                grad_embeds.dims(),
+                grad_pooled.dims()
+            )));
+        }
+        let device = self.trainer.encoder().llm().device().clone();
+        self.injected = Some(Injected {
+            grad_embeds: grad_embeds.to_device(&device)?.to_dtype(DType::F32)?,
+            grad_pooled: grad_pooled.to_device(&device)?.to_dtype(DType::F32)?,
+            loss,
+        });
+        let result = self.supply(embeds, pooled);
+        self.injected = None;
+        result
     }
 
     /// The teacher's targets for the captions of the current [`Run::request`]: prompt
@@ -594,6 +741,13 @@ impl Run {
             ));
             self.pending = Some(pending);
             return Err(err);
+        }
+        if req.need == Need::Train && matches!(self.judge, Judging::Host) && self.injected.is_none()
+        {
+            self.pending = Some(pending);
+            return Err(Error::Invalid(
+                "the host judges this run's training batches: give the loss and its gradient with the targets (supply_gradient)".into(),
+            ));
         }
         let device = self.trainer.encoder().llm().device().clone();
         let te = embeds.to_device(&device)?.to_dtype(DType::F32)?;
@@ -653,7 +807,7 @@ impl Run {
     fn supply_eval(&mut self, indices: &[usize], te: &Tensor, tp: &Tensor) -> Result<Vec<Event>> {
         let prompts: Vec<&str> = indices.iter().map(|&i| self.captions[i].as_str()).collect();
         let (mut part, se, sp) = self.trainer.evaluate_outputs(&prompts, te, tp)?;
-        if let (Some(judge), Some(uncond)) = (&self.judge, &self.uncond) {
+        if let (Judging::Unet(judge), Some(uncond)) = (&self.judge, &self.uncond) {
             let u = (&uncond.0, &uncond.1);
             let cfg = &self.trainer.config().vision;
             part.vision_loss = Some(judge.eval_loss(indices, (&se, &sp), (te, tp), u, cfg)?);
@@ -739,7 +893,9 @@ impl Run {
         let owned: Vec<String> = indices.iter().map(|&i| self.captions[i].clone()).collect();
         let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();
         let t0 = Instant::now();
-        let stepped = if self.config().objective.needs_judge() {
+        let stepped = if matches!(self.judge, Judging::Host) {
+            self.host_vision_step(&prompts, te, tp, &pending)
+        } else if self.config().objective.needs_judge() {
             self.vision_step(&prompts, te, tp, &pending)
         } else {
             self.trainer.step(&prompts, te, tp).map(|r| (r, None))
@@ -810,14 +966,10 @@ impl Run {
         tp: &Tensor,
         pending: &Pending,
     ) -> Result<(StepReport, Option<Trajectory>)> {
-        let mut trajectory = match (&pending.trajectory, &self.state.trajectory) {
-            (Some((t, _)), _) | (None, Some(t)) => t.clone(),
-            (None, None) => unreachable!("a vision request carries or continues a trajectory"),
+        let mut trajectory = self.walking(pending);
+        let Judging::Unet(judge) = &self.judge else {
+            unreachable!("the vision objective has its judge");
         };
-        let judge = self
-            .judge
-            .as_ref()
-            .expect("the vision objective has its judge");
         let uncond = self.uncond.as_ref().expect("asked for before training");
         let uncond = (&uncond.0, &uncond.1);
         let sampler = judge.sampler(trajectory.sampler, trajectory.denoise_steps)?;
@@ -864,6 +1016,49 @@ impl Run {
         trajectory.step += 1;
         self.latents = Some((trajectory.seed, trajectory.step, next));
         Ok((report, Some(trajectory)))
+    }
+
+    /// One denoising step judged by the host: the loss and gradient it returned for the
+    /// conditioning [`Run::student_conditioning`] handed out (recomputed when it was not
+    /// asked for), plus output MSE for `mixed`; one trainer step.
+    fn host_vision_step(
+        &mut self,
+        prompts: &[&str],
+        te: &Tensor,
+        tp: &Tensor,
+        pending: &Pending,
+    ) -> Result<(StepReport, Option<Trajectory>)> {
+        let mut trajectory = self.walking(pending);
+        let injected = self.injected.take().expect("checked by supply");
+        let outputs = match &pending.student {
+            Some(s) => s.clone(),
+            None => self.trainer.predict(prompts, ForwardMode::Differentiable)?,
+        };
+        let cfg = self.trainer.config().clone();
+        let (objective, v) = (cfg.objective, &cfg.vision);
+        let weights = (cfg.loss_weight_embeds, cfg.loss_weight_pooled);
+        let report = self.trainer.step_on(outputs, |e, p| {
+            let grads = (&injected.grad_embeds, &injected.grad_pooled);
+            let lv = injected_loss((e, p), grads, injected.loss)?;
+            let mut total = (&lv * v.lambda_vision)?;
+            let mut parts = vec![("loss_vision", lv)];
+            if objective == Objective::Mixed {
+                let o = output_loss(e, p, te, tp, weights)?;
+                total = (total + (&o.total * v.lambda_mse)?)?;
+                parts.extend(o.parts);
+            }
+            Ok(Loss { total, parts })
+        })?;
+        trajectory.step += 1;
+        Ok((report, Some(trajectory)))
+    }
+
+    /// The trajectory a vision request walks: the new one it carries or the one in progress.
+    fn walking(&self, pending: &Pending) -> Trajectory {
+        match (&pending.trajectory, &self.state.trajectory) {
+            (Some((t, _)), _) | (None, Some(t)) => t.clone(),
+            (None, None) => unreachable!("a vision request carries or continues a trajectory"),
+        }
     }
 
     /// After a step's evaluation (or a step without one): save if due; done at the end.

@@ -152,6 +152,45 @@ impl VisionConfig {
     }
 }
 
+/// Who judges the student under the vision objective.
+#[derive(Default)]
+pub enum Judging {
+    /// Nobody: output matching only.
+    #[default]
+    None,
+    /// The library's own UNet.
+    Unet(Judge),
+    /// The host (the ComfyUI node with the artist's own patched UNet): the run plans each
+    /// trajectory (captions, noise, guidance) and hands out the student's conditioning; the
+    /// host walks the trajectory with its UNet and returns the loss and its gradient with
+    /// respect to that conditioning ([`injected_loss`]).
+    Host,
+}
+
+impl Judging {
+    pub fn is_some(&self) -> bool {
+        !matches!(self, Judging::None)
+    }
+}
+
+/// A loss whose value is `value` and whose gradient with respect to the conditioning
+/// (`embeds`, `pooled`, tracked) is (`grad_embeds`, `grad_pooled`): what a host that computed
+/// both outside the library hands back. `<x, g> - <detach(x), g>` is exactly zero (the same
+/// sums of the same numbers) with gradient `g`.
+pub fn injected_loss(
+    (embeds, pooled): (&Tensor, &Tensor),
+    (grad_embeds, grad_pooled): (&Tensor, &Tensor),
+    value: f64,
+) -> Result<Tensor> {
+    let inner = |x: &Tensor, g: &Tensor| -> Result<Tensor> {
+        let tracked = (x * g)?.sum_all()?;
+        let constant = (x.detach() * g)?.sum_all()?;
+        Ok((tracked - constant)?)
+    };
+    let zero = (inner(embeds, grad_embeds)? + inner(pooled, grad_pooled)?)?;
+    Ok((zero + value)?)
+}
+
 /// The frozen judge: an SDXL UNet and the noise schedule it was trained with.
 pub struct Judge {
     pub unet: UNet,

@@ -174,6 +174,37 @@ enum qwenclip_status qwenclip_run_supply(uint64_t handle,
                                          const float *pooled,
                                          size_t pooled_len);
 
+// The standard normal noise the pending trajectory starts from (`trajectory` in the state),
+// `[n, channels, resolution / 8, resolution / 8]` into `noise` (`len` floats, checked): a
+// host that judges walks the trajectory from it, scaled by its first sigma.
+enum qwenclip_status qwenclip_run_noise(uint64_t handle, size_t channels, float *noise, size_t len);
+
+// The student's conditioning for the captions of the pending training batch of a run the
+// host judges (`"judge": "host"`): `embeds` `[n, seq, embed]` and `pooled` `[n, pooled]`,
+// f32, sizes in floats (checked). The host computes its vision loss from these and returns
+// the gradient with `qwenclip_run_supply_gradient`.
+enum qwenclip_status qwenclip_run_conditioning(uint64_t handle,
+                                               float *embeds,
+                                               size_t embeds_len,
+                                               float *pooled,
+                                               size_t pooled_len);
+
+// The host's answer for a training batch of a run it judges: the teacher's targets (as for
+// `qwenclip_run_supply`), the vision loss it computed and its gradient with respect to the
+// conditioning `qwenclip_run_conditioning` gave (`grad_embeds` `[n, seq, embed]`,
+// `grad_pooled` `[n, pooled]`). The library backpropagates it through resampler and LoRA and
+// steps (accumulation, clipping, metrics, checkpoints as for any step).
+enum qwenclip_status qwenclip_run_supply_gradient(uint64_t handle,
+                                                  const float *embeds,
+                                                  size_t embeds_len,
+                                                  const float *pooled,
+                                                  size_t pooled_len,
+                                                  const float *grad_embeds,
+                                                  size_t grad_embeds_len,
+                                                  const float *grad_pooled,
+                                                  size_t grad_pooled_len,
+                                                  double loss);
+
 // Saves a checkpoint and the adapter now (a host's Cancel): the run resumes from here. A run
 // stopped before its end is marked interrupted in its metrics.
 enum qwenclip_status qwenclip_run_save(uint64_t handle);

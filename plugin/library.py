@@ -146,6 +146,12 @@ class Library:
             "qwenclip_run_open": ([_u64, _str, ctypes.POINTER(_u64)], ctypes.c_int),
             "qwenclip_run_state": ([_u64, _buf, _size, _sizep], ctypes.c_int),
             "qwenclip_run_supply": ([_u64, _fptr, _size, _fptr, _size], ctypes.c_int),
+            "qwenclip_run_noise": ([_u64, _size, _fptr, _size], ctypes.c_int),
+            "qwenclip_run_conditioning": ([_u64, _fptr, _size, _fptr, _size], ctypes.c_int),
+            "qwenclip_run_supply_gradient": (
+                [_u64, _fptr, _size, _fptr, _size, _fptr, _size, _fptr, _size, ctypes.c_double],
+                ctypes.c_int,
+            ),
             "qwenclip_run_save": ([_u64], ctypes.c_int),
             "qwenclip_run_loss_image": ([_u64, _fptr, _size, _sizep, _sizep], ctypes.c_int),
             "qwenclip_run_free": ([_u64], ctypes.c_int),
@@ -258,6 +264,26 @@ class Library:
     def run_supply(self, handle, embeds_ptr, embeds_len, pooled_ptr, pooled_len) -> None:
         self._check(
             self._lib.qwenclip_run_supply(handle, embeds_ptr, embeds_len, pooled_ptr, pooled_len),
+            "training step",
+        )
+
+    def run_noise(self, handle, channels, noise_ptr, noise_len) -> None:
+        """The pending trajectory's starting noise (standard normal) into a float buffer."""
+        self._check(self._lib.qwenclip_run_noise(handle, channels, noise_ptr, noise_len), "trajectory noise")
+
+    def run_conditioning(self, handle, embeds_ptr, embeds_len, pooled_ptr, pooled_len) -> None:
+        """The student's conditioning for the pending training batch of a host-judged run."""
+        self._check(
+            self._lib.qwenclip_run_conditioning(handle, embeds_ptr, embeds_len, pooled_ptr, pooled_len),
+            "student conditioning",
+        )
+
+    def run_supply_gradient(self, handle, targets, grads, loss: float) -> None:
+        """targets, grads: ((embeds_ptr, embeds_len), (pooled_ptr, pooled_len)) each."""
+        (e, el), (p, pl) = targets
+        (ge, gel), (gp, gpl) = grads
+        self._check(
+            self._lib.qwenclip_run_supply_gradient(handle, e, el, p, pl, ge, gel, gp, gpl, float(loss)),
             "training step",
         )
 

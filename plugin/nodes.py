@@ -508,6 +508,15 @@ def train_defaults() -> dict:
         return {}
 
 
+def _scheduler_names() -> list[str]:
+    try:
+        import comfy.samplers
+
+        return list(comfy.samplers.SCHEDULER_NAMES)
+    except ImportError:  # outside ComfyUI (the pack's own checks)
+        return ["normal"]
+
+
 def _widget(kind: str, defaults: dict, key: str, **opts) -> tuple:
     if key in defaults:
         opts["default"] = defaults[key]
@@ -540,6 +549,7 @@ class QwenAdapterTrain:
     @classmethod
     def INPUT_TYPES(cls):
         d = train_defaults()
+        v = d.get("vision", {})
         return {
             "required": {
                 "encoder": (
@@ -634,6 +644,53 @@ class QwenAdapterTrain:
                 "resampler_ff_mult": _widget("INT", d, "resampler_ff_mult", min=1, max=16),
                 "warmup_steps": _widget("INT", d, "warmup_steps", min=0, max=1_000_000),
                 "schedule": (["cosine", "constant"], {"default": d.get("schedule", "cosine")}),
+                "objective": (
+                    ["mse", "vision", "mixed"],
+                    {
+                        "default": d.get("objective", "mse"),
+                        "tooltip": "mse: match the CLIP's conditioning. vision: match what the connected MODEL predicts with it, along the teacher's own sampling trajectories (no images needed; guards against different prompts collapsing together). mixed: both.",
+                    },
+                ),
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "The SDXL checkpoint's MODEL, with whatever the graph applied (LoRAs, FreeU): the judge of the vision and mixed objectives."
+                    },
+                ),
+                "resolution": _widget(
+                    "INT",
+                    v,
+                    "resolution",
+                    min=64,
+                    max=4096,
+                    step=64,
+                    tooltip="Vision: the image size the trajectories are sampled at.",
+                ),
+                "denoise_steps": _widget(
+                    "INT",
+                    v,
+                    "denoise_steps",
+                    min=1,
+                    max=1000,
+                    tooltip="Vision: denoising steps per trajectory, one training step each.",
+                ),
+                "guidance_min": _widget("FLOAT", v, "guidance_min", min=0.0, max=30.0, step=0.5),
+                "guidance_max": _widget(
+                    "FLOAT",
+                    v,
+                    "guidance_max",
+                    min=0.0,
+                    max=30.0,
+                    step=0.5,
+                    tooltip="Vision: each trajectory draws its CFG scale from guidance_min..guidance_max.",
+                ),
+                "scheduler": (
+                    _scheduler_names(),
+                    {
+                        "default": "normal",
+                        "tooltip": "Vision: the sigmas the trajectories walk (Euler steps), as in KSampler.",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -668,6 +725,13 @@ class QwenAdapterTrain:
         resampler_ff_mult=None,
         warmup_steps=None,
         schedule=None,
+        objective=None,
+        model=None,
+        resolution=None,
+        denoise_steps=None,
+        guidance_min=None,
+        guidance_max=None,
+        scheduler="normal",
         unique_id=None,
     ):
         library.get()
@@ -695,6 +759,27 @@ class QwenAdapterTrain:
         )
         # Settings left unset take the library's defaults (or, resuming, the run's own).
         config = {k: TRAIN_WIDGETS[k](v) for k, v in given.items() if v is not None}
+        vision = dict(
+            resolution=resolution,
+            denoise_steps=denoise_steps,
+            guidance_min=guidance_min,
+            guidance_max=guidance_max,
+        )
+        vision = {k: v for k, v in vision.items() if v is not None}
+        if vision:
+            config["vision"] = vision
+        judge = None
+        if objective is not None:
+            config["objective"] = objective
+        if objective in ("vision", "mixed"):
+            if model is None:
+                raise ValueError(
+                    f"qwenclip: the {objective} objective needs a judge: connect the SDXL "
+                    "checkpoint's MODEL to Qwen Adapter Train's model input"
+                )
+            from .vision import ComfyJudge
+
+            judge = ComfyJudge(model, scheduler)
         out_dir = Path(_paths(MODELS_KEY)[0]) / name
         hooks = _ComfyHooks(int(steps), unique_id)
         return training.train(
@@ -705,6 +790,7 @@ class QwenAdapterTrain:
             config,
             init_from_encoder_adapter=(init == "encoder adapter"),
             hooks=hooks,
+            judge=judge,
         )
 
 

@@ -92,6 +92,26 @@ def _describe(event: dict, steps: int) -> str | None:
     return None
 
 
+def _ptr(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t.numel()
+
+
+def _judged_step(lib, handle, state, teacher: Teacher, judge) -> str:
+    """A training batch the MODEL judges: the run's noise and the student's conditioning out,
+    the loss and its gradient (and the teacher's targets) back. Returns a progress line."""
+    traj = state["trajectory"]
+    n, side = len(state["captions"]), traj["resolution"] // 8
+    noise = torch.empty((n, 4, side, side))
+    lib.run_noise(handle, 4, *_ptr(noise))
+    student = torch.empty((n, teacher.seq, teacher.embed)), torch.empty((n, teacher.pooled))
+    lib.run_conditioning(handle, *_ptr(student[0]), *_ptr(student[1]))
+    embeds, pooled = teacher.batch(state["captions"])
+    ue, up = teacher.targets("")
+    loss, ge, gp = judge.step(traj, noise, (embeds, pooled), (ue[None], up[None]), student)
+    lib.run_supply_gradient(handle, (_ptr(embeds), _ptr(pooled)), (_ptr(ge), _ptr(gp)), loss)
+    return f"denoising step {traj['step'] + 1}/{traj['denoise_steps']}  vision loss {loss:.5f}"
+
+
 def train(
     encoder: QwenEncoder,
     clip,
@@ -100,14 +120,24 @@ def train(
     settings: dict,
     init_from_encoder_adapter: bool,
     hooks,
+    judge=None,
 ) -> tuple[QwenEncoder, torch.Tensor]:
     """One call of Qwen Adapter Train: opens the run in `out_dir` (resuming it when it holds a
     checkpoint), answers it until it is done or ComfyUI cancels, and returns the encoder with
-    the trained adapter and the loss picture. `hooks` are ComfyUI's (progress, cancel, text)."""
+    the trained adapter and the loss picture. `hooks` are ComfyUI's (progress, cancel, text);
+    `judge` (vision.ComfyJudge) judges the vision and mixed objectives with the graph's MODEL."""
+    # The vision objective differentiates through the MODEL: no inference mode here.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(encoder, clip, out_dir, captions, settings, init_from_encoder_adapter, hooks, judge)
+
+
+def _train(encoder, clip, out_dir, captions, settings, init_from_encoder_adapter, hooks, judge):
     lib = library.get()
     base = encoder.base
     t0 = time.perf_counter()
     spec = {"out": str(out_dir), "captions": captions, "settings": settings, "resume": "auto"}
+    if judge is not None:
+        spec["judge"] = "host"
     with base.lock:
         # A new run starts from the encoder's current adapter; a resumed one ignores it.
         base.select(encoder.adapter if init_from_encoder_adapter else None)
@@ -130,11 +160,17 @@ def train(
         log.info("qwenclip: %s", written)
         hooks.text(state["step"], written, force=True)
         teacher = Teacher(clip, (77, 2048, 1280))
+        if judge is not None:
+            judge.load()
         hooks.progress(state["step"], steps, None)
         while not state["done"]:
             hooks.check_interrupt()
-            embeds, pooled = teacher.batch(state["captions"])
-            lib.run_supply(handle, embeds.data_ptr(), embeds.numel(), pooled.data_ptr(), pooled.numel())
+            if judge is not None and state["need"] == "train":
+                line = _judged_step(lib, handle, state, teacher, judge)
+                hooks.text(state["step"] + 1, f"step {state['step'] + 1}/{steps}  {line}")
+            else:
+                embeds, pooled = teacher.batch(state["captions"])
+                lib.run_supply(handle, *_ptr(embeds), *_ptr(pooled))
             state = lib.run_state(handle)
             for event in state["events"]:
                 text = _describe(event, steps)

@@ -858,3 +858,63 @@ fn python_ctypes_encodes_a_prompt() {
         "python output {stdout:?} does not contain {want:?}"
     );
 }
+
+#[test]
+fn the_run_judge_is_named_and_the_host_judged_calls_check_what_the_run_asks() {
+    let lib = Lib::open();
+    let d = tiny();
+    let h = lib
+        .load(&serde_json::json!({"model": d.join("model")}).to_string())
+        .unwrap();
+    let open: Symbol<RunOpen> = lib.f("qwenclip_run_open");
+    let state: Symbol<JsonOut> = lib.f("qwenclip_run_state");
+    let free: Symbol<Free> = lib.f("qwenclip_run_free");
+    type Cond = unsafe extern "C" fn(u64, *mut f32, usize, *mut f32, usize) -> i32;
+    let conditioning: Symbol<Cond> = lib.f("qwenclip_run_conditioning");
+    let out = scratch("ffi-run-judge");
+    let _ = std::fs::remove_dir_all(&out);
+    let spec = |judge: serde_json::Value| {
+        let mut settings = run_settings();
+        settings["objective"] = "vision".into();
+        CString::new(
+            serde_json::json!({
+                "out": out, "captions": {"text": RUN_CAPTIONS}, "settings": settings,
+                "dims": {"seq": 77, "embed": 24, "pooled": 8}, "judge": judge,
+            })
+            .to_string(),
+        )
+        .unwrap()
+    };
+    let mut r = 0u64;
+    for (judge, says) in [
+        (serde_json::json!("nobody"), "expected \"host\""),
+        (serde_json::json!({"unet": out.join("missing")}), "missing"),
+        (serde_json::Value::Null, "needs the SDXL UNet"),
+    ] {
+        let c = spec(judge);
+        assert_ne!(unsafe { open(h, c.as_ptr(), &mut r) }, OK);
+        assert!(lib.last_error().contains(says), "{}", lib.last_error());
+    }
+    let c = spec(serde_json::json!("host"));
+    assert_eq!(
+        unsafe { open(h, c.as_ptr(), &mut r) },
+        OK,
+        "{}",
+        lib.last_error()
+    );
+    let st = json_call(&lib, |b, l, n| unsafe { state(r, b, l, n) });
+    assert_eq!(
+        (st["judge"].as_str(), st["need"].as_str()),
+        (Some("host"), Some("baseline"))
+    );
+    assert!(st["trajectory"].is_null());
+    let (mut e, mut p) = (vec![0f32; 77 * 24], vec![0f32; 8]);
+    let status = unsafe { conditioning(r, e.as_mut_ptr(), e.len(), p.as_mut_ptr(), p.len()) };
+    assert_ne!(status, OK);
+    assert!(
+        lib.last_error().contains("Baseline"),
+        "{}",
+        lib.last_error()
+    );
+    assert_eq!(unsafe { free(r) }, OK);
+}

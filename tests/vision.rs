@@ -144,7 +144,7 @@ fn train(
             } else {
                 Resume::Never
             },
-            judge: Judging::Unet(judge()),
+            judge: Judging::Unet(Box::new(judge())),
         },
     )?;
     let stop = AtomicBool::new(false);
@@ -363,7 +363,7 @@ fn a_host_that_judges_through_the_gradient_it_returns_trains_as_the_library_judg
     cfg["objective"] = "mixed".into();
     cfg["grad_accum"] = 2.into();
     cfg["eval_every"] = 2.into();
-    let (want, want_grad) = walk(&cache, cfg.clone(), &lib, Judging::Unet(judge()));
+    let (want, want_grad) = walk(&cache, cfg.clone(), &lib, Judging::Unet(Box::new(judge())));
     let (got, got_grad) = walk(&cache, cfg, &host, Judging::Host);
     assert_eq!((want.len(), got.len()), (3, 3));
     // The same losses step after step (Adam's steps carry rounding on; 1e-4 holds).
@@ -423,7 +423,7 @@ fn the_judge_checks_what_it_is_given() {
     let err = Run::open(
         student(),
         cache.captions().to_vec(),
-        spec(Judging::Unet(narrow)),
+        spec(Judging::Unet(Box::new(narrow))),
     )
     .err()
     .expect("a judge of other widths is refused")

@@ -258,7 +258,7 @@ fn run_micro_steps(f: &Fixture, base: &Path, n: usize) -> Vec<Micro> {
                 pooled: tp.dim(1).unwrap(),
             },
             resume: Resume::Never,
-            judge: Judging::Unet(judge()),
+            judge: Judging::Unet(Box::new(judge())),
         },
     )
     .unwrap();

@@ -259,13 +259,13 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 })
                 .transpose()?;
             eprintln!("judge UNet: {}", path.display());
-            Judging::Unet(Judge::load(
+            Judging::Unet(Box::new(Judge::load(
                 path,
                 None,
                 prediction,
                 a.dtype.dtype(),
                 &device,
-            )?)
+            )?))
         }
         None => Judging::None,
     };

@@ -54,7 +54,7 @@ struct RunOpenSpec {
 #[serde(untagged)]
 enum JudgeSpec {
     Named(String),
-    Unet(UnetJudgeSpec),
+    Unet(Box<UnetJudgeSpec>),
 }
 
 /// The library's judge: a UNet file or folder (`Judge::load`), with the UNet config for a
@@ -96,7 +96,7 @@ impl JudgeSpec {
                 if u.timestep_spacing.is_some() {
                     judge.scheduler.timestep_spacing = u.timestep_spacing;
                 }
-                Ok(Judging::Unet(judge))
+                Ok(Judging::Unet(Box::new(judge)))
             }
         }
     }

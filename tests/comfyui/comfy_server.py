@@ -60,6 +60,7 @@ class ComfyServer:
             "models/checkpoints",
             "models/text_encoders",
             "models/qwenclip",
+            "models/loras",
             "input",
             "output",
             "user",
@@ -122,6 +123,7 @@ class ComfyServer:
             "  checkpoints: models/checkpoints\n"
             "  text_encoders: models/text_encoders\n"
             "  qwenclip: models/qwenclip\n"
+            "  loras: models/loras\n"
         )
 
     # -- process ----------------------------------------------------------------------------

@@ -332,7 +332,22 @@ What to set:
     )
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
     enc = loader(g, (0, 160), adapter="none")
+    train = train_node(g, (360, 0), enc, ckpt, ADAPTER)
+    g.node("PreviewImage", (820, 700), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
+    pos = qwen_encode(g, (820, 0), train, PROMPT, "Positive (trained adapter)")
+    neg = qwen_encode(g, (820, 300), train, NEGATIVE, "Negative (trained adapter)")
+    lat = g.node(
+        "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
+    )
+    sample(g, 1260, 0, ckpt, pos, neg, lat, "qwenclip/trained_adapter")
+    return g
+
+
+def train_node(g, pos, encoder, ckpt, adapter_name, objective="mse", **overrides):
+    """Qwen Adapter Train with the library's defaults in every widget (some overridden); the
+    checkpoint's MODEL connected as the judge for the vision objectives."""
     d = train_defaults()
+    v = d["vision"]
     settings = ["steps", "batch_size", "grad_accum", "lr_lora", "lr_resampler", "save_every", "seed"]
     optional = [
         "lora_r",
@@ -344,27 +359,76 @@ What to set:
         "warmup_steps",
         "schedule",
     ]
-    train = g.node(
+    value = {**d, **v, **overrides}
+    inputs = [("encoder", "QWEN_ENCODER", (encoder, 0)), ("clip", "CLIP", (ckpt, 1))]
+    if objective != "mse":
+        inputs.append(("model", "MODEL", (ckpt, 0)))
+    return g.node(
         "QwenAdapterTrain",
-        (360, 0),
-        (420, 640),
+        pos,
+        (420, 820),
         [
-            ("adapter_name", ADAPTER),
+            ("adapter_name", adapter_name),
             ("captions_folder", "none (use captions_text)"),
             ("captions_text", CAPTIONS),
-            *[(k, d[k]) for k in settings],
+            *[(k, value[k]) for k in settings],
             ("init", "encoder adapter"),
-            *[(k, d[k]) for k in optional],
+            *[(k, value[k]) for k in optional],
+            ("objective", objective),
+            *[(k, value[k]) for k in ("resolution", "denoise_steps", "guidance_min", "guidance_max")],
+            ("scheduler", "normal"),
         ],
-        [("encoder", "QWEN_ENCODER", (enc, 0)), ("clip", "CLIP", (ckpt, 1))],
+        inputs,
     )
-    g.node("PreviewImage", (820, 700), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
-    pos = qwen_encode(g, (820, 0), train, PROMPT, "Positive (trained adapter)")
-    neg = qwen_encode(g, (820, 300), train, NEGATIVE, "Negative (trained adapter)")
+
+
+def train_vision() -> Graph:
+    g = Graph()
+    note(
+        g,
+        f"""
+Train a qwenclip adapter with vision-based distillation: your checkpoint's own UNet judges
+the Qwen encoder, then the same seed is rendered three ways, side by side:
+CLIP (top), the adapter before training (middle), after (bottom).
+
+The vision objective compares what the MODEL predicts with CLIP's conditioning and with
+the Qwen encoder's, along the teacher's own sampling trajectories (pure noise, guided by
+CLIP; no images needed). It keeps different prompts apart, where matching CLIP's outputs
+alone can collapse them. Connect the MODEL after your LoRA / FreeU nodes: the adapter
+learns for the model as you use it.
+
+What to set:
+1. Load Checkpoint: your SDXL checkpoint (eps or v-prediction).
+2. Qwen Encoder Loader: the Qwen3 base and the adapter to start from ("{ADAPTER}", made by
+   the training workflow with the mse objective, is a good start).
+3. Qwen Adapter Train: objective vision (or mixed); resolution, denoise_steps (one
+   training step each), guidance_min/max (CFG drawn per trajectory) and scheduler shape
+   the trajectories. adapter_name is the run folder; Cancel saves, queueing again
+   resumes.
+""",
+        size=(460, 640),
+    )
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
+    enc = loader(g, (0, 160))
+    train = train_node(g, (360, 0), enc, ckpt, "my_adapter_vision", objective="vision", steps=200)
+    g.node("PreviewImage", (360, 860), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
     lat = g.node(
         "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
     )
-    sample(g, 1260, 0, ckpt, pos, neg, lat, "qwenclip/trained_adapter")
+    rows = [
+        ("CLIP", None, "qwenclip/vision_clip"),
+        ("adapter before", enc, "qwenclip/vision_before"),
+        ("adapter after", train, "qwenclip/vision_after"),
+    ]
+    for i, (name, encoder, prefix) in enumerate(rows):
+        y = i * 620
+        if encoder is None:
+            pos = clip_encode(g, (820, y), ckpt, PROMPT, f"Positive ({name})")
+            neg = clip_encode(g, (820, y + 310), ckpt, NEGATIVE, f"Negative ({name})")
+        else:
+            pos = qwen_encode(g, (820, y), encoder, PROMPT, f"Positive ({name})")
+            neg = qwen_encode(g, (820, y + 310), encoder, NEGATIVE, f"Negative ({name})")
+        sample(g, 1260, y, ckpt, pos, neg, lat, prefix, title=f"KSampler ({name})")
     return g
 
 
@@ -449,6 +513,7 @@ WORKFLOWS = {
     "sdxl_qwen_text_to_image": text_to_image,
     "sdxl_qwen_train_then_generate": train_then_generate,
     "sdxl_qwen_tiny_demo": tiny_demo,
+    "sdxl_qwen_train_vision": train_vision,
     "sdxl_clip_vs_qwen": clip_vs_qwen,
 }
 

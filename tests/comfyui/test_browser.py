@@ -50,13 +50,14 @@ def browser_results(server, tmp_path_factory):
     return results
 
 
-def test_there_are_the_four_workflows_each_with_a_note():
+def test_there_are_the_five_workflows_each_with_a_note():
     names = {p.stem for p in UI_FILES}
     assert names == {
         "sdxl_qwen_text_to_image",
         "sdxl_qwen_train_then_generate",
         "sdxl_clip_vs_qwen",
         "sdxl_qwen_tiny_demo",
+        "sdxl_qwen_train_vision",
     }
     for p in UI_FILES:
         ui = json.loads(p.read_text())

@@ -11,6 +11,8 @@ import re
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {
     "QwenEncoderLoader": "Qwen Encoder Loader",
@@ -273,6 +275,80 @@ def test_cancel_saves_then_queueing_again_resumes(server):
     assert state["step"] == stopped + 3
     assert [s for s, _ in state["losses"]] == list(range(1, stopped + 4))
     assert f"resuming {folder} from step {stopped}" in server.log()
+
+
+def _tiny_lora(path: Path) -> int:
+    """A LoRA for the tiny SDXL's UNet (every attention projection, rank 2), in the kohya key
+    format ComfyUI's LoraLoader reads; returns how many layers it patches."""
+    import comfy.lora
+    import conftest
+    from safetensors.torch import save_file
+
+    model = conftest.plugin_package().demo.tiny_model(0)
+    keys = comfy.lora.model_lora_keys_unet(model.model, {})
+    weights = dict(model.model.diffusion_model.named_parameters())
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for key, target in keys.items():
+        name = target[len("diffusion_model.") :] if isinstance(target, str) else None
+        if (
+            not key.startswith("lora_unet_")
+            or name is None
+            or not name.endswith(("to_q.weight", "to_v.weight"))
+        ):
+            continue
+        out_f, in_f = weights[name].shape
+        sd[f"{key}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.1
+        sd[f"{key}.lora_down.weight"] = torch.randn(2, in_f, generator=g) * 0.1
+        sd[f"{key}.alpha"] = torch.tensor(2.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return len(sd) // 3
+
+
+def test_vision_workflow_trains_with_a_lora_on_the_model_then_renders_three_ways(server):
+    layers = _tiny_lora(server.base / "models" / "loras" / "qwenclip_tiny_lora.safetensors")
+    assert layers >= 4
+    prompt = tiny(
+        workflow("sdxl_qwen_train_vision"),
+        prefix="e2e_vision",
+        adapter_name="e2e_vision",
+        steps=4,
+        save_every=100,
+        resolution=64,
+        denoise_steps=2,
+    )
+    train = next(k for k, n in prompt.items() if n["class_type"] == "QwenAdapterTrain")
+    prompt["900"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {
+            "model": prompt[train]["inputs"]["model"],
+            "lora_name": "qwenclip_tiny_lora.safetensors",
+            "strength_model": 1.0,
+        },
+    }
+    prompt[train]["inputs"]["model"] = ["900", 0]
+    entry = server.run(prompt)
+    assert "lora key not loaded" not in server.log()
+    state = run_state(server.base / "models" / "qwenclip" / "e2e_vision")
+    assert state["step"] == 4 and all(x == x and x > 0 for _, x in state["losses"])
+    assert "denoising step 2/2" in server.log()
+    images = {p.name.split("_")[1]: pixels(p) for p in saved_images(server, entry)}
+    assert set(images) == {"clip", "before", "after"}, images.keys()
+    assert abs(images["before"] - images["after"]).mean() > 0.5, "training changed the picture"
+
+
+def test_vision_without_a_model_is_one_clear_error_and_the_server_goes_on(server):
+    prompt = tiny(
+        workflow("sdxl_qwen_train_vision"), prefix="e2e_nomodel", adapter_name="e2e_nomodel", steps=1
+    )
+    train = next(k for k, n in prompt.items() if n["class_type"] == "QwenAdapterTrain")
+    del prompt[train]["inputs"]["model"]
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error"
+    text = json.dumps(entry["status"]["messages"])
+    assert "connect the SDXL checkpoint's MODEL" in text, text[:2000]
+    server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_after_error"))
 
 
 def test_free_releases_our_memory(server):

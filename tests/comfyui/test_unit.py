@@ -5,6 +5,7 @@ and the training node's progress, saves, cancel and resume."""
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import shutil
@@ -771,3 +772,125 @@ def test_a_hub_download_says_its_size_shows_progress_and_loads(
         assert again.config["model"] == enc.config["model"]
     finally:
         hub.close()
+
+
+# -- Vision-based distillation judged by ComfyUI's MODEL -------------------------------------------
+
+VISION = dict(objective="vision", resolution=64, denoise_steps=3, guidance_min=2.0, guidance_max=5.0)
+
+
+def _sd15_tiny_model(pack):
+    """An SD1.5-shaped tiny MODEL (context 768, no ADM), built as the demo builds SDXL's."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    demo = pack.demo
+    unet = {
+        **demo.TINY_UNET,
+        "context_dim": 768,
+        "adm_in_channels": None,
+        "num_classes": None,
+        "use_linear_in_transformer": False,
+    }
+    cfg = comfy.supported_models.SD15(unet)
+    cfg.set_inference_dtype(torch.float32, None)
+    return comfy.model_patcher.ModelPatcher(cfg.get_model({}), torch.device("cpu"), torch.device("cpu"))
+
+
+def _reference_vision_step(model, trajectory, noise, teacher, uncond, student):
+    """The judge's step written out in plain torch on the bare UNet module: SDXL's ADM vector,
+    the discrete schedule's sigmas by ComfyUI's "simple" rule (every (1000/N)-th training
+    sigma from the top), full-denoise noise scaling, eps-prediction, CFG on the noise, Euler."""
+    base = model.model
+    unet = base.diffusion_model
+    table = base.model_sampling.sigmas.float()
+    n_steps, size, k = trajectory["denoise_steps"], trajectory["resolution"], trajectory["step"]
+    idx = [len(table) - 1 - int(i * len(table) / n_steps) for i in range(n_steps)]
+    sigmas = torch.cat([table[idx], torch.zeros(1)])
+    n = noise.shape[0]
+    sizes = base.embedder(torch.tensor([float(v) for v in (size, size, 0, 0, size, size)]))
+    sizes = sizes.flatten()[None].repeat(n, 1)
+
+    def eps(x, sigma, e, p):
+        t = (table.log() - sigma.log()).abs().argmin().float().expand(n)
+        return unet(x / (sigma**2 + 1) ** 0.5, t, context=e, y=torch.cat([p, sizes], 1)).float()
+
+    g = torch.tensor(trajectory["guidance"]).reshape(-1, 1, 1, 1)
+    ue, up = uncond[0].expand(n, -1, -1), uncond[1].expand(n, -1)
+    x = noise * (1 + sigmas[0] ** 2) ** 0.5
+    with torch.no_grad():
+        for j in range(k):
+            c, u = eps(x, sigmas[j], *teacher), eps(x, sigmas[j], ue, up)
+            x = x + (u + g * (c - u)) * (sigmas[j + 1] - sigmas[j])
+        want = eps(x, sigmas[k], *teacher)
+    e, p = (t.clone().requires_grad_(True) for t in student)
+    loss = (eps(x, sigmas[k], e, p) - want).pow(2).flatten(1).mean(1).mean()
+    ge, gp = torch.autograd.grad(loss, (e, p))
+    return float(loss.detach()), ge, gp
+
+
+def test_the_comfy_judge_step_equals_a_plain_torch_reference(pack):
+    demo = pack.demo
+    with torch.inference_mode():  # as ComfyUI builds models while running a graph
+        model = demo.tiny_model(5)
+    g = torch.Generator().manual_seed(0)
+    n = 2
+    traj = {"seed": 9, "step": 2, "denoise_steps": 4, "resolution": 64, "guidance": [2.0, 4.5]}
+    noise = torch.randn(n, 4, 8, 8, generator=g)
+    teacher = (torch.randn(n, 77, 2048, generator=g), torch.randn(n, 1280, generator=g))
+    uncond = (torch.randn(1, 77, 2048, generator=g), torch.randn(1, 1280, generator=g))
+    student = (torch.randn(n, 77, 2048, generator=g), torch.randn(n, 1280, generator=g))
+    with torch.inference_mode(False), torch.enable_grad():
+        judge = importlib.import_module(f"{PACKAGE}.vision").ComfyJudge(model, "simple")
+        judge.load()
+        loss, ge, gp = judge.step(traj, noise, teacher, uncond, student)
+        want = _reference_vision_step(model, traj, noise, teacher, uncond, student)
+    assert loss > 0 and abs(loss - want[0]) <= 1e-4 * want[0], (loss, want[0])
+    for got, ref in ((ge, want[1]), (gp, want[2])):
+        scale = ref.abs().max()
+        assert scale > 0 and (got - ref).abs().max() <= 1e-4 * scale
+    assert judge.latents[:2] == (9, 3), "the latents one step further are kept for the next step"
+
+
+def test_vision_training_through_the_node_learns_and_resumes_exactly(
+    pack, encoder, teacher_clip, progress_hook
+):
+    import comfy.model_management as mm
+
+    demo = pack.demo
+    with torch.inference_mode():
+        model = demo.tiny_model(5)
+    common = dict(VISION, schedule="constant", warmup_steps=0, grad_accum=1, lr_lora=3e-3, lr_resampler=3e-3)
+    progress_hook(Progress())
+    with torch.inference_mode():
+        _train(pack, encoder, teacher_clip, "unit_vision", steps=9, save_every=100, model=model, **common)
+    state, folder = _state(pack, "unit_vision")
+    losses = [x for _, x in state["losses"]]
+    assert state["step"] == 9 and len(losses) == 9
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert all("loss_vision" in x for x in lines if "loss" in x)
+    # Three trajectories of three denoising steps: the same steps of the first and the last.
+    assert sum(losses[6:]) < sum(losses[:3]), losses
+
+    progress_hook(Progress(cancel_at=4))  # in the middle of the second trajectory
+    with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+        _train(pack, encoder, teacher_clip, "unit_vision_cut", steps=9, save_every=100, model=model, **common)
+    cut, _ = _state(pack, "unit_vision_cut")
+    assert cut["step"] == 4
+    progress_hook(Progress())
+    with torch.inference_mode():
+        _train(pack, encoder, teacher_clip, "unit_vision_cut", steps=9, save_every=100, model=model, **common)
+    resumed, _ = _state(pack, "unit_vision_cut")
+    assert [s for s, _ in resumed["losses"]] == list(range(1, 10))
+    for (s, a), (_, b) in zip(state["losses"], resumed["losses"], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {s}: {a} straight, {b} resumed"
+
+
+def test_vision_needs_an_sdxl_model(pack, encoder, teacher_clip, progress_hook):
+    progress_hook(Progress())
+    with pytest.raises(ValueError, match="connect the SDXL checkpoint's MODEL"):
+        _train(pack, encoder, teacher_clip, "unit_vision_none", steps=1, **VISION)
+    with pytest.raises(ValueError, match="needs the MODEL of an SDXL checkpoint.*SD15|BaseModel"):
+        _train(
+            pack, encoder, teacher_clip, "unit_vision_sd15", steps=1, model=_sd15_tiny_model(pack), **VISION
+        )

@@ -159,7 +159,7 @@ pub enum Judging {
     #[default]
     None,
     /// The library's own UNet.
-    Unet(Judge),
+    Unet(Box<Judge>),
     /// The host (the ComfyUI node with the artist's own patched UNet): the run plans each
     /// trajectory (captions, noise, guidance) and hands out the student's conditioning; the
     /// host walks the trajectory with its UNet and returns the loss and its gradient with

@@ -156,7 +156,8 @@ enum qwenclip_status qwenclip_run_open(uint64_t encoder,
                                        uint64_t *out_handle);
 
 // The run's state as JSON: `step`, `steps`, `epoch`, `done`, `need` (`"train"`, `"eval"`,
-// `"baseline"` or null when done), `captions` (the captions whose targets
+// `"baseline"`, `"empty"` or null when done), `trajectory` (for a vision training batch),
+// `judge` (`"host"`, `"unet"` or null), `captions` (the captions whose targets
 // `qwenclip_run_supply` takes next, in order), `events` (what the last supply did: steps,
 // evaluations, saves), `notes` (what opening decided about changed settings), `settings`,
 // `out`, `adapter`, `caption_count`, `save_sizes` (bytes each save writes: `adapter_bytes`,

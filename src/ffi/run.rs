@@ -7,7 +7,7 @@ use std::ffi::c_char;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use once_cell::sync::Lazy;
 use serde::Deserialize;
 
@@ -241,7 +241,8 @@ fn event_json(e: &Event) -> serde_json::Value {
 }
 
 /// The run's state as JSON: `step`, `steps`, `epoch`, `done`, `need` (`"train"`, `"eval"`,
-/// `"baseline"` or null when done), `captions` (the captions whose targets
+/// `"baseline"`, `"empty"` or null when done), `trajectory` (for a vision training batch),
+/// `judge` (`"host"`, `"unet"` or null), `captions` (the captions whose targets
 /// `qwenclip_run_supply` takes next, in order), `events` (what the last supply did: steps,
 /// evaluations, saves), `notes` (what opening decided about changed settings), `settings`,
 /// `out`, `adapter`, `caption_count`, `save_sizes` (bytes each save writes: `adapter_bytes`,
@@ -293,20 +294,30 @@ pub extern "C" fn qwenclip_run_supply(
     call(|| {
         let slot = RUNS.get(handle)?;
         let mut s = lock(&slot);
-        let n = s
-            .run
-            .request()
-            .map(|r| r.rows())
-            .ok_or_else(|| invalid("the run is done: it needs no more targets"))?;
-        let d = s.run.trainer().dims();
-        let e = boundary::buffer(embeds, embeds_len, n * d.seq * d.embed, "embeds")?;
-        let p = boundary::buffer(pooled, pooled_len, n * d.pooled, "pooled")?;
-        let e = Tensor::from_slice(e, (n, d.seq, d.embed), &Device::Cpu)?;
-        let p = Tensor::from_slice(p, (n, d.pooled), &Device::Cpu)?;
+        let [es, ps] = target_shapes(&mut s.run)?;
+        let e = read_floats(embeds, embeds_len, &es, "embeds")?;
+        let p = read_floats(pooled, pooled_len, &ps, "pooled")?;
         s.events.clear();
         s.events = s.run.supply(&e, &p)?;
         Ok(())
     })
+}
+
+/// The shapes of the targets (and gradients) the run's pending request takes: `[n, seq,
+/// embed]` and `[n, pooled]`.
+fn target_shapes(run: &mut Run) -> FfiResult<[Shape; 2]> {
+    let n = run
+        .request()
+        .map(|r| r.rows())
+        .ok_or_else(|| invalid("the run is done: it needs no more targets"))?;
+    let d = run.trainer().dims();
+    Ok([(n, d.seq, d.embed).into(), (n, d.pooled).into()])
+}
+
+/// A host's float buffer of `shape` (its length checked) as a tensor.
+fn read_floats(ptr: *const f32, len: usize, shape: &Shape, what: &str) -> FfiResult<Tensor> {
+    let values = boundary::buffer(ptr, len, shape.elem_count(), what)?;
+    Ok(Tensor::from_slice(values, shape, &Device::Cpu)?)
 }
 
 /// Copies `t` (f32, any shape) into a host buffer of `len` floats (checked).
@@ -375,21 +386,11 @@ pub extern "C" fn qwenclip_run_supply_gradient(
     call(|| {
         let slot = RUNS.get(handle)?;
         let mut s = lock(&slot);
-        let n = s
-            .run
-            .request()
-            .map(|r| r.rows())
-            .ok_or_else(|| invalid("the run is done: it needs no more targets"))?;
-        let d = s.run.trainer().dims();
-        let shapes = [(n, d.seq, d.embed).into(), (n, d.pooled).into()];
-        let read = |ptr, len, shape: &candle_core::Shape, what| -> FfiResult<Tensor> {
-            let values = boundary::buffer(ptr, len, shape.elem_count(), what)?;
-            Ok(Tensor::from_slice(values, shape, &Device::Cpu)?)
-        };
-        let e = read(embeds, embeds_len, &shapes[0], "embeds")?;
-        let p = read(pooled, pooled_len, &shapes[1], "pooled")?;
-        let ge = read(grad_embeds, grad_embeds_len, &shapes[0], "grad_embeds")?;
-        let gp = read(grad_pooled, grad_pooled_len, &shapes[1], "grad_pooled")?;
+        let [es, ps] = target_shapes(&mut s.run)?;
+        let e = read_floats(embeds, embeds_len, &es, "embeds")?;
+        let p = read_floats(pooled, pooled_len, &ps, "pooled")?;
+        let ge = read_floats(grad_embeds, grad_embeds_len, &es, "grad_embeds")?;
+        let gp = read_floats(grad_pooled, grad_pooled_len, &ps, "grad_pooled")?;
         s.events.clear();
         s.events = s.run.supply_gradient((&e, &p), (&ge, &gp), loss)?;
         Ok(())

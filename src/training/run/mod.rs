@@ -992,8 +992,6 @@ impl Run {
             &trajectory.guidance,
         )?;
         let cfg = self.trainer.config().clone();
-        let (objective, v) = (cfg.objective, &cfg.vision);
-        let weights = (cfg.loss_weight_embeds, cfg.loss_weight_pooled);
         let report = self.trainer.step_with(prompts, |e, p| {
             let student = judge.predict(
                 sampler.as_ref(),
@@ -1004,14 +1002,7 @@ impl Run {
                 ForwardMode::Differentiable,
             )?;
             let lv = vision_loss(&student, &teacher_eps)?;
-            let mut total = (&lv * v.lambda_vision)?;
-            let mut parts = vec![("loss_vision", lv)];
-            if objective == Objective::Mixed {
-                let o = output_loss(e, p, te, tp, weights)?;
-                total = (total + (&o.total * v.lambda_mse)?)?;
-                parts.extend(o.parts);
-            }
-            Ok(Loss { total, parts })
+            vision_objective(&cfg, lv, (e, p), (te, tp))
         })?;
         trajectory.step += 1;
         self.latents = Some((trajectory.seed, trajectory.step, next));
@@ -1035,19 +1026,10 @@ impl Run {
             None => self.trainer.predict(prompts, ForwardMode::Differentiable)?,
         };
         let cfg = self.trainer.config().clone();
-        let (objective, v) = (cfg.objective, &cfg.vision);
-        let weights = (cfg.loss_weight_embeds, cfg.loss_weight_pooled);
         let report = self.trainer.step_on(outputs, |e, p| {
             let grads = (&injected.grad_embeds, &injected.grad_pooled);
             let lv = injected_loss((e, p), grads, injected.loss)?;
-            let mut total = (&lv * v.lambda_vision)?;
-            let mut parts = vec![("loss_vision", lv)];
-            if objective == Objective::Mixed {
-                let o = output_loss(e, p, te, tp, weights)?;
-                total = (total + (&o.total * v.lambda_mse)?)?;
-                parts.extend(o.parts);
-            }
-            Ok(Loss { total, parts })
+            vision_objective(&cfg, lv, (e, p), (te, tp))
         })?;
         trajectory.step += 1;
         Ok((report, Some(trajectory)))
@@ -1112,6 +1094,26 @@ impl Run {
 
 /// The optimizer step's report with the loss and its parts averaged over the micro-batches
 /// that made it.
+/// The vision objectives' loss from the vision term: `lambda_vision * vision`, plus
+/// `lambda_mse *` the output MSE against the teacher's targets for `mixed`.
+fn vision_objective(
+    cfg: &TrainConfig,
+    vision: Tensor,
+    (e, p): (&Tensor, &Tensor),
+    (te, tp): (&Tensor, &Tensor),
+) -> Result<Loss> {
+    let v = &cfg.vision;
+    let mut total = (&vision * v.lambda_vision)?;
+    let mut parts = vec![("loss_vision", vision)];
+    if cfg.objective == Objective::Mixed {
+        let weights = (cfg.loss_weight_embeds, cfg.loss_weight_pooled);
+        let o = output_loss(e, p, te, tp, weights)?;
+        total = (total + (&o.total * v.lambda_mse)?)?;
+        parts.extend(o.parts);
+    }
+    Ok(Loss { total, parts })
+}
+
 fn mean_of_micro_batches(micro: &[StepReport], last: StepReport) -> StepReport {
     let n = micro.len() as f64;
     let mut parts = last.parts.clone();

@@ -9,13 +9,11 @@
 //! matrix). Other dtypes and devices compute the forward with candle's `conv2d` and the input
 //! gradient with `conv_transpose2d`.
 
-use std::sync::{Arc, Mutex};
-
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::blas::{self, Blas};
-use super::{cpu_f32, f32_slice};
+use super::{cpu_f32, f32_slice, Handover};
 
 /// Columns of the im2col matrix built at a time: bounds its memory (`C_in k^2 x CHUNK`).
 const COLUMN_CHUNK: usize = 4096;
@@ -84,10 +82,10 @@ pub fn frozen_conv2d(
         return conv(x);
     }
     let y = conv(&x.detach())?;
-    x.apply_op1(Handover {
+    x.apply_op1(FrozenConv {
         w: w.detach(),
         p,
-        y: Arc::new(Mutex::new(Some(y))),
+        y: Handover::new(y),
     })
 }
 
@@ -98,36 +96,19 @@ fn out_len(n: usize, k: usize, p: Conv2dParams) -> usize {
 
 /// The result of candle's `conv2d`, handed over in `fwd`, with a backward through
 /// `conv_transpose2d` (the input gradient only).
-struct Handover {
+struct FrozenConv {
     w: Tensor,
     p: Conv2dParams,
-    y: Arc<Mutex<Option<Tensor>>>,
+    y: Handover,
 }
 
-impl Handover {
-    fn take(&self) -> Result<Tensor> {
-        self.y
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("conv2d result lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d forward ran twice".into()))
-    }
-}
-
-impl CustomOp1 for Handover {
+impl CustomOp1 for FrozenConv {
     fn name(&self) -> &'static str {
         "frozen-conv2d"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => {
-                Ok((s.clone(), y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-conv2d: unexpected storage layout"),
-        }
+        self.y.cpu(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -136,15 +117,7 @@ impl CustomOp1 for Handover {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.take()?.contiguous()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) if layout.start_offset() == 0 => {
-                Ok((s.try_clone(layout)?, y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-conv2d: unexpected storage layout"),
-        }
+        self.y.cuda(self.name())
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

@@ -1,10 +1,11 @@
 //! Products with a frozen weight (dense or quantized): the backward returns the input
 //! gradient only.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use super::handover::Handover;
 use super::matmul::blas_matmul;
 use super::{matmul_t, ForwardMode, QMatrix};
 
@@ -21,7 +22,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let y = matmul_t(&x.detach(), w)?.contiguous()?;
     x.apply_op1(FrozenLinear {
         w: Frozen::Dense(w.detach()),
-        y: Arc::new(Mutex::new(Some(y))),
+        y: Handover::new(y),
     })
 }
 
@@ -54,7 +55,7 @@ pub fn quantized_linear(x: &Tensor, w: &Arc<QMatrix>, path: ForwardMode) -> Resu
     let y = w.forward(&x.detach())?.contiguous()?;
     x.apply_op1(FrozenLinear {
         w: Frozen::Quantized(w.clone()),
-        y: Arc::new(Mutex::new(Some(y))),
+        y: Handover::new(y),
     })
 }
 
@@ -65,21 +66,10 @@ enum Frozen {
 }
 
 /// The product is computed eagerly with ordinary ops and handed over in `fwd`; only the
-/// backward rule is custom. The result is taken out of the op on first use so it is not held
-/// twice by the graph.
+/// backward rule is custom.
 struct FrozenLinear {
     w: Frozen,
-    y: Arc<Mutex<Option<Tensor>>>,
-}
-
-impl FrozenLinear {
-    fn take(&self) -> Result<Tensor> {
-        self.y
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen-linear result lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-linear forward ran twice".into()))
-    }
+    y: Handover,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -88,14 +78,7 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) if layout.start_offset() == 0 => {
-                Ok((s.clone(), y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-linear: unexpected storage layout"),
-        }
+        self.y.cpu(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -104,15 +87,7 @@ impl CustomOp1 for FrozenLinear {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) if layout.start_offset() == 0 => {
-                Ok((s.try_clone(layout)?, y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-linear: unexpected storage layout"),
-        }
+        self.y.cuda(self.name())
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

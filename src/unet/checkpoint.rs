@@ -12,11 +12,13 @@
 //! A block is a function of one to three tensors (the activations, and the time embedding or
 //! the text conditioning when they are tracked); its weights are captured, frozen.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, Var,
 };
+
+use crate::ops::Handover;
 
 /// A block's forward over its inputs.
 pub(crate) type BlockFn<const N: usize> = dyn Fn(&[Tensor; N]) -> Result<Tensor> + Send + Sync;
@@ -37,7 +39,7 @@ where
     let y = f(&inputs.map(|t| t.detach()))?;
     Recompute {
         f,
-        y: Mutex::new(Some(y)),
+        y: Handover::new(y),
     }
     .record(inputs)
 }
@@ -67,54 +69,11 @@ impl Record<3> for Recompute<3> {
 
 pub(crate) struct Recompute<const N: usize> {
     f: Arc<BlockFn<N>>,
-    /// The forward's result, handed to candle in `fwd` (taken, so the op does not keep it).
-    y: Mutex<Option<Tensor>>,
+    /// The forward's result, handed to candle in `fwd`.
+    y: Handover,
 }
 
 impl<const N: usize> Recompute<N> {
-    fn take(&self) -> Result<Tensor> {
-        let y = self
-            .y
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpoint result lock poisoned".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint forward ran twice".into()))?;
-        // A fresh buffer of exactly y's elements (y may be a view into a larger one).
-        let (storage, layout) = y.storage_and_layout();
-        let exact = layout.is_contiguous()
-            && layout.start_offset() == 0
-            && match &*storage {
-                candle_core::Storage::Cpu(s) => cpu_len(s) == y.elem_count(),
-                _ => true,
-            };
-        drop(storage);
-        if exact {
-            Ok(y)
-        } else {
-            y.affine(1.0, 0.0)
-        }
-    }
-
-    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        let y = self.take()?;
-        let (storage, _) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((s.clone(), y.shape().clone())),
-            _ => candle_core::bail!("checkpoint: result on another device"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = self.take()?;
-        let (storage, layout) = y.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, y.shape().clone())),
-            _ => candle_core::bail!("checkpoint: result on another device"),
-        }
-    }
-
     /// Runs the block again on tracked copies of the inputs and returns the gradients of
     /// `sum(block(inputs) * grad)` for the inputs that are tracked outside.
     fn grads(&self, args: [&Tensor; N], grad: &Tensor) -> Result<[Option<Tensor>; N]> {
@@ -131,7 +90,7 @@ impl<const N: usize> Recompute<N> {
             None => args[i].detach(),
         });
         let y = (self.f)(&inputs)?;
-        let store = y.apply_op1(Seed { g: grad.detach() })?.backward()?;
+        let store = y.apply_op1(Seed::new(grad.detach())?)?.backward()?;
         let mut out: [Option<Tensor>; N] = std::array::from_fn(|_| None);
         for (i, v) in vars.iter().enumerate() {
             if let Some(v) = v {
@@ -150,6 +109,17 @@ impl<const N: usize> Recompute<N> {
 /// block's backward starts, without a full-size `y * g` and its own backward.
 struct Seed {
     g: Tensor,
+    zero: Handover,
+}
+
+impl Seed {
+    fn new(g: Tensor) -> Result<Self> {
+        let zero = Tensor::zeros((), g.dtype(), g.device())?;
+        Ok(Self {
+            g,
+            zero: Handover::new(zero),
+        })
+    }
 }
 
 impl CustomOp1 for Seed {
@@ -158,12 +128,7 @@ impl CustomOp1 for Seed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let zero = Tensor::zeros((), self.g.dtype(), &candle_core::Device::Cpu)?;
-        let (storage, _) = zero.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((s.clone(), Shape::from(()))),
-            _ => candle_core::bail!("checkpoint-seed: not on the CPU"),
-        }
+        self.zero.cpu(self.name())
     }
 
     #[cfg(feature = "cuda")]
@@ -172,32 +137,11 @@ impl CustomOp1 for Seed {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let zero = Tensor::zeros((), self.g.dtype(), self.g.device())?;
-        let (storage, layout) = zero.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, Shape::from(()))),
-            _ => candle_core::bail!("checkpoint-seed: not on the GPU"),
-        }
+        self.zero.cuda(self.name())
     }
 
     fn bwd(&self, _y: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.g.clone()))
-    }
-}
-
-fn cpu_len(s: &CpuStorage) -> usize {
-    match s {
-        CpuStorage::U8(v) => v.len(),
-        CpuStorage::U32(v) => v.len(),
-        CpuStorage::I64(v) => v.len(),
-        CpuStorage::BF16(v) => v.len(),
-        CpuStorage::F16(v) => v.len(),
-        CpuStorage::F32(v) => v.len(),
-        CpuStorage::F64(v) => v.len(),
-        // Other element types never come out of a UNet block: force a fresh copy.
-        #[allow(unreachable_patterns)]
-        _ => usize::MAX,
     }
 }
 
@@ -207,7 +151,7 @@ impl CustomOp1 for Recompute<1> {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
+        self.y.cpu("checkpoint")
     }
 
     #[cfg(feature = "cuda")]
@@ -216,7 +160,7 @@ impl CustomOp1 for Recompute<1> {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda()
+        self.y.cuda("checkpoint")
     }
 
     fn bwd(&self, a: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -237,7 +181,7 @@ impl CustomOp2 for Recompute<2> {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
+        self.y.cpu("checkpoint")
     }
 
     #[cfg(feature = "cuda")]
@@ -248,7 +192,7 @@ impl CustomOp2 for Recompute<2> {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda()
+        self.y.cuda("checkpoint")
     }
 
     fn bwd(
@@ -277,7 +221,7 @@ impl CustomOp3 for Recompute<3> {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.cpu()
+        self.y.cpu("checkpoint")
     }
 
     #[cfg(feature = "cuda")]
@@ -290,7 +234,7 @@ impl CustomOp3 for Recompute<3> {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda()
+        self.y.cuda("checkpoint")
     }
 
     fn bwd(

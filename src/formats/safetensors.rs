@@ -103,20 +103,38 @@ struct ShardIndex {
     weight_map: HashMap<String, String>,
 }
 
+/// The shard files a `*.safetensors.index.json` lists (beside it), sorted, each once.
+pub fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let idx: ShardIndex = read_json(index, "shard index")?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
+    shards.sort();
+    shards.dedup();
+    if shards.is_empty() {
+        return Err(Error::format(index, "weight_map lists no shard files"));
+    }
+    Ok(shards)
+}
+
+/// Largest `N + 1` over tensor names `{prefix}N.…`, or 0: how many numbered layers a
+/// checkpoint has under `prefix`.
+pub fn count_numbered(names: &[String], prefix: &str) -> usize {
+    names
+        .iter()
+        .filter_map(|n| n.strip_prefix(prefix))
+        .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
 impl Weights {
     /// Opens `model.safetensors`, or every shard listed in `model.safetensors.index.json`.
     pub fn open_model_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let files = if index.is_file() {
-            let idx: ShardIndex = read_json(&index, "shard index")?;
-            let mut shards: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
-            shards.sort();
-            shards.dedup();
-            if shards.is_empty() {
-                return Err(Error::format(&index, "weight_map lists no shard files"));
-            }
-            shards
+            shard_files(&index)?
         } else if single.is_file() {
             vec![single]
         } else {

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use super::clip::{ClipTextConfig, Pooling};
 use super::schema::{LayerModule, OpenClipKey, Param, HF_LAYERS, OPEN_CLIP_LAYERS};
 use crate::error::{Error, Result};
+use crate::formats::safetensors::count_numbered;
 use crate::formats::Weights;
 
 /// Prefix of CLIP-L (Hugging Face layout) in a single-file SDXL checkpoint.
@@ -143,17 +144,6 @@ pub(crate) fn open_component(dir: &Path, dtype: DType, device: &Device) -> Resul
     }
 }
 
-/// Largest `N + 1` over names `{prefix}N.…`, or 0.
-fn count_layers(names: &[String], prefix: &str) -> usize {
-    names
-        .iter()
-        .filter_map(|n| n.strip_prefix(prefix))
-        .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
-        .map(|i| i + 1)
-        .max()
-        .unwrap_or(0)
-}
-
 /// Heads of a checkpoint without a config: 12 for width 768 (CLIP-L), 20 for 1280 (CLIP-G),
 /// otherwise head_dim 64 (`width / 64`), which is what both of those use.
 pub fn infer_heads(path: &Path, hidden: usize) -> Result<usize> {
@@ -215,7 +205,7 @@ fn single_file_encoder(
     let (vocab, hidden) = shape2(w, &layout.key(Param::TokenEmbedding))?;
     let (max_pos, _) = shape2(w, &layout.key(Param::PositionEmbedding))?;
     let layers_prefix = layout.layers_prefix();
-    let layers = count_layers(names, &layers_prefix);
+    let layers = count_numbered(names, &layers_prefix);
     if layers == 0 {
         return Err(Error::format(
             w.origin(),
@@ -346,7 +336,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        assert_eq!(count_layers(&names, "a."), 12);
-        assert_eq!(count_layers(&names, "c."), 0);
+        assert_eq!(count_numbered(&names, "a."), 12);
+        assert_eq!(count_numbered(&names, "c."), 0);
     }
 }

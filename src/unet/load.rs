@@ -16,7 +16,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{PerBlock, UNetConfig, DOWN_CROSS, DOWN_PLAIN, UP_CROSS, UP_PLAIN};
 use super::schema::{Layout, Site, TensorSpec};
-use crate::error::{read_json, Error, Result};
+use crate::error::{Error, Result};
+use crate::formats::safetensors::{count_numbered, shard_files};
 use crate::formats::Weights;
 
 /// Prefix of the UNet in a single-file SDXL checkpoint.
@@ -128,11 +129,6 @@ pub(crate) fn open(
     })
 }
 
-#[derive(serde::Deserialize)]
-struct ShardIndex {
-    weight_map: HashMap<String, String>,
-}
-
 /// The weight files of a diffusers component folder, best first: plain, then the `fp16` and
 /// `bf16` variants; each as one file or an index of shards.
 fn folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -144,14 +140,7 @@ fn folder_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
         let index = dir.join(format!("{STEM}{variant}.safetensors.index.json"));
         if index.is_file() {
-            let idx: ShardIndex = read_json(&index, "shard index")?;
-            let mut shards: Vec<PathBuf> = idx.weight_map.values().map(|f| dir.join(f)).collect();
-            shards.sort();
-            shards.dedup();
-            if shards.is_empty() {
-                return Err(Error::format(&index, "weight_map lists no shard files"));
-            }
-            return Ok(shards);
+            return shard_files(&index);
         }
     }
     let hint = if dir.join(format!("{STEM}.bin")).is_file() {
@@ -212,17 +201,6 @@ fn single_file_prefix(path: &Path, names: &[String]) -> Result<String> {
         path,
         format!("not a single-file SDXL checkpoint: no `{SINGLE_FILE_PREFIX}input_blocks.*` tensors ({what})"),
     ))
-}
-
-/// Largest `N + 1` over names `{prefix}N.…`, or 0.
-fn count(names: &[String], prefix: &str) -> usize {
-    names
-        .iter()
-        .filter_map(|n| n.strip_prefix(prefix))
-        .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
-        .map(|i| i + 1)
-        .max()
-        .unwrap_or(0)
 }
 
 /// One LDM level read off the names: resnet output channels and transformer depth per layer.
@@ -301,9 +279,10 @@ pub fn infer_config(
             level
                 .channels
                 .push(shape(&format!("{p}{b}.0.out_layers.3.weight"))?[0]);
-            level
-                .depths
-                .push(count(names, &format!("{p}{b}.1.transformer_blocks.")));
+            level.depths.push(count_numbered(
+                names,
+                &format!("{p}{b}.1.transformer_blocks."),
+            ));
             if has(&format!("{b}.1.proj_in.weight")) {
                 linear_projection = Some(shape(&format!("{p}{b}.1.proj_in.weight"))?.len() == 2);
             }
@@ -341,7 +320,7 @@ pub fn infer_config(
         }
         heads.push((c / SDXL_HEAD_DIM).max(1));
     }
-    let mid_depth = count(names, &format!("{p}middle_block.1.transformer_blocks."));
+    let mid_depth = count_numbered(names, &format!("{p}middle_block.1.transformer_blocks."));
     if mid_depth != *depths.last().expect("levels") {
         return Err(bad(format!(
             "the mid block has {mid_depth} transformer blocks, the last level {}",
@@ -354,7 +333,7 @@ pub fn infer_config(
     for i in 0..n {
         let level = n - 1 - i;
         for _ in 0..layers[level] + 1 {
-            let d = count(
+            let d = count_numbered(
                 names,
                 &format!("{p}output_blocks.{ob}.1.transformer_blocks."),
             );

@@ -12,7 +12,7 @@ use qwenclip::data::{build_cache, CacheOptions, CaptionSet, TargetCache, TargetS
 use qwenclip::teacher::Teacher;
 use qwenclip::training::run::{self, Event, Resume, Run, RunSpec, RunSummary};
 use qwenclip::training::vision::Judging;
-use qwenclip::training::{Schedule, TargetDims, TrainConfig};
+use qwenclip::training::{Schedule, TrainConfig};
 use qwenclip::{Encoder, EncoderOptions, Error, LoraMode};
 
 /// 400 distinct spatial captions from a seeded template.
@@ -109,11 +109,7 @@ fn train_until(
         RunSpec {
             out: out.to_path_buf(),
             settings: serde_json::to_value(cfg).unwrap(),
-            dims: TargetDims {
-                seq: d.seq,
-                embed: d.embed,
-                pooled: d.pooled,
-            },
+            dims: d,
             resume: match resume {
                 Some(dir) => Resume::From(dir.to_path_buf()),
                 None => Resume::Never,
@@ -414,11 +410,7 @@ fn a_larger_steps_extends_a_finished_run_and_replans_its_schedule() {
             RunSpec {
                 out: out.clone(),
                 settings,
-                dims: TargetDims {
-                    seq: d.seq,
-                    embed: d.embed,
-                    pooled: d.pooled,
-                },
+                dims: d,
                 resume: Resume::From(out.clone()),
                 judge: Judging::None,
             },
@@ -479,11 +471,7 @@ fn defaults_size_the_resampler_for_the_base_and_saves_write_what_was_announced()
         RunSpec {
             out: out.clone(),
             settings: serde_json::json!({"steps": 1, "batch_size": 2}),
-            dims: TargetDims {
-                seq: d.seq,
-                embed: d.embed,
-                pooled: d.pooled,
-            },
+            dims: d,
             resume: Resume::Never,
             judge: Judging::None,
         },

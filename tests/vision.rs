@@ -17,7 +17,6 @@ use qwenclip::sampling::PredictionType;
 use qwenclip::teacher::Teacher;
 use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec, RunSummary};
 use qwenclip::training::vision::{Judge, Judging};
-use qwenclip::training::TargetDims;
 use qwenclip::unet::UNetConfig;
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
@@ -134,11 +133,7 @@ fn train(
         RunSpec {
             out: out.to_path_buf(),
             settings,
-            dims: TargetDims {
-                seq: d.seq,
-                embed: d.embed,
-                pooled: d.pooled,
-            },
+            dims: d,
             resume: if resume {
                 Resume::From(out.to_path_buf())
             } else {
@@ -257,11 +252,7 @@ fn walk(
         RunSpec {
             out: out.to_path_buf(),
             settings,
-            dims: TargetDims {
-                seq: d.seq,
-                embed: d.embed,
-                pooled: d.pooled,
-            },
+            dims: d,
             resume: Resume::Never,
             judge: judging,
         },
@@ -411,11 +402,7 @@ fn the_judge_checks_what_it_is_given() {
     let spec = |judge| RunSpec {
         out: scratch("vision-bad-run"),
         settings: config(1),
-        dims: TargetDims {
-            seq: d.seq,
-            embed: d.embed,
-            pooled: d.pooled,
-        },
+        dims: d,
         resume: Resume::Never,
         judge,
     };

@@ -12,7 +12,7 @@ use qwenclip::sampling::PredictionType;
 use qwenclip::training::run::{self, Event, Need, Resume, Run, RunSpec};
 use qwenclip::training::trainer::describe_parts;
 use qwenclip::training::vision::{collapse, Judge, Judging, Objective, SamplerKind};
-use qwenclip::training::{EvalMetrics, Schedule, TargetDims, TrainConfig, Trainer};
+use qwenclip::training::{EvalMetrics, Schedule, TrainConfig, Trainer};
 use qwenclip::{Encoder, EncoderOptions, LoraMode};
 
 use super::{DTypeArg, DeviceArg};
@@ -273,11 +273,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     let spec = RunSpec {
         out: a.out.clone(),
         settings: a.settings(),
-        dims: TargetDims {
-            seq: d.seq,
-            embed: d.embed,
-            pooled: d.pooled,
-        },
+        dims: d,
         resume: match &a.resume {
             Some(dir) => Resume::From(dir.clone()),
             None => Resume::Never,
@@ -429,13 +425,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     } else {
         (0..cache.len()).collect()
     };
-    let dims = TargetDims {
-        seq: d.seq,
-        embed: d.embed,
-        pooled: d.pooled,
-    };
     // A trainer with no steps is the adapter as it is; it reuses the evaluation code.
-    let trainer = Trainer::new(encoder, TrainConfig::default(), dims)?;
+    let trainer = Trainer::new(encoder, TrainConfig::default(), d)?;
     let device = trainer.encoder().llm().device().clone();
     let mut m = EvalMetrics::default();
     let (mut student, mut teacher) = (Vec::new(), Vec::new());

@@ -6,8 +6,8 @@ pub mod captions;
 mod source;
 
 pub use cache::{
-    build_cache, shard_file_name, split_indices, CacheDims, CacheOptions, CacheProgress, Manifest,
-    ShardEntry, TargetCache, TargetSource, CACHE_FORMAT, CACHE_VERSION, MANIFEST_FILE,
+    build_cache, shard_file_name, split_indices, CacheOptions, CacheProgress, Manifest, ShardEntry,
+    TargetCache, TargetDims, TargetSource, CACHE_FORMAT, CACHE_VERSION, MANIFEST_FILE,
 };
 pub use captions::{
     caption_hash, fingerprint_of_hashes, load_caption_sources, load_captions, normalize,

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::optim::AdamWConfig;
 use super::schedule::Schedule;
 use super::vision::{Objective, VisionConfig};
+pub use crate::data::TargetDims;
 use crate::error::{Error, Result};
 use crate::resampler::ResamplerConfig;
 
@@ -121,7 +122,7 @@ impl TrainConfig {
     /// The resampler this config builds on a base of width `input_dim` for targets `dims`:
     /// width 0 means min(base width, 2048) rounded down to a multiple of 64 (at least 64),
     /// heads 0 means width / 64, at most 16.
-    pub fn resampler_for(&self, input_dim: usize, dims: super::TargetDims) -> ResamplerConfig {
+    pub fn resampler_for(&self, input_dim: usize, dims: TargetDims) -> ResamplerConfig {
         let width = match self.resampler_width {
             0 => (input_dim.min(MAX_AUTO_WIDTH) / 64 * 64).max(64),
             w => w,
@@ -153,27 +154,5 @@ fn merge(into: &mut serde_json::Value, over: &serde_json::Value) {
             }
         }
         (slot, v) => *slot = v.clone(),
-    }
-}
-
-/// What the teacher produces: sequence length, embedding width, pooled width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TargetDims {
-    pub seq: usize,
-    pub embed: usize,
-    pub pooled: usize,
-}
-
-impl TargetDims {
-    pub const SDXL: Self = Self {
-        seq: 77,
-        embed: 2048,
-        pooled: 1280,
-    };
-}
-
-impl Default for TargetDims {
-    fn default() -> Self {
-        Self::SDXL
     }
 }

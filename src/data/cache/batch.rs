@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{CacheDims, TargetSource};
+use super::{TargetDims, TargetSource};
 use crate::error::{Error, Result};
 
 /// One shard's targets, f32 on the CPU.
@@ -24,7 +24,7 @@ pub(super) fn compute_shard(
     captions: &[String],
     range: Range<usize>,
     batch_size: usize,
-    dims: &mut Option<CacheDims>,
+    dims: &mut Option<TargetDims>,
     on_batch: &mut dyn FnMut(usize),
 ) -> Result<ShardTargets> {
     let mut embeds = Vec::new();
@@ -72,7 +72,7 @@ fn check_batch(
     po: &Tensor,
     dropped: &[usize],
     n: usize,
-) -> Result<CacheDims> {
+) -> Result<TargetDims> {
     let (ped, pod) = (pe.dims(), po.dims());
     if ped.len() != 3 || ped[0] != n || pod.len() != 2 || pod[0] != n || dropped.len() != n {
         return Err(Error::Invalid(format!(
@@ -87,7 +87,7 @@ fn check_batch(
             source.describe()
         )));
     }
-    Ok(CacheDims {
+    Ok(TargetDims {
         seq: ped[1],
         embed: ped[2],
         pooled: pod[1],

@@ -14,7 +14,7 @@ use super::cleanup::{remove_temp_files, wipe_cache};
 use super::manifest::dtype_name;
 use super::resume::{self, Resume};
 use super::shard::write_shard;
-use super::{CacheDims, Manifest, TargetCache, CACHE_FORMAT, CACHE_VERSION, MANIFEST_FILE};
+use super::{Manifest, TargetCache, TargetDims, CACHE_FORMAT, CACHE_VERSION, MANIFEST_FILE};
 use crate::data::captions::{fingerprint_of_hashes, CaptionSet};
 use crate::error::{Error, Result};
 
@@ -181,7 +181,7 @@ fn empty_manifest(
         count: captions.len(),
         shard_size: opts.shard_size,
         dtype: dtype_name(opts.f16).to_string(),
-        dims: CacheDims {
+        dims: TargetDims {
             seq: 0,
             embed: 0,
             pooled: 0,

@@ -16,12 +16,27 @@ pub const CACHE_VERSION: u32 = 1;
 /// Name of the manifest inside a cache folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
-/// Sizes of the cached tensors: prompt_embeds `[n, seq, embed]`, pooled `[n, pooled]`.
+/// What the teacher produces, and the cache holds: prompt embeddings `[n, seq, embed]` and
+/// pooled `[n, pooled]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CacheDims {
+pub struct TargetDims {
     pub seq: usize,
     pub embed: usize,
     pub pooled: usize,
+}
+
+impl TargetDims {
+    pub const SDXL: Self = Self {
+        seq: 77,
+        embed: 2048,
+        pooled: 1280,
+    };
+}
+
+impl Default for TargetDims {
+    fn default() -> Self {
+        Self::SDXL
+    }
 }
 
 /// One finished shard.
@@ -58,7 +73,7 @@ pub struct Manifest {
     pub shard_size: usize,
     /// `"f32"` or `"f16"`.
     pub dtype: String,
-    pub dims: CacheDims,
+    pub dims: TargetDims,
     /// Captions the teacher truncated (in finished shards).
     pub truncated: usize,
     /// Finished shards, by `start`.

@@ -28,7 +28,7 @@ mod split;
 
 pub use build::{build_cache, CacheOptions, CacheProgress, TargetSource};
 pub use manifest::{
-    shard_file_name, CacheDims, Manifest, ShardEntry, CACHE_FORMAT, CACHE_VERSION, MANIFEST_FILE,
+    shard_file_name, Manifest, ShardEntry, TargetDims, CACHE_FORMAT, CACHE_VERSION, MANIFEST_FILE,
 };
 pub use reader::TargetCache;
 pub use split::split_indices;

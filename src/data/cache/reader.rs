@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 
 use super::caption_diff::describe_caption_diff;
 use super::shard::sha256_file;
-use super::{split_indices, CacheDims, Manifest, ShardEntry, MANIFEST_FILE};
+use super::{split_indices, Manifest, ShardEntry, TargetDims, MANIFEST_FILE};
 use crate::data::captions::CaptionSet;
 use crate::error::{read_json, Error, Result};
 
@@ -160,7 +160,7 @@ impl TargetCache {
         &self.manifest.captions
     }
 
-    pub fn dims(&self) -> CacheDims {
+    pub fn dims(&self) -> TargetDims {
         self.manifest.dims
     }
 
@@ -175,7 +175,7 @@ impl TargetCache {
         if indices.is_empty() {
             return Err(Error::Invalid("get_batch: no indices".into()));
         }
-        let CacheDims { seq, embed, pooled } = self.manifest.dims;
+        let TargetDims { seq, embed, pooled } = self.manifest.dims;
         let row_e = seq * embed;
         let mut out_e = Vec::with_capacity(indices.len() * row_e);
         let mut out_p = Vec::with_capacity(indices.len() * pooled);

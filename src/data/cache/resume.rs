@@ -8,7 +8,7 @@ use super::cleanup::foreign_entries;
 use super::manifest::expected_layout;
 use super::shard::sha256_file;
 use super::MANIFEST_FILE;
-use super::{shard_file_name, CacheDims, Manifest, ShardEntry, CACHE_FORMAT, CACHE_VERSION};
+use super::{shard_file_name, Manifest, ShardEntry, TargetDims, CACHE_FORMAT, CACHE_VERSION};
 use crate::error::{read_json, Error, Result};
 
 /// What a build does with the folder it writes into.
@@ -17,7 +17,7 @@ pub(super) enum Resume {
     /// recomputed), and their sizes with them.
     Keep {
         shards: Vec<ShardEntry>,
-        dims: Option<CacheDims>,
+        dims: Option<TargetDims>,
     },
     /// Start afresh: the cache files there are to be removed first.
     Restart,

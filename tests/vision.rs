@@ -506,3 +506,42 @@ fn collapse_after_output_matching_vision_and_mixed_training_over_three_seeds() {
         assert!(row("mixed").4 < row("vision").4, "seed {seed}");
     }
 }
+
+#[test]
+fn a_host_judge_under_output_matching_takes_targets_and_refuses_a_gradient() {
+    // A run opened with a host judge whose objective is mse (a resumed run may switch
+    // objectives): training batches take targets as usual, and a gradient is refused.
+    let cache = cache("vision-host-mse", 8);
+    let out = scratch("vision-host-mse-run");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cfg = config(2);
+    cfg["objective"] = "mse".into();
+    let mut run = Run::open(
+        student(),
+        cache.captions().to_vec(),
+        RunSpec {
+            out,
+            settings: cfg,
+            dims: cache.dims(),
+            resume: Resume::Never,
+            judge: Judging::Host,
+        },
+    )
+    .unwrap();
+    while let Some(req) = run.request().cloned() {
+        let (te, tp) = cache.get_batch(&req.indices, &Device::Cpu).unwrap();
+        if req.need == Need::Train {
+            assert!(run.request_trajectory().is_none());
+            let err = run
+                .supply_gradient((&te, &tp), (&te, &tp), 1.0)
+                .unwrap_err();
+            assert!(
+                err.to_string().contains("supply the targets alone"),
+                "{err}"
+            );
+            assert!(run.student_conditioning().is_err());
+        }
+        run.supply(&te, &tp).unwrap();
+    }
+    assert_eq!(run.step(), 2);
+}

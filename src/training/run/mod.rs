@@ -217,8 +217,6 @@ pub struct Run {
     folder: RunFolder,
     phase: Phase,
     judge: Judging,
-    /// The host's answer for the micro-batch being supplied.
-    injected: Option<Injected>,
     /// The teacher's conditioning of the empty prompt.
     uncond: Option<(Tensor, Tensor)>,
     /// The latents of the trajectory in progress (its seed and step), not saved: replayed.
@@ -440,7 +438,6 @@ impl Run {
             folder,
             phase,
             judge: Judging::None,
-            injected: None,
             uncond: None,
             latents: None,
             pending: None,
@@ -635,13 +632,18 @@ impl Run {
         }
     }
 
+    /// Whether the host judges the training batches (its judge, a vision objective).
+    fn host_judges(&self) -> bool {
+        matches!(self.judge, Judging::Host) && self.config().objective.needs_judge()
+    }
+
     /// The student's conditioning for the pending training batch of a run the host judges:
     /// prompt embeddings `[n, seq, embed]` and pooled `[n, pooled]`, f32, detached. The run
     /// keeps its graph for the gradient the host returns ([`Run::supply_gradient`]).
     pub fn student_conditioning(&mut self) -> Result<(Tensor, Tensor)> {
-        if !matches!(self.judge, Judging::Host) {
+        if !self.host_judges() {
             return Err(Error::Invalid(
-                "only a run the host judges hands out the student's conditioning".into(),
+                "only a run the host judges under the vision or mixed objective hands out the student's conditioning".into(),
             ));
         }
         if self.request().map(|r| r.need) != Some(Need::Train) {
@@ -678,9 +680,9 @@ impl Run {
         (grad_embeds, grad_pooled): (&Tensor, &Tensor),
         loss: f64,
     ) -> Result<Vec<Event>> {
-        if !matches!(self.judge, Judging::Host) {
+        if !self.host_judges() {
             return Err(Error::Invalid(
-                "only a run the host judges takes a gradient: supply the targets alone".into(),
+                "only a run the host judges under the vision or mixed objective takes a gradient: supply the targets alone".into(),
             ));
         }
         let Some(req) = self.request().cloned() else {
@@ -706,19 +708,27 @@ impl Run {
             )));
         }
         let device = self.trainer.encoder().llm().device().clone();
-        self.injected = Some(Injected {
+        let injected = Injected {
             grad_embeds: grad_embeds.to_device(&device)?.to_dtype(DType::F32)?,
             grad_pooled: grad_pooled.to_device(&device)?.to_dtype(DType::F32)?,
             loss,
-        });
-        let result = self.supply(embeds, pooled);
-        self.injected = None;
-        result
+        };
+        self.answer(embeds, pooled, Some(injected))
     }
 
     /// The teacher's targets for the captions of the current [`Run::request`]: prompt
     /// embeddings `[n, seq, embed]` and pooled `[n, pooled]`, any float dtype and device.
     pub fn supply(&mut self, embeds: &Tensor, pooled: &Tensor) -> Result<Vec<Event>> {
+        self.answer(embeds, pooled, None)
+    }
+
+    /// [`Run::supply`], with the host's loss and gradient when it judges.
+    fn answer(
+        &mut self,
+        embeds: &Tensor,
+        pooled: &Tensor,
+        injected: Option<Injected>,
+    ) -> Result<Vec<Event>> {
         if self.pending.is_none() {
             self.request();
         }
@@ -742,12 +752,13 @@ impl Run {
             self.pending = Some(pending);
             return Err(err);
         }
-        if req.need == Need::Train && matches!(self.judge, Judging::Host) && self.injected.is_none()
-        {
+        if req.need == Need::Train && self.host_judges() != injected.is_some() {
             self.pending = Some(pending);
-            return Err(Error::Invalid(
-                "the host judges this run's training batches: give the loss and its gradient with the targets (supply_gradient)".into(),
-            ));
+            return Err(Error::Invalid(if injected.is_none() {
+                "the host judges this run's training batches: give the loss and its gradient with the targets (supply_gradient)".into()
+            } else {
+                "only a run the host judges under the vision or mixed objective takes a gradient: supply the targets alone".into()
+            }));
         }
         let device = self.trainer.encoder().llm().device().clone();
         let te = embeds.to_device(&device)?.to_dtype(DType::F32)?;
@@ -756,7 +767,7 @@ impl Run {
             Need::Empty => self.supply_uncond(te, tp),
             Need::Baseline => self.supply_baseline(n, te, tp),
             Need::Eval => self.supply_eval(&req.indices, &te, &tp),
-            Need::Train => self.supply_train(&req.indices, &te, &tp, pending),
+            Need::Train => self.supply_train(&req.indices, &te, &tp, pending, injected),
         };
         if result.is_err() && self.pending.is_none() {
             // Nothing was consumed: the same captions are asked for again.
@@ -889,12 +900,13 @@ impl Run {
         te: &Tensor,
         tp: &Tensor,
         pending: Pending,
+        injected: Option<Injected>,
     ) -> Result<Vec<Event>> {
         let owned: Vec<String> = indices.iter().map(|&i| self.captions[i].clone()).collect();
         let prompts: Vec<&str> = owned.iter().map(String::as_str).collect();
         let t0 = Instant::now();
-        let stepped = if matches!(self.judge, Judging::Host) {
-            self.host_vision_step(&prompts, te, tp, &pending)
+        let stepped = if let Some(injected) = injected {
+            self.host_vision_step(&prompts, te, tp, &pending, injected)
         } else if self.config().objective.needs_judge() {
             self.vision_step(&prompts, te, tp, &pending)
         } else {
@@ -1018,9 +1030,9 @@ impl Run {
         te: &Tensor,
         tp: &Tensor,
         pending: &Pending,
+        injected: Injected,
     ) -> Result<(StepReport, Option<Trajectory>)> {
         let mut trajectory = self.walking(pending);
-        let injected = self.injected.take().expect("checked by supply");
         let outputs = match &pending.student {
             Some(s) => s.clone(),
             None => self.trainer.predict(prompts, ForwardMode::Differentiable)?,

@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, resampler
 from benchlib import (  # noqa: E402
     DEFAULT_TOKENIZER, DEFAULT_WORKDIR, add_binary_option, add_wait_options, cpu_label,
     ensure_model, int_list, loadavg_line, machine_info, peak_rss_bytes, ratio, render,
-    resolve_binary, run_json, wait_for_load, write_json,
+    resolve_binary, run_json, timed, wait_for_load, write_json,
 )
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -79,11 +79,15 @@ BETAS, EPS = (0.9, 0.999), 1e-8
 # --------------------------------------------------------------------------------------------
 
 
-def torch_worker(model_dir: Path, batch: int, tokens: int, reps: int, lora_r: int,
-                 width: int, heads: int) -> None:
+def build_student(model_dir: Path, lora_r: int, width: int, heads: int):
+    """The student of the step: Qwen3 (random f32 weights from `model_dir`) with peft's LoRA on
+    q/k/v/o, the Perceiver resampler, AdamW over both as qwenclip steps them. Returns a
+    namespace: `forward(ids, mask) -> (embeds, pooled)`, `opt`, `params` (for the clip),
+    `n_lora`, `n_resampler`, `load_s`, `config`."""
+    import types
+
     import peft
     import torch
-    import torch.nn.functional as F
     import transformers
 
     from resampler import PerceiverResampler, ResamplerConfig
@@ -108,7 +112,6 @@ def torch_worker(model_dir: Path, batch: int, tokens: int, reps: int, lora_r: in
     lora_params = [p for p in pm.parameters() if p.requires_grad]
     r_decay = [p for n, p in resampler.named_parameters() if p.dim() >= 2 and n != "latents"]
     r_nodecay = [p for n, p in resampler.named_parameters() if not (p.dim() >= 2 and n != "latents")]
-    all_params = lora_params + r_decay + r_nodecay
     opt = torch.optim.AdamW(
         [
             {"params": lora_params, "lr": LR_LORA, "weight_decay": WEIGHT_DECAY},
@@ -117,49 +120,69 @@ def torch_worker(model_dir: Path, batch: int, tokens: int, reps: int, lora_r: in
         ],
         betas=BETAS, eps=EPS,
     )
-    n_lora = sum(p.numel() for p in lora_params)
-    n_res = sum(p.numel() for p in resampler.parameters())
     n_frozen_trainable = sum(p.numel() for n, p in pm.named_parameters()
                              if p.requires_grad and "lora_" not in n)
     assert n_frozen_trainable == 0, "peft left base weights trainable"
 
+    def forward(ids, mask):
+        h = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return resampler(h, mask)
+
+    return types.SimpleNamespace(
+        forward=forward, opt=opt, params=lora_params + r_decay + r_nodecay,
+        n_lora=sum(p.numel() for p in lora_params),
+        n_resampler=sum(p.numel() for p in resampler.parameters()),
+        load_s=load_s, config=model.config,
+    )
+
+
+def versions(config) -> dict:
+    """The reference's library versions and settings, for the report."""
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "attn_implementation": config._attn_implementation,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+
+
+def torch_worker(model_dir: Path, batch: int, tokens: int, reps: int, lora_r: int,
+                 width: int, heads: int) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    st = build_student(model_dir, lora_r, width, heads)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, min(model.config.vocab_size, 150_000), (batch, tokens), generator=g)
+    ids = torch.randint(0, min(st.config.vocab_size, 150_000), (batch, tokens), generator=g)
     mask = torch.ones_like(ids)
     te = torch.randn(batch, SEQ, EMBED, generator=g)
     tp = torch.randn(batch, POOLED, generator=g)
 
     def step() -> float:
-        opt.zero_grad(set_to_none=True)
-        h = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        e, p = resampler(h, mask)
+        st.opt.zero_grad(set_to_none=True)
+        e, p = st.forward(ids, mask)
         loss = F.mse_loss(e, te) + F.mse_loss(p, tp)
         lv = loss.item()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(all_params, MAX_GRAD_NORM)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(st.params, MAX_GRAD_NORM)
+        st.opt.step()
         return lv
 
-    times, losses = [], []
-    for rep in range(reps + 1):  # rep 0 is the warm-up
-        s = time.perf_counter()
-        losses.append(step())
-        if rep > 0:
-            times.append(time.perf_counter() - s)
-    times.sort()
+    times, losses = timed(step, reps)
     median = times[len(times) // 2]
     report = {
         "impl": "transformers+peft", "batch": batch, "tokens": tokens,
         "median_step_s": median, "min_step_s": times[0],
         "samples_per_s": batch / median,
         "peak_rss_bytes": peak_rss_bytes(),
-        "trainable_params": n_lora + n_res, "trainable_lora": n_lora, "trainable_resampler": n_res,
-        "load_s": load_s, "losses": losses,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "attn_implementation": model.config._attn_implementation,
-        "mkldnn": torch.backends.mkldnn.is_available(),
+        "trainable_params": st.n_lora + st.n_resampler, "trainable_lora": st.n_lora,
+        "trainable_resampler": st.n_resampler,
+        "load_s": st.load_s, "losses": losses, **versions(st.config),
     }
     print(json.dumps(report))
 

@@ -116,6 +116,18 @@ def ensure_model(binary: Path, shape: str, workdir: Path, tokenizer: Path) -> Pa
 # --------------------------------------------------------------------------------------------
 
 
+def timed(step: Callable[[], object], reps: int) -> tuple[list[float], list]:
+    """One warm-up call of `step`, then `reps` timed ones: (the timed seconds, sorted; every
+    call's result, warm-up first)."""
+    times, results = [], []
+    for rep in range(reps + 1):
+        t0 = time.perf_counter()
+        results.append(step())
+        if rep > 0:
+            times.append(time.perf_counter() - t0)
+    return sorted(times), results
+
+
 def last_json_line(stdout: str, what: str) -> dict:
     for line in reversed(stdout.strip().splitlines()):
         line = line.strip()

@@ -173,10 +173,30 @@ pub struct BenchTrainArgs {
     resampler_heads: usize,
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
+    /// mse, or vision: each step also runs the teacher's guided prediction (two UNet
+    /// forwards, no gradient) and the student's prediction through the UNet, backpropagated.
+    #[arg(long, default_value = "mse")]
+    objective: String,
+    /// The judge UNet for `--objective vision` (`random-unet --shape sdxl` writes one).
+    #[arg(long)]
+    unet: Option<PathBuf>,
+    /// Vision: image side in pixels (latents are 1/8 of it).
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    /// Vision: the trajectory's denoising steps; the step timed is the middle one.
+    #[arg(long, default_value_t = 20)]
+    denoise_steps: usize,
+    /// Vision: keep every UNet activation for the backward instead of recomputing by block.
+    #[arg(long)]
+    no_checkpointing: bool,
 }
 
 /// One training step (LLM + LoRA forward/backward, resampler, AdamW) per rep on random
-/// targets; prompts of exactly `tokens` tokens (" a" repeated: one Qwen token each).
+/// targets; prompts of exactly `tokens` tokens (" a" repeated: one Qwen token each). With
+/// `--objective vision`, the vision-distillation step of the training run instead: at the
+/// middle denoising step of a trajectory, the teacher's conditional and unconditional UNet
+/// predictions (no gradient, guidance 5), the student's prediction, their MSE, backward
+/// through the UNet into resampler and LoRA, AdamW.
 pub fn run_train(a: BenchTrainArgs) -> Result<()> {
     use qwenclip::training::{TargetDims, TrainConfig, Trainer};
     let device = a.device.device()?;
@@ -214,10 +234,24 @@ pub fn run_train(a: BenchTrainArgs) -> Result<()> {
         (a.batch, dims.pooled),
         &device,
     )?;
+    let vision = match a.objective.as_str() {
+        "mse" => None,
+        "vision" => {
+            let unet = a
+                .unet
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--objective vision needs --unet"))?;
+            Some(VisionBench::new(unet, &a, &device, &mut rng)?)
+        }
+        o => anyhow::bail!("--objective {o}: expected mse or vision"),
+    };
     let mut times = Vec::new();
     for rep in 0..=a.reps {
         let s = Instant::now();
-        trainer.step(&prompts, &te, &tp)?;
+        match &vision {
+            Some(v) => v.step(&mut trainer, &prompts, (&te, &tp))?,
+            None => trainer.step(&prompts, &te, &tp).map(drop)?,
+        }
         device.synchronize()?;
         if rep > 0 {
             times.push(s.elapsed().as_secs_f64());
@@ -226,10 +260,94 @@ pub fn run_train(a: BenchTrainArgs) -> Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let report = serde_json::json!({
-        "impl": "qwenclip", "batch": a.batch, "tokens": a.tokens, "median_step_s": median,
+        "impl": "qwenclip", "objective": a.objective, "resolution": a.resolution,
+        "checkpointing": !a.no_checkpointing,
+        "batch": a.batch, "tokens": a.tokens, "median_step_s": median,
         "samples_per_s": a.batch as f64 / median, "peak_rss_bytes": peak_rss_bytes(),
         "trainable_params": trainer.trainable_params(),
     });
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The judge and the fixed inputs of a timed vision step (random latents at the middle step
+/// of a trajectory, a random unconditional branch).
+struct VisionBench {
+    judge: qwenclip::training::vision::Judge,
+    sampler: Box<dyn qwenclip::sampling::Sampler>,
+    step: usize,
+    latents: candle_core::Tensor,
+    time_ids: candle_core::Tensor,
+    uncond: (candle_core::Tensor, candle_core::Tensor),
+    guidance: Vec<f64>,
+}
+
+impl VisionBench {
+    fn new(
+        unet: &std::path::Path,
+        a: &BenchTrainArgs,
+        device: &candle_core::Device,
+        rng: &mut Rng,
+    ) -> Result<Self> {
+        use candle_core::{DType, Tensor};
+        use qwenclip::training::vision::{Judge, SamplerKind};
+        let mut judge = Judge::load(unet, None, None, DType::F32, device)?;
+        judge.unet.set_checkpointing(!a.no_checkpointing);
+        let sampler = judge.sampler(SamplerKind::Euler, a.denoise_steps)?;
+        let step = a.denoise_steps / 2;
+        let (n, c, h, w) = judge.latent_shape(a.batch, a.resolution);
+        let latents = Tensor::from_vec(rng.normal_vec(n * c * h * w, 1.0), (n, c, h, w), device)?;
+        let dims = qwenclip::training::TargetDims::SDXL;
+        let uncond = (
+            Tensor::from_vec(
+                rng.normal_vec(dims.seq * dims.embed, 1.0),
+                (1, dims.seq, dims.embed),
+                device,
+            )?,
+            Tensor::from_vec(rng.normal_vec(dims.pooled, 1.0), (1, dims.pooled), device)?,
+        );
+        let time_ids = judge.time_ids(a.batch, a.resolution)?;
+        Ok(Self {
+            judge,
+            sampler,
+            step,
+            latents,
+            time_ids,
+            uncond,
+            guidance: vec![5.0; a.batch],
+        })
+    }
+
+    fn step(
+        &self,
+        trainer: &mut qwenclip::training::Trainer,
+        prompts: &[&str],
+        teacher: (&candle_core::Tensor, &candle_core::Tensor),
+    ) -> Result<()> {
+        use qwenclip::training::vision::vision_loss;
+        let (want, _next) = self.judge.teacher_step(
+            self.sampler.as_ref(),
+            self.step,
+            &self.latents,
+            &self.time_ids,
+            teacher,
+            (&self.uncond.0, &self.uncond.1),
+            &self.guidance,
+        )?;
+        trainer.step_with(prompts, |e, p| {
+            let got = self.judge.predict(
+                self.sampler.as_ref(),
+                self.step,
+                &self.latents,
+                &self.time_ids,
+                (e, p),
+                ForwardMode::Differentiable,
+            )?;
+            Ok(qwenclip::training::Loss {
+                total: vision_loss(&got, &want)?,
+                parts: Vec::new(),
+            })
+        })?;
+        Ok(())
+    }
 }

@@ -41,6 +41,18 @@ pub struct RandomModelArgs {
     gguf: Option<String>,
 }
 
+#[derive(Args)]
+pub struct RandomUnetArgs {
+    /// sdxl, tiny
+    #[arg(long, default_value = "sdxl")]
+    shape: String,
+    /// The diffusers `unet/` folder to write (config.json + diffusion_pytorch_model.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 /// The bytes of `--tokenizer`, else of the built-in Qwen3 `tokenizer.json`.
 fn tokenizer_json(path: Option<&Path>) -> Result<Cow<'static, [u8]>> {
     Ok(match path {
@@ -85,5 +97,18 @@ pub fn run_random_model(a: RandomModelArgs) -> Result<()> {
     }
     tiny::write_model(&cfg, &a.out, &tokenizer, a.dtype.dtype(), a.seed)?;
     println!("{} with random weights: {}", a.shape, a.out.display());
+    Ok(())
+}
+
+pub fn run_random_unet(a: RandomUnetArgs) -> Result<()> {
+    let cfg = tiny::unet::unet_shape(&a.shape)?;
+    tiny::unet::write_unet(
+        &cfg,
+        &a.out,
+        tiny::unet::UNetFileLayout::Diffusers,
+        candle_core::DType::F32,
+        a.seed,
+    )?;
+    println!("{} UNet with random weights: {}", a.shape, a.out.display());
     Ok(())
 }

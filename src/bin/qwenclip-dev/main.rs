@@ -28,9 +28,12 @@ enum Command {
     Tiny(generate::TinyArgs),
     /// Write a Qwen3 of a real size with random weights (for benchmarks).
     RandomModel(generate::RandomModelArgs),
+    /// Write an SDXL-shaped UNet with random weights, diffusers layout (for benchmarks).
+    RandomUnet(generate::RandomUnetArgs),
     /// Time encoding (latency per batch size and length, peak memory) and print JSON.
     BenchEncode(bench::BenchArgs),
-    /// Time training steps (samples/s, peak memory) and print JSON.
+    /// Time training steps (samples/s, peak memory) and print JSON; `--objective vision`
+    /// times vision-distillation steps through a UNet.
     BenchTrain(bench::BenchTrainArgs),
     /// Overhead of the C ABI over the Rust API for one encode, as JSON.
     BenchFfi(bench_ffi::BenchFfiArgs),
@@ -40,6 +43,7 @@ fn main() {
     shared::main(|| match Cli::parse().cmd {
         Command::Tiny(a) => generate::run_tiny(a),
         Command::RandomModel(a) => generate::run_random_model(a),
+        Command::RandomUnet(a) => generate::run_random_unet(a),
         Command::BenchEncode(a) => bench::run(a),
         Command::BenchTrain(a) => bench::run_train(a),
         Command::BenchFfi(a) => bench_ffi::run(a),

@@ -7,6 +7,11 @@
 2. The pack's import time: in a fresh process that has imported what ComfyUI has at that
    point (median of 7), and ComfyUI's own import-time line for the pack at server start-up.
 
+3. With --vision, only the vision step: Qwen Adapter Train's judged step (ComfyUI's MODEL,
+   the library's student, the gradient across the boundary) against diffusers + peft doing the
+   same step on the same random weights (tests/reference/bench_vision.py's worker, run with
+   REFERENCE_PYTHON), at 256 px.
+
 Run: bash .ci/comfyui.sh bench   (or with the variables that script sets: QWENCLIP_COMFYUI,
 QWENCLIP_LIB, QWENCLIP_DEV_BIN; run from the repository root). --quick skips the 0.6B model.
 """
@@ -14,6 +19,7 @@ QWENCLIP_LIB, QWENCLIP_DEV_BIN; run from the repository root). --quick skips the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -135,17 +141,128 @@ def import_time_server() -> dict:
 
 
 def adapter_for(pack, model_dir: Path, out: Path) -> Path:
-    """An untrained adapter bundle for `model_dir` (LoRA + a default-size resampler), written
-    by the library's trainer: what a trained adapter costs to run."""
-    if (out / "qwenclip.json").is_file():
-        return out
+    """An untrained adapter bundle for `model_dir` (LoRA + a default-size resampler): a
+    training run saved before its first step, `out/adapter`. What a trained adapter costs."""
+    if (out / "adapter" / "qwenclip.json").is_file():
+        return out / "adapter"
     lib = pack.library.get()
     h = lib.encoder_load({"model": str(model_dir)})
-    t = lib.trainer_new(h, {})
-    lib.trainer_save_adapter(t, str(out))
-    lib.trainer_free(t)
+    run = lib.run_open(h, {"out": str(out), "captions": {"text": "a"}, "settings": {"held_out": 0.0}})
+    lib.run_save(run)
+    lib.run_free(run)
     lib.encoder_free(h)
-    return out
+    return out / "adapter"
+
+
+class FixedTeacher:
+    """Stands in for the checkpoint's CLIP: fixed random targets (the reference uses random
+    ones too), so the step timed is the judge's and the student's."""
+
+    seq, embed, pooled = 77, 2048, 1280
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.e = torch.randn(1, self.seq, self.embed, generator=g)
+        self.p = torch.randn(1, self.pooled, generator=g)
+
+    def targets(self, caption):
+        return self.e[0], self.p[0]
+
+    def batch(self, captions):
+        n = len(captions)
+        return self.e.expand(n, -1, -1).contiguous(), self.p.expand(n, -1).contiguous()
+
+
+def bench_vision(pack, model_dir: Path, unet_dir: Path, work: Path, reps: int, resolution: int) -> dict:
+    """The node's vision step (Qwen Adapter Train's judged step: the library's noise and
+    student conditioning out, ComfyUI's MODEL walks the step, the gradient back) on an
+    SDXL-shaped random UNet loaded by ComfyUI from the diffusers folder
+    tests/reference/bench_vision.py times diffusers + peft on, with the Qwen3-0.6B student;
+    the same step sizes as that script (batch 1, 77 tokens, LoRA r16, resampler 1024/16)."""
+    import shutil
+
+    import comfy.sd
+
+    t0 = time.perf_counter()
+    model = comfy.sd.load_diffusion_model(
+        str(unet_dir / "diffusion_pytorch_model.safetensors"), model_options={"dtype": torch.float32}
+    )
+    load_s = time.perf_counter() - t0
+    vision = __import__(f"{pack.__name__}.vision", fromlist=["ComfyJudge"])
+    judge = vision.ComfyJudge(model, "normal")
+    lib = pack.library.get()
+    h = lib.encoder_load({"model": str(model_dir)})
+    out = work / "vision-run"
+    shutil.rmtree(out, ignore_errors=True)
+    settings = {
+        "objective": "vision",
+        "steps": reps + 1,
+        "batch_size": 1,
+        "held_out": 0.0,
+        "eval_every": 0,
+        "save_every": 0,
+        "lora_r": 16,
+        "lora_alpha": 16.0,
+        "resampler_width": 1024,
+        "resampler_heads": 16,
+        "vision": {"resolution": resolution, "denoise_steps": 20},
+    }
+    caption = "a" + " a" * 76  # 77 Qwen tokens, as bench-train's prompts
+    run = lib.run_open(
+        h, {"out": str(out), "captions": {"text": caption}, "settings": settings, "judge": "host"}
+    )
+    teacher = FixedTeacher()
+    with torch.inference_mode(False), torch.enable_grad():
+        judge.load()
+        times = []
+        state = lib.run_state(run)
+        while not state["done"]:
+            assert state["need"] == "train", state["need"]
+            t = time.perf_counter()
+            pack.training._judged_step(lib, run, state, teacher, judge)
+            times.append(time.perf_counter() - t)
+            state = lib.run_state(run)
+    lib.run_free(run)
+    lib.encoder_free(h)
+    del judge, model  # the reference runs next, in its own process: give its memory back
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    gc.collect()
+    timed = sorted(times[1:])
+    return {
+        "impl": "comfyui+qwenclip",
+        "resolution": resolution,
+        "load_s": round(load_s, 1),
+        "median_step_s": timed[len(timed) // 2],
+        "steps_s": times,
+    }
+
+
+def reference_vision(model_dir: Path, unet_dir: Path, reps: int, resolution: int) -> dict:
+    """tests/reference/bench_vision.py's diffusers + peft worker on the same weights, run here
+    in its own process (REFERENCE_PYTHON: a Python with diffusers, transformers and peft)."""
+    cmd = [
+        os.environ["REFERENCE_PYTHON"],
+        str(ROOT / "tests" / "reference" / "bench_vision.py"),
+        "--_torch-worker",
+        "--model-dir",
+        str(model_dir),
+        "--unet-dir",
+        str(unet_dir),
+        "--resolution",
+        str(resolution),
+        "--batch",
+        "1",
+        "--tokens",
+        "77",
+        "--reps",
+        str(reps),
+        "--denoise-steps",
+        "20",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -153,10 +270,31 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny model only")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qwenclip-bench")
+    ap.add_argument(
+        "--vision",
+        action="store_true",
+        help="only the vision step: ComfyUI's judged step vs diffusers + peft at 256 px on an "
+        "SDXL-shaped random UNet (WORK/sdxl-unet, WORK/qwen3-0.6b: tests/reference/bench_vision.py "
+        "writes them); needs REFERENCE_PYTHON",
+    )
+    ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     pack = plugin_package()
     results = {"library": str(pack.library.get().path), "threads": torch.get_num_threads()}
+    if a.vision:
+        model_dir, unet_dir = a.work / "qwen3-0.6b", a.work / "sdxl-unet"
+        ours = bench_vision(pack, model_dir, unet_dir, a.work, a.reps, 256)
+        print(json.dumps(ours), flush=True)
+        ref = reference_vision(model_dir, unet_dir, a.reps, 256)
+        print(json.dumps(ref), flush=True)
+        print(
+            f"vision step, 256 px, SDXL-shaped random UNet + Qwen3-0.6B student, batch 1, f32, "
+            f"{os.cpu_count()} cores: ComfyUI + qwenclip {ours['median_step_s']:.2f} s, diffusers + "
+            f"peft {ref['median_step_s']:.2f} s: {ours['median_step_s'] / ref['median_step_s']:.2f}x "
+            "(target < 1.10x)"
+        )
+        return
 
     tiny = a.work / "tiny"
     if not (tiny / "adapter" / "qwenclip.json").is_file():

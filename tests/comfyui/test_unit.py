@@ -906,7 +906,8 @@ TINY_UNET_DIFFUSERS = {
     "block_out_channels": [32, 64],
     "layers_per_block": 1,
     "transformer_layers_per_block": [1, 1],
-    "attention_head_dim": [1, 2],
+    # ComfyUI's SDXL sets 64 channels per head: one head at 64 channels.
+    "attention_head_dim": [1, 1],
     "cross_attention_dim": 2048,
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
@@ -954,12 +955,8 @@ def test_the_comfy_judge_trains_as_the_library_judge_on_the_same_weights(
     convention that differs, the starting noise (KSampler: sqrt(1 + sigma_max^2), diffusers'
     trailing Euler: sigma_max), is aligned here; everything else is the shipped code.
 
-    Compared: the first step's loss (before any update; a wrong schedule, guidance, scaling
-    or conditioning is far off), within 2e-3 relative: the two UNets are different f32
-    implementations, and on this random tiny model the student's and the teacher's
-    predictions are nearly equal, so their squared difference (~2e-4) magnifies rounding
-    (measured 1.5e-3). Later steps are only checked to stay close (1e-2): Adam's first update
-    is lr * sign(gradient), which flips where a gradient is rounding-sized."""
+    Every step's loss within 1e-4 relative.
+    """
     from safetensors.torch import save_file
 
     with torch.inference_mode():
@@ -991,6 +988,5 @@ def test_the_comfy_judge_trains_as_the_library_judge_on_the_same_weights(
     library = _library_judged_losses(pack, encoder, teacher_clip, tmp_path / "library_run", config, judge)
     got = [x for _, x in host["losses"]]
     assert len(library) == len(got) == 3
-    assert abs(library[0] - got[0]) <= 2e-3 * library[0], f"library {library} vs ComfyUI {got}"
     for a, b in zip(library, got, strict=True):
-        assert abs(a - b) <= 1e-2 * abs(a), f"library {library} vs ComfyUI {got}"
+        assert abs(a - b) <= 1e-4 * abs(a), f"library {library} vs ComfyUI {got}"

@@ -47,6 +47,26 @@ TINY_UNET = {
     "use_temporal_resblock": False,
 }
 
+# The same UNet in diffusers' terms (ComfyUI's SDXL puts 64 channels in a head: one head at
+# 64 channels), for loading its weights elsewhere: qwenclip's own judge, diffusers.
+TINY_UNET_DIFFUSERS = {
+    "_class_name": "UNet2DConditionModel",
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "transformer_layers_per_block": [1, 1],
+    "attention_head_dim": [1, 1],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+
 TINY_CLIP_OPTIONS = {
     "clip_l_model_config": {"num_hidden_layers": 3, "intermediate_size": 64},
     "clip_g_model_config": {"num_hidden_layers": 3, "intermediate_size": 64},

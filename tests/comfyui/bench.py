@@ -173,21 +173,15 @@ class FixedTeacher:
         return self.e.expand(n, -1, -1).contiguous(), self.p.expand(n, -1).contiguous()
 
 
-def bench_vision(pack, model_dir: Path, unet_dir: Path, work: Path, reps: int, resolution: int) -> dict:
+def bench_vision(pack, model_dir: Path, model, work: Path, reps: int, resolution: int) -> dict:
     """The node's vision step (Qwen Adapter Train's judged step: the library's noise and
-    student conditioning out, ComfyUI's MODEL walks the step, the gradient back) on an
-    SDXL-shaped random UNet loaded by ComfyUI from the diffusers folder
-    tests/reference/bench_vision.py times diffusers + peft on, with the Qwen3-0.6B student;
-    the same step sizes as that script (batch 1, 77 tokens, LoRA r16, resampler 1024/16)."""
+    student conditioning out, ComfyUI's MODEL walks the step, the gradient back) with the
+    student in `model_dir`; the step sizes of tests/reference/bench_vision.py (batch 1, 77
+    tokens, LoRA r16, resampler 1024/16)."""
     import shutil
 
-    import comfy.sd
+    import comfy.model_management
 
-    t0 = time.perf_counter()
-    model = comfy.sd.load_diffusion_model(
-        str(unet_dir / "diffusion_pytorch_model.safetensors"), model_options={"dtype": torch.float32}
-    )
-    load_s = time.perf_counter() - t0
     vision = __import__(f"{pack.__name__}.vision", fromlist=["ComfyJudge"])
     judge = vision.ComfyJudge(model, "normal")
     lib = pack.library.get()
@@ -224,32 +218,56 @@ def bench_vision(pack, model_dir: Path, unet_dir: Path, work: Path, reps: int, r
             state = lib.run_state(run)
     lib.run_free(run)
     lib.encoder_free(h)
-    del judge, model  # the reference runs next, in its own process: give its memory back
-    import comfy.model_management
-
+    del judge  # the reference runs next, in its own process: give the memory back
     comfy.model_management.unload_all_models()
     gc.collect()
     timed = sorted(times[1:])
-    return {
-        "impl": "comfyui+qwenclip",
-        "resolution": resolution,
-        "load_s": round(load_s, 1),
-        "median_step_s": timed[len(timed) // 2],
-        "steps_s": times,
-    }
+    return {"impl": "comfyui+qwenclip", "resolution": resolution, "median_step_s": timed[len(timed) // 2]}
 
 
-def reference_vision(model_dir: Path, unet_dir: Path, reps: int, resolution: int) -> dict:
-    """tests/reference/bench_vision.py's diffusers + peft worker on the same weights, run here
-    in its own process (REFERENCE_PYTHON: a Python with diffusers, transformers and peft)."""
+def vision_pair(pack, name: str, work: Path, reps: int) -> tuple[dict, dict]:
+    """ComfyUI's judged step and the reference on the same UNet weights at 256 px: `tiny` (the
+    pack's tiny SDXL, also written as a single file for diffusers, with the tiny Qwen3
+    student; 10x the reps) or `sdxl` (the random SDXL-shaped UNet bench_vision.py wrote, with
+    the Qwen3-0.6B student)."""
+    import comfy.sd
+
+    if name == "tiny":
+        from safetensors.torch import save_file
+
+        model_dir = work / "tiny" / "model"
+        if not (model_dir / "config.json").is_file():
+            subprocess.run([os.environ["QWENCLIP_DEV_BIN"], "tiny", "--out", str(work / "tiny")], check=True)
+        model = pack.demo.tiny_model(5)
+        sd = model.model.diffusion_model.state_dict()
+        unet_file = work / "tiny-sdxl-unet.safetensors"
+        save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in sd.items()}, str(unet_file))
+        config = work / "tiny-sdxl-unet.json"
+        config.write_text(json.dumps(pack.demo.TINY_UNET_DIFFUSERS))
+        unet, n = ["--unet-file", str(unet_file), "--unet-config", str(config)], reps * 10
+    else:
+        model_dir, unet_dir = work / "qwen3-0.6b", work / "sdxl-unet"
+        model = comfy.sd.load_diffusion_model(
+            str(unet_dir / "diffusion_pytorch_model.safetensors"), model_options={"dtype": torch.float32}
+        )
+        unet, n = ["--unet-dir", str(unet_dir)], reps
+    ours = bench_vision(pack, model_dir, model, work, n, 256)
+    del model
+    gc.collect()
+    return ours, reference_vision(model_dir, unet, n, 256)
+
+
+def reference_vision(model_dir: Path, unet: list[str], reps: int, resolution: int) -> dict:
+    """tests/reference/bench_vision.py's diffusers + peft worker on the same weights (`unet`:
+    its --unet-dir, or --unet-file and --unet-config), in its own process (REFERENCE_PYTHON:
+    a Python with diffusers, transformers and peft)."""
     cmd = [
         os.environ["REFERENCE_PYTHON"],
         str(ROOT / "tests" / "reference" / "bench_vision.py"),
         "--_torch-worker",
         "--model-dir",
         str(model_dir),
-        "--unet-dir",
-        str(unet_dir),
+        *unet,
         "--resolution",
         str(resolution),
         "--batch",
@@ -273,9 +291,9 @@ def main() -> None:
     ap.add_argument(
         "--vision",
         action="store_true",
-        help="only the vision step: ComfyUI's judged step vs diffusers + peft at 256 px on an "
-        "SDXL-shaped random UNet (WORK/sdxl-unet, WORK/qwen3-0.6b: tests/reference/bench_vision.py "
-        "writes them); needs REFERENCE_PYTHON",
+        help="only the vision step: ComfyUI's judged step vs diffusers + peft at 256 px on the "
+        "tiny SDXL and on an SDXL-shaped random UNet (WORK/sdxl-unet, WORK/qwen3-0.6b: "
+        "tests/reference/bench_vision.py writes them); needs REFERENCE_PYTHON",
     )
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
@@ -283,17 +301,15 @@ def main() -> None:
     pack = plugin_package()
     results = {"library": str(pack.library.get().path), "threads": torch.get_num_threads()}
     if a.vision:
-        model_dir, unet_dir = a.work / "qwen3-0.6b", a.work / "sdxl-unet"
-        ours = bench_vision(pack, model_dir, unet_dir, a.work, a.reps, 256)
-        print(json.dumps(ours), flush=True)
-        ref = reference_vision(model_dir, unet_dir, a.reps, 256)
-        print(json.dumps(ref), flush=True)
-        print(
-            f"vision step, 256 px, SDXL-shaped random UNet + Qwen3-0.6B student, batch 1, f32, "
-            f"{os.cpu_count()} cores: ComfyUI + qwenclip {ours['median_step_s']:.2f} s, diffusers + "
-            f"peft {ref['median_step_s']:.2f} s: {ours['median_step_s'] / ref['median_step_s']:.2f}x "
-            "(target < 1.10x)"
-        )
+        rows = []
+        for name in ("tiny", "sdxl"):
+            ours, ref = vision_pair(pack, name, a.work, a.reps)
+            print(json.dumps(ours), json.dumps(ref), flush=True)
+            rows.append((name, ours["median_step_s"], ref["median_step_s"]))
+        print(f"vision step at 256 px, batch 1, f32, {os.cpu_count()} cores:")
+        for name, o, r in rows:
+            print(f"  {name:5s} ComfyUI + qwenclip {o:8.3f} s   diffusers + peft {r:8.3f} s   {o / r:.2f}x")
+        print("target: < 1.10x")
         return
 
     tiny = a.work / "tiny"

@@ -896,27 +896,6 @@ def test_vision_needs_an_sdxl_model(pack, encoder, teacher_clip, progress_hook):
         )
 
 
-# The tiny SDXL UNet of plugin/demo.py as a diffusers config, for the library's own judge.
-TINY_UNET_DIFFUSERS = {
-    "_class_name": "UNet2DConditionModel",
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "transformer_layers_per_block": [1, 1],
-    # ComfyUI's SDXL sets 64 channels per head: one head at 64 channels.
-    "attention_head_dim": [1, 1],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-    "norm_num_groups": 32,
-}
-
-
 def _library_judged_losses(pack, encoder, clip, out, settings, judge) -> list[float]:
     """A run the library judges with its own UNet (`judge`, run JSON), answered with the
     CLIP's targets; each optimizer step's loss."""
@@ -984,7 +963,7 @@ def test_the_comfy_judge_trains_as_the_library_judge_on_the_same_weights(
         )
     host, _ = _state(pack, "unit_same_judge")
     config = host["trainer"]["config"]
-    judge = {"unet": str(unet_file), "config": TINY_UNET_DIFFUSERS, "timestep_spacing": "trailing"}
+    judge = {"unet": str(unet_file), "config": pack.demo.TINY_UNET_DIFFUSERS, "timestep_spacing": "trailing"}
     library = _library_judged_losses(pack, encoder, teacher_clip, tmp_path / "library_run", config, judge)
     got = [x for _, x in host["losses"]]
     assert len(library) == len(got) == 3

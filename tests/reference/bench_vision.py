@@ -64,13 +64,31 @@ def ensure_unet(binary: Path, workdir: Path) -> Path:
     )
 
 
-def torch_worker(model_dir: Path, unet_dir: Path, batch: int, tokens: int, reps: int,
+def load_unet(unet_dir: Path | None, unet_file: Path | None, unet_config: Path | None):
+    """A diffusers folder, or a single file in the original layout with its diffusers config
+    (converted by diffusers' own single-file code)."""
+    import diffusers
+    import torch
+
+    if unet_dir is not None:
+        return diffusers.UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors.torch import load_file
+
+    config = {k: v for k, v in json.loads(unet_config.read_text()).items() if not k.startswith("_")}
+    unet = diffusers.UNet2DConditionModel(**config)
+    sd = convert_ldm_unet_checkpoint(load_file(str(unet_file)), {"sample_size": 32, **config})
+    unet.load_state_dict(sd)
+    return unet
+
+
+def torch_worker(model_dir: Path, unet: tuple, batch: int, tokens: int, reps: int,
                  resolution: int, denoise_steps: int, checkpointing: bool) -> None:
     import diffusers
     import torch
 
     st = build_student(model_dir, LORA_R, WIDTH, HEADS)
-    unet = diffusers.UNet2DConditionModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+    unet = load_unet(*unet)
     unet.requires_grad_(False)
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -168,10 +186,13 @@ def main() -> None:
     p.add_argument("--_torch-worker", dest="torch_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--unet-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--unet-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--unet-config", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--hf-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.torch_worker:
-        torch_worker(args.model_dir, args.unet_dir, args.batch, args.tokens, args.reps,
+        torch_worker(args.model_dir, (args.unet_dir, args.unet_file, args.unet_config), args.batch,
+                     args.tokens, args.reps,
                      args.resolution[0], args.denoise_steps, args.hf_checkpointing)
         return
 

@@ -85,7 +85,23 @@ pub struct UNet {
     mid: (Arc<ResnetBlock2D>, Arc<Transformer2D>, Arc<ResnetBlock2D>),
     up: Vec<Block>,
     head: Arc<Head>,
-    checkpointing: bool,
+    recompute: Recompute,
+}
+
+/// What the backward pass recomputes instead of keeping from the forward (it only acts when
+/// the forward records a graph).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// Every block: the graph keeps each resnet's, transformer block's, upsampler's and the
+    /// output head's inputs only (the least memory).
+    #[default]
+    All,
+    /// The transformer blocks only: they hold most of the activations (attention and
+    /// feed-forward intermediates) for a small share of the FLOPs, where recomputing the
+    /// resnets' convolutions costs time and saves little (SDXL at 512 px: module docs).
+    Transformers,
+    /// Nothing: every activation is kept until the graph is dropped.
+    Off,
 }
 
 impl UNet {
@@ -125,7 +141,7 @@ impl UNet {
             dtype,
             device: device.clone(),
             origin,
-            checkpointing: true,
+            recompute: Recompute::All,
         })
     }
 
@@ -146,17 +162,15 @@ impl UNet {
         &self.origin
     }
 
-    /// Recomputation by block in the backward pass (on by default; it only acts when the
-    /// forward records a graph): the graph keeps each resnet's, transformer block's,
-    /// upsampler's and the output head's inputs only, and the backward runs each block
-    /// again. Off keeps every activation until the graph is dropped (SDXL at 256 px: 1146 MiB
-    /// instead of 43 MiB; see the module documentation).
-    pub fn set_checkpointing(&mut self, on: bool) {
-        self.checkpointing = on;
+    /// Recomputation by block in the backward pass ([`Recompute::All`] by default). Off keeps
+    /// every activation until the graph is dropped (SDXL at 256 px: 1146 MiB instead of 43
+    /// MiB; see the module documentation).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
     }
 
-    pub fn checkpointing(&self) -> bool {
-        self.checkpointing
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
     }
 
     /// diffusers' `UNet2DConditionModel(sample, timestep, encoder_hidden_states,
@@ -201,7 +215,9 @@ impl UNet {
         path: ForwardMode,
         batch: usize,
     ) -> Result<Tensor> {
-        let ckpt = self.checkpointing && path == ForwardMode::Differentiable;
+        let recording = path == ForwardMode::Differentiable;
+        let ckpt = recording && self.recompute == Recompute::All;
+        let attn_ckpt = recording && self.recompute != Recompute::Off;
         let dt = self.dtype;
         let c0 = self.cfg.block_out_channels[0];
         let (flip, shift) = (self.cfg.flip_sin_to_cos, self.cfg.freq_shift);
@@ -233,7 +249,7 @@ impl UNet {
                     Arc::new(move |[x, t]: &[Tensor; 2]| r.forward(x, t)),
                 )?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context, path, ckpt)?;
+                    h = attn.forward(&h, context, path, attn_ckpt)?;
                 }
                 skips.push(h.clone());
             }
@@ -246,7 +262,7 @@ impl UNet {
         let (r0, attn, r1) = &self.mid;
         for (i, r) in [r0, r1].into_iter().enumerate() {
             if i == 1 {
-                h = attn.forward(&h, context, path, ckpt)?;
+                h = attn.forward(&h, context, path, attn_ckpt)?;
             }
             let r = r.clone();
             h = checkpointed(
@@ -270,7 +286,7 @@ impl UNet {
                     }),
                 )?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context, path, ckpt)?;
+                    h = attn.forward(&h, context, path, attn_ckpt)?;
                 }
             }
             if let Some(conv) = &block.resample {

@@ -186,9 +186,10 @@ pub struct BenchTrainArgs {
     /// Vision: the trajectory's denoising steps; the step timed is the middle one.
     #[arg(long, default_value_t = 20)]
     denoise_steps: usize,
-    /// Vision: keep every UNet activation for the backward instead of recomputing by block.
+    /// Vision: what the UNet's backward recomputes (all, transformers, off); default: what
+    /// training uses (transformers).
     #[arg(long)]
-    no_checkpointing: bool,
+    recompute: Option<String>,
 }
 
 /// One training step (LLM + LoRA forward/backward, resampler, AdamW) per rep on random
@@ -261,7 +262,7 @@ pub fn run_train(a: BenchTrainArgs) -> Result<()> {
     let median = times[times.len() / 2];
     let report = serde_json::json!({
         "impl": "qwenclip", "objective": a.objective, "resolution": a.resolution,
-        "checkpointing": !a.no_checkpointing,
+        "recompute": vision.as_ref().map(|v| format!("{:?}", v.judge.unet.recompute())),
         "batch": a.batch, "tokens": a.tokens, "median_step_s": median,
         "samples_per_s": a.batch as f64 / median, "peak_rss_bytes": peak_rss_bytes(),
         "trainable_params": trainer.trainable_params(),
@@ -292,7 +293,15 @@ impl VisionBench {
         use candle_core::{DType, Tensor};
         use qwenclip::training::vision::{Judge, SamplerKind};
         let mut judge = Judge::load(unet, None, None, DType::F32, device)?;
-        judge.unet.set_checkpointing(!a.no_checkpointing);
+        if let Some(r) = &a.recompute {
+            use qwenclip::unet::Recompute;
+            judge.unet.set_recompute(match r.as_str() {
+                "all" => Recompute::All,
+                "transformers" => Recompute::Transformers,
+                "off" => Recompute::Off,
+                o => anyhow::bail!("--recompute {o}: expected all, transformers or off"),
+            });
+        }
         let sampler = judge.sampler(SamplerKind::Euler, a.denoise_steps)?;
         let step = a.denoise_steps / 2;
         let (n, c, h, w) = judge.latent_shape(a.batch, a.resolution);

@@ -16,7 +16,7 @@ use common::*;
 use qwenclip::dev::tiny::unet::{random_unet, unet_shape, write_unet, UNetFileLayout};
 use qwenclip::ops::{self, blas, Conv2dParams};
 use qwenclip::rng::Rng;
-use qwenclip::unet::{Recompute, UNet, UNetConditioning, UNetConfig, UNetOrigin};
+use qwenclip::unet::{UNet, UNetConditioning, UNetConfig, UNetOrigin};
 use qwenclip::ForwardMode;
 
 const D: ForwardMode = ForwardMode::Differentiable;
@@ -372,7 +372,7 @@ fn input_gradients_match_torch_autograd() {
     let c32 = case(&e, 0, DType::F32);
     let probe32 = e["grad.probe"].clone();
     let unet32 = UNet::load(&unet_dir(), DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(unet32.recompute(), Recompute::All);
+    assert!(unet32.checkpointing());
     for (g, name) in input_grads(&unet32, &c32, &probe32).iter().zip(names) {
         assert_rel_close(
             &format!("f32 d/d{name}"),
@@ -390,17 +390,15 @@ fn recomputation_does_not_change_the_gradients() {
     let probe = Tensor::ones_like(&c.out).unwrap();
     let mut unet = UNet::load(&unet_dir(), DType::F32, &Device::Cpu).unwrap();
     let with = input_grads(&unet, &c, &probe);
-    for mode in [Recompute::Transformers, Recompute::Off] {
-        unet.set_recompute(mode);
-        let without = input_grads(&unet, &c, &probe);
-        for (i, (a, b)) in with.iter().zip(&without).enumerate() {
-            assert_rel_close(
-                &format!("input {i}: recomputing all vs {mode:?}"),
-                a,
-                b,
-                1e-5,
-            );
-        }
+    unet.set_checkpointing(false);
+    let without = input_grads(&unet, &c, &probe);
+    for (i, (a, b)) in with.iter().zip(&without).enumerate() {
+        assert_rel_close(
+            &format!("input {i} with vs without recomputation"),
+            a,
+            b,
+            1e-5,
+        );
     }
 }
 
@@ -921,8 +919,8 @@ fn sdxl_shaped_forward_backward_memory_and_time() {
         peak - base,
         max_abs(&out)
     );
-    for recompute in [Recompute::All, Recompute::Transformers, Recompute::Off] {
-        unet.set_recompute(recompute);
+    for checkpointing in [true, false] {
+        unet.set_checkpointing(checkpointing);
         let (ctx, pool) = (
             Var::from_tensor(&context).unwrap(),
             Var::from_tensor(&pooled).unwrap(),
@@ -944,7 +942,7 @@ fn sdxl_shaped_forward_backward_memory_and_time() {
         let (_, peak) = rss_mib(false);
         let g = grads.get(ctx.as_tensor()).unwrap();
         eprintln!(
-            "recompute {recompute:?}: forward {fwd:.2} s ({fwd_cpu:.1} CPU-s; graph kept: +{:.0} MiB), backward {bwd:.2} s ({bwd_cpu:.1} CPU-s), peak +{:.0} MiB over the model, |d/dcontext| max {:.3e}",
+            "recomputation {checkpointing}: forward {fwd:.2} s ({fwd_cpu:.1} CPU-s; graph kept: +{:.0} MiB), backward {bwd:.2} s ({bwd_cpu:.1} CPU-s), peak +{:.0} MiB over the model, |d/dcontext| max {:.3e}",
             after_fwd - before,
             peak - before,
             max_abs(g)

@@ -55,7 +55,7 @@ use candle_core::{DType, Device, Tensor};
 pub use config::{PerBlock, UNetConfig};
 pub use embeddings::timestep_embedding;
 pub use load::UNetOrigin;
-pub use model::{Recompute, UNet, UNetConditioning};
+pub use model::{UNet, UNetConditioning};
 
 use crate::error::{Error, Result};
 use load::Source;

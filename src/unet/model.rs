@@ -85,23 +85,7 @@ pub struct UNet {
     mid: (Arc<ResnetBlock2D>, Arc<Transformer2D>, Arc<ResnetBlock2D>),
     up: Vec<Block>,
     head: Arc<Head>,
-    recompute: Recompute,
-}
-
-/// What the backward pass recomputes instead of keeping from the forward (it only acts when
-/// the forward records a graph).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Recompute {
-    /// Every block: the graph keeps each resnet's, transformer block's, upsampler's and the
-    /// output head's inputs only (the least memory).
-    #[default]
-    All,
-    /// The transformer blocks only: they hold most of the activations (attention and
-    /// feed-forward intermediates) for a small share of the FLOPs, where recomputing the
-    /// resnets' convolutions costs time and saves little (SDXL at 512 px: module docs).
-    Transformers,
-    /// Nothing: every activation is kept until the graph is dropped.
-    Off,
+    checkpointing: bool,
 }
 
 impl UNet {
@@ -141,7 +125,7 @@ impl UNet {
             dtype,
             device: device.clone(),
             origin,
-            recompute: Recompute::All,
+            checkpointing: true,
         })
     }
 
@@ -162,15 +146,17 @@ impl UNet {
         &self.origin
     }
 
-    /// Recomputation by block in the backward pass ([`Recompute::All`] by default). Off keeps
-    /// every activation until the graph is dropped (SDXL at 256 px: 1146 MiB instead of 43
-    /// MiB; see the module documentation).
-    pub fn set_recompute(&mut self, recompute: Recompute) {
-        self.recompute = recompute;
+    /// Recomputation by block in the backward pass (on by default; it only acts when the
+    /// forward records a graph): the graph keeps each resnet's, transformer block's,
+    /// upsampler's and the output head's inputs only, and the backward runs each block
+    /// again. Off keeps every activation until the graph is dropped (SDXL at 256 px: 1146 MiB
+    /// instead of 43 MiB; see the module documentation).
+    pub fn set_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
     }
 
-    pub fn recompute(&self) -> Recompute {
-        self.recompute
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing
     }
 
     /// diffusers' `UNet2DConditionModel(sample, timestep, encoder_hidden_states,
@@ -215,9 +201,7 @@ impl UNet {
         path: ForwardMode,
         batch: usize,
     ) -> Result<Tensor> {
-        let recording = path == ForwardMode::Differentiable;
-        let ckpt = recording && self.recompute == Recompute::All;
-        let attn_ckpt = recording && self.recompute != Recompute::Off;
+        let ckpt = self.checkpointing && path == ForwardMode::Differentiable;
         let dt = self.dtype;
         let c0 = self.cfg.block_out_channels[0];
         let (flip, shift) = (self.cfg.flip_sin_to_cos, self.cfg.freq_shift);
@@ -249,7 +233,7 @@ impl UNet {
                     Arc::new(move |[x, t]: &[Tensor; 2]| r.forward(x, t)),
                 )?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context, path, attn_ckpt)?;
+                    h = attn.forward(&h, context, path, ckpt)?;
                 }
                 skips.push(h.clone());
             }
@@ -262,7 +246,7 @@ impl UNet {
         let (r0, attn, r1) = &self.mid;
         for (i, r) in [r0, r1].into_iter().enumerate() {
             if i == 1 {
-                h = attn.forward(&h, context, path, attn_ckpt)?;
+                h = attn.forward(&h, context, path, ckpt)?;
             }
             let r = r.clone();
             h = checkpointed(
@@ -286,7 +270,7 @@ impl UNet {
                     }),
                 )?;
                 if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, context, path, attn_ckpt)?;
+                    h = attn.forward(&h, context, path, ckpt)?;
                 }
             }
             if let Some(conv) = &block.resample {

@@ -156,7 +156,7 @@ def run_mode(mode: str, binary: Path, model_dir: Path, unet_dir: Path, res: int,
             "--reps", str(args.reps), "--denoise-steps", str(args.denoise_steps),
             "--lora-r", str(LORA_R), "--resampler-width", str(WIDTH),
             "--resampler-heads", str(HEADS),
-        ] + (["--recompute", "off"] if mode == "ours-keep" else ["--recompute", "all"] if mode == "ours-all" else [])
+        ] + (["--no-checkpointing"] if mode == "ours-keep" else [])
     else:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--_torch-worker",

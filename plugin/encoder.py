@@ -44,21 +44,28 @@ def adapter_fingerprint(adapter: str | None) -> tuple | None:
 
 
 class _Base:
-    """One library encoder handle (base model + whichever adapter was used last)."""
+    """One library encoder (base model + whichever adapter was used last)."""
 
-    def __init__(self, lib: library.Library, config: dict, adapter: str | None):
-        self.lib = lib
+    def __init__(self, config: dict, adapter: str | None):
         self.config = dict(config)
-        self.lock = threading.RLock()
-        self.handle = lib.encoder_load({**self.config, "adapter": adapter})
+        self.encoder = library.package().Encoder(adapter=adapter, **self.config)
         self.adapter = adapter_fingerprint(adapter)
         self._shapes: dict = {}
 
+    @property
+    def lock(self):
+        return self.encoder.lock
+
+    @property
+    def handle(self) -> int | None:
+        """The C ABI handle; None once freed."""
+        return None if self.encoder.closed else self.encoder.handle
+
     def select(self, adapter: str | None, fp: tuple | None = None) -> None:
-        """Makes `adapter` the handle's adapter (no-op when it already is). Hold `lock`."""
+        """Makes `adapter` the encoder's adapter (no-op when it already is). Hold `lock`."""
         fp = adapter_fingerprint(adapter) if fp is None else fp
         if fp != self.adapter:
-            self.lib.encoder_load_adapter(self.handle, adapter)
+            self.encoder.load_adapter(adapter)
             self.adapter = fp
 
     def shape(self, adapter: str | None, fp: tuple | None = None) -> tuple[int, int, int]:
@@ -66,16 +73,15 @@ class _Base:
         if fp not in self._shapes:
             with self.lock:
                 self.select(adapter, fp)
-                self._shapes[fp] = self.lib.output_shape(self.handle)
+                self._shapes[fp] = self.encoder.output_shape()
         return self._shapes[fp]
 
     def free(self) -> None:
-        h, self.handle = self.handle, None
-        if h is not None:
-            self.lib.encoder_free(h)
-            log.info("qwenclip: freed encoder %s (%s)", h, self.config.get("model"))
+        if not self.encoder.closed:
+            self.encoder.close()
+            log.info("qwenclip: freed encoder (%s)", self.config.get("model"))
 
-    def __del__(self):
+    def __del__(self):  # the last QwenEncoder using it is gone (ComfyUI reset its caches)
         try:
             self.free()
         except Exception:  # interpreter shutdown or library gone: nothing left to free
@@ -88,7 +94,8 @@ def base_for(config: dict, adapter: str | None) -> _Base:
     with _BASES_LOCK:
         base = _BASES.get(key)
         if base is None or base.handle is None:
-            base = _Base(library.get(), config, adapter)
+            library.get()  # a missing package or library: the pack's message
+            base = _Base(config, adapter)
             _BASES[key] = base
         return base
 
@@ -136,9 +143,7 @@ class QwenEncoder:
         pooled = torch.empty((n, p), dtype=torch.float32)
         with self.base.lock:
             self.base.select(self.adapter, fp)
-            warnings = self.base.lib.encode_into(
-                self.base.handle, texts, cond.data_ptr(), cond.numel(), pooled.data_ptr(), pooled.numel()
-            )
+            warnings = self.base.encoder.encode_into(texts, cond, pooled)
         return cond, pooled, warnings
 
 

@@ -199,7 +199,7 @@ def _estimate_bytes(model: str, dtype: str) -> int:
 # -- devices ----------------------------------------------------------------------------------
 
 
-def pick_device(device: str, lib: library.Library) -> str:
+def pick_device(device: str, lib) -> str:
     if device == "auto":
         try:
             import comfy.model_management as mm
@@ -213,7 +213,7 @@ def pick_device(device: str, lib: library.Library) -> str:
     if device.startswith("cuda") and not lib.has_cuda:
         raise ValueError(
             f"qwenclip: device {device} needs the CUDA build of the library, and "
-            f"{lib.path} is the CPU build. " + library.install_hint()
+            f"{lib.path} is the CPU build: install the CUDA build of the qwenclip package (see the pack's README)."
         )
     return device
 

@@ -92,23 +92,19 @@ def _describe(event: dict, steps: int) -> str | None:
     return None
 
 
-def _ptr(t: torch.Tensor) -> tuple[int, int]:
-    return t.data_ptr(), t.numel()
-
-
-def _judged_step(lib, handle, state, teacher: Teacher, judge) -> str:
+def _judged_step(run, state, teacher: Teacher, judge) -> str:
     """A training batch the MODEL judges: the run's noise and the student's conditioning out,
     the loss and its gradient (and the teacher's targets) back. Returns a progress line."""
     traj = state["trajectory"]
     n, side = len(state["captions"]), traj["resolution"] // 8
     noise = torch.empty((n, 4, side, side))
-    lib.run_noise(handle, 4, *_ptr(noise))
+    run.noise(noise, channels=4)
     student = torch.empty((n, teacher.seq, teacher.embed)), torch.empty((n, teacher.pooled))
-    lib.run_conditioning(handle, *_ptr(student[0]), *_ptr(student[1]))
+    run.conditioning(*student)
     embeds, pooled = teacher.batch(state["captions"])
     ue, up = teacher.targets("")
     loss, ge, gp = judge.step(traj, noise, (embeds, pooled), (ue[None], up[None]), student)
-    lib.run_supply_gradient(handle, (_ptr(embeds), _ptr(pooled)), (_ptr(ge), _ptr(gp)), loss)
+    run.supply_gradient((embeds, pooled), (ge, gp), loss)
     return f"denoising step {traj['step'] + 1}/{traj['denoise_steps']}  vision loss {loss:.5f}"
 
 
@@ -132,7 +128,7 @@ def train(
 
 
 def _train(encoder, clip, out_dir, captions, settings, init_from_encoder_adapter, hooks, judge):
-    lib = library.get()
+    qwenclip = library.package()
     base = encoder.base
     t0 = time.perf_counter()
     spec = {"out": str(out_dir), "captions": captions, "settings": settings, "resume": "auto"}
@@ -141,10 +137,10 @@ def _train(encoder, clip, out_dir, captions, settings, init_from_encoder_adapter
     with base.lock:
         # A new run starts from the encoder's current adapter; a resumed one ignores it.
         base.select(encoder.adapter if init_from_encoder_adapter else None)
-        handle = lib.run_open(base.handle, spec)
+        run = qwenclip.TrainingRun(base.encoder, spec)
     teacher = None
     try:
-        state = lib.run_state(handle)
+        state = run.state()
         steps = state["steps"]
         for note in state["notes"]:
             log.warning("qwenclip: %s: %s", out_dir.name, note)
@@ -166,33 +162,33 @@ def _train(encoder, clip, out_dir, captions, settings, init_from_encoder_adapter
         while not state["done"]:
             hooks.check_interrupt()
             if judge is not None and state["need"] == "train":
-                line = _judged_step(lib, handle, state, teacher, judge)
+                line = _judged_step(run, state, teacher, judge)
                 hooks.text(state["step"] + 1, f"step {state['step'] + 1}/{steps}  {line}")
             else:
                 embeds, pooled = teacher.batch(state["captions"])
-                lib.run_supply(handle, *_ptr(embeds), *_ptr(pooled))
-            state = lib.run_state(handle)
+                run.supply(embeds, pooled)
+            state = run.state()
             for event in state["events"]:
                 text = _describe(event, steps)
                 if text:
                     hooks.text(state["step"], text, force=event["kind"] == "eval")
             preview = None
             if hooks.wants_preview(state["step"], steps):
-                preview = lib.run_loss_image(handle)
+                preview = run.loss_image()
             hooks.progress(state["step"], steps, preview)
-        image = to_image_tensor(lib.run_loss_image(handle))
+        image = to_image_tensor(run.loss_image())
     except BaseException as e:
         # Cancel (ComfyUI raises from the progress bar), a non-finite loss (nothing was
         # changed by that step) or any other failure: keep what was learned so far.
         try:
-            if lib.run_state(handle)["step"] > 0:
-                lib.run_save(handle)
+            if run.state()["step"] > 0:
+                run.save()
                 log.info("qwenclip: saved %s (stopped: %s)", out_dir, type(e).__name__)
         except Exception as e2:
             log.error("qwenclip: could not save after %s: %s", type(e).__name__, e2)
         raise
     finally:
-        lib.run_free(handle)
+        run.close()
     if teacher is not None and teacher.truncated:
         log.warning(
             "qwenclip: %d captions were longer than one CLIP chunk (75 tokens): "

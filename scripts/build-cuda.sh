@@ -10,8 +10,17 @@
 #     link; the real ones are found at run time (the ComfyUI node pack picks this build only
 #     when they load).
 # Usage: scripts/build-cuda.sh [extra cargo args]
+#        scripts/build-cuda.sh --wheel DIR   the CUDA wheel of the Python package instead:
+#          qwenclip-X+cu130 (a local version tag on the same name, so the node pack's
+#          `qwenclip` requirement takes either wheel; `pip install` the one you want); the
+#          NVIDIA libraries stay outside the wheel (they come with the driver and CUDA 13)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+wheel_dir=""
+if [ "${1:-}" = "--wheel" ]; then
+  wheel_dir="${2:?--wheel needs a folder}"
+  shift 2
+fi
 cache="${QWENCLIP_CUDA_CACHE:-$HOME/.cache/qwenclip-cuda}"
 wheels="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85"
 key=$(echo "$wheels" | sha256sum | cut -c1-12)
@@ -55,6 +64,12 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 export LIBRARY_PATH="$stubs:$CUDA_HOME/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $stubs"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda}"
+if [ -n "$wheel_dir" ]; then
+  # setup.py reads these: the cuda feature for both the library and the command
+  QWENCLIP_FEATURES=cuda QWENCLIP_LOCAL_VERSION=cu130 python3 -m pip wheel --no-deps -w "$wheel_dir" .
+  echo "built $(ls "$wheel_dir"/qwenclip-*+cu130-*.whl)"
+  exit 0
+fi
 cargo build --release --features cuda --lib --bin qwenclip "$@"
 cp "$CARGO_TARGET_DIR/release/libqwenclip.so" "$CARGO_TARGET_DIR/release/libqwenclip_cuda.so"
 echo "built $CARGO_TARGET_DIR/release/libqwenclip_cuda.so (compute cap $CUDA_COMPUTE_CAP + PTX)"

@@ -1,7 +1,8 @@
 //! Every command in every README runs as written: the offline ones are run (the README's
 //! first line, the tiny training block), and every other `qwenclip`, `qwenclip-dev` and
 //! `plugin/install.py` command is checked to parse (its flags and values are accepted) without
-//! running it, since it needs a real model, a network or hours. Scripts named must exist.
+//! running it, since it needs a real model, a network or hours. Scripts named must exist
+//! (`examples/sdxl_diffusers.py` is run by tests/diffusers).
 
 mod common;
 
@@ -11,9 +12,11 @@ use std::process::Command;
 use common::*;
 
 /// Markdown files whose shell blocks are checked.
-const DOCS: [&str; 6] = [
+const DOCS: [&str; 8] = [
     "README.md",
     "plugin/README.md",
+    "python/README.md",
+    "integrations/invokeai/README.md",
     "docs/gguf.md",
     "docs/adapter-format.md",
     "docs/c-api.md",
@@ -114,6 +117,13 @@ fn check_parses(doc: &str, command: &str) {
                 out.status.success(),
                 "{doc}: `{command}`: install.py does not take these arguments:\n{}",
                 String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        "python" | "python3" if words.get(1).is_some_and(|w| w.ends_with(".py")) => {
+            assert!(
+                root().join(words[1]).is_file(),
+                "{doc}: `{command}`: {} does not exist",
+                words[1]
             );
         }
         p if p.ends_with(".sh") && p.contains('/') => {

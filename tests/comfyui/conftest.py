@@ -2,9 +2,11 @@
 it (a package), tiny models. Run through `.ci/comfyui.sh`, which provides:
 
   QWENCLIP_COMFYUI   the ComfyUI 0.3.75 tree (its venv runs pytest)
-  QWENCLIP_LIB       the library under test
-  QWENCLIP_BIN       the qwenclip command
+  QWENCLIP_BIN       the qwenclip command (the wheel's)
   QWENCLIP_DEV_BIN   the qwenclip-dev command (writes the tiny models)
+
+and the library under test as users get it: the qwenclip wheel, installed into the venv from
+the pack's requirements.txt (QWENCLIP_LIB unset).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ if not COMFY or not Path(COMFY, "main.py").is_file():
     raise pytest.UsageError(
         "QWENCLIP_COMFYUI must name a ComfyUI tree: run these tests with `bash .ci/comfyui.sh`"
     )
-for var in ("QWENCLIP_LIB", "QWENCLIP_BIN", "QWENCLIP_DEV_BIN"):
+for var in ("QWENCLIP_BIN", "QWENCLIP_DEV_BIN"):
     if not os.environ.get(var) or not Path(os.environ[var]).is_file():
         raise pytest.UsageError(f"{var} must name a built file: run these tests with `bash .ci/comfyui.sh`")
 

@@ -9,7 +9,6 @@ Widget order per node is the frontend's (required inputs then optional ones, a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -38,12 +37,11 @@ CAPTIONS = "\n".join(
 
 
 def train_defaults() -> dict:
-    """The library's training defaults (the node's widget defaults), read through the pack's
-    ctypes layer from the built library (QWENCLIP_LIB, or target/)."""
-    spec = importlib.util.spec_from_file_location("qwenclip_library", ROOT / "plugin" / "library.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get().train_defaults()
+    """The library's training defaults (the node's widget defaults), read through the
+    installed qwenclip package."""
+    import qwenclip
+
+    return qwenclip.train_defaults()
 
 
 # The window a workflow is made to open readable in, and what the frontend covers of it

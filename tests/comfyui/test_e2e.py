@@ -6,11 +6,11 @@ text-to-image, CLIP vs Qwen, training then generating, Cancel then resume, and /
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
 
+import qwenclip
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,7 +141,7 @@ def test_node_help_pages_are_served_for_the_frontend(server):
 
 def test_status_route_reports_the_library(server):
     s = server.get("/qwenclip/status")
-    assert s["error"] is None and Path(s["library"]) == Path(os.environ["QWENCLIP_LIB"])
+    assert s["error"] is None and Path(s["library"]) == qwenclip.library().path  # the wheel's
     assert s["cuda"] is False or s["cuda"] is True
 
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import qwenclip
 import torch
 from conftest import Progress
 
@@ -222,5 +223,5 @@ def test_a_run_the_command_line_started_ends_in_the_node_exactly(pack, cache, st
 def test_a_resume_with_another_adapter_shape_is_refused_naming_the_setting(pack, cache, progress_hook):
     folder = _run_folder(pack, "hosts_shape")
     _cli("train", "--model", _base_path(pack), "--cache", cache, "--out", folder, *_cli_settings(steps=1))
-    with pytest.raises(pack.library.QwenclipError, match=r"resampler_width = 128 \(the run has 64\)"):
+    with pytest.raises(qwenclip.QwenclipError, match=r"resampler_width = 128 \(the run has 64\)"):
         _node_train(pack, CacheClip(cache), "hosts_shape", progress_hook, resampler_width=128)

@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import qwenclip
 import torch
 from conftest import COMFY, PACKAGE, PLUGIN, Progress
 
@@ -83,7 +84,7 @@ def test_import_is_fast_and_loads_no_library():
         m = importlib.util.module_from_spec(spec); sys.modules[{PACKAGE!r}] = m; spec.loader.exec_module(m)
         dt = time.perf_counter() - t
         maps = open('/proc/self/maps').read()
-        print(dt, 'libqwenclip' in maps, m.library.loaded() is None)
+        print(dt, '_lib.abi3.so' in maps or 'libqwenclip' in maps, m.library.loaded() is None)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     dt, mapped, lazy = out.stdout.split()[-3:]
@@ -121,7 +122,7 @@ def test_loader_broken_model_folder_names_the_file(pack, comfy_dirs, tiny):
     shutil.copytree(tiny["model"], bad, dirs_exist_ok=True)
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
     try:
-        with pytest.raises(pack.library.QwenclipError) as e:
+        with pytest.raises(qwenclip.QwenclipError) as e:
             pack.nodes.QwenEncoderLoader().load("broken", "none", "cpu", "f32")
         assert "model.safetensors" in str(e.value)
     finally:
@@ -197,7 +198,7 @@ def test_loader_broken_gguf_names_the_file(pack, comfy_dirs):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00")
     try:
         assert "truncated.gguf" in pack.nodes.QwenEncoderLoader.INPUT_TYPES()["required"]["base_model"][0]
-        with pytest.raises(pack.library.QwenclipError) as e:
+        with pytest.raises(qwenclip.QwenclipError) as e:
             pack.nodes.QwenEncoderLoader().load("truncated.gguf", "none", "cpu", "f32")
         assert "truncated.gguf" in str(e.value)
     finally:
@@ -213,9 +214,8 @@ def test_cuda_device_on_a_cpu_build_is_a_clear_error(pack):
 
 
 def test_missing_library_every_node_says_how_to_install(pack, monkeypatch, tmp_path, encoder, teacher_clip):
-    lib_mod = pack.library
     monkeypatch.setenv("QWENCLIP_LIB", str(tmp_path / "nowhere" / "libqwenclip.so"))
-    lib_mod.reset()
+    qwenclip._native.reset()
     try:
         calls = [
             lambda: pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32"),
@@ -227,31 +227,44 @@ def test_missing_library_every_node_says_how_to_install(pack, monkeypatch, tmp_p
         ]
         messages = set()
         for call in calls:
-            with pytest.raises(lib_mod.LibraryMissing) as e:
+            with pytest.raises(pack.library.LibraryMissing) as e:
                 call()
             messages.add(str(e.value))
         assert len(messages) == 1, messages  # one message, the same everywhere
         msg = messages.pop()
-        assert "install.py" in msg and "--custom-nodes" in msg and "QWENCLIP_LIB" in msg
+        assert "QWENCLIP_LIB" in msg and "nowhere" in msg
+        assert f"{sys.executable} -m pip install -r {PLUGIN / 'requirements.txt'}" in msg
     finally:
         monkeypatch.undo()
-        lib_mod.reset()
-        lib_mod.get()
+        qwenclip._native.reset()
+        pack.library.get()
 
 
-def test_library_search_order_and_cuda_preference(pack, monkeypatch, tmp_path):
-    """Without QWENCLIP_LIB: the package's lib/ first; a CUDA build only when it loads, has
+def test_pack_without_the_qwenclip_package_loads_and_says_how_to_install(pack, monkeypatch):
+    """A pack copied into custom_nodes without `pip install -r requirements.txt`: ComfyUI still
+    imports it (the nodes are listed) and running one names the missing package and the fix."""
+    monkeypatch.setitem(sys.modules, "qwenclip", None)  # `import qwenclip` raises ImportError
+    with pytest.raises(pack.library.LibraryMissing) as e:
+        pack.nodes.QwenEncoderLoader().load("qwen3-tiny", "tiny", "cpu", "f32")
+    msg = str(e.value)
+    assert "the qwenclip Python package is not installed" in msg and "requirements.txt" in msg
+    assert pack.library.loaded() is None
+
+
+def test_library_search_order_and_cuda_preference(monkeypatch, tmp_path):
+    """From a source checkout (no library in the package): a CUDA build only when it loads, has
     CUDA and torch sees a GPU; a file that does not load falls back to the CPU build."""
-    lib_mod = pack.library
-    real = Path(os.environ["QWENCLIP_LIB"])
-    here = tmp_path / "lib"
+    native = qwenclip._native
+    real = qwenclip.library().path
+    here = tmp_path / "release"
     here.mkdir()
     os.symlink(real, here / "libqwenclip.so")
     (here / "libqwenclip_cuda.so").write_bytes(b"\x7fELF broken")
-    monkeypatch.delenv("QWENCLIP_LIB")
-    monkeypatch.setattr(lib_mod, "search_places", lambda: [here, tmp_path / "release"])
-    monkeypatch.setattr(lib_mod, "_cuda_wanted", lambda: True)
-    lib = lib_mod.find()
+    monkeypatch.delenv("QWENCLIP_LIB", raising=False)
+    monkeypatch.setattr(native, "packaged_library", lambda: None)
+    monkeypatch.setattr(native, "checkout_places", lambda: [here, tmp_path / "debug"])
+    monkeypatch.setattr(native, "_cuda_wanted", lambda: True)
+    lib = native.find()
     assert lib.path == here / "libqwenclip.so"
 
     # A loadable CUDA build wins when a GPU is there.
@@ -263,22 +276,33 @@ def test_library_search_order_and_cuda_preference(pack, monkeypatch, tmp_path):
 
     (here / "libqwenclip_cuda.so").unlink()
     os.symlink(real, here / "libqwenclip_cuda.so")
-    monkeypatch.setattr(lib_mod, "Library", Fake)
-    assert lib_mod.find().path.name == "libqwenclip_cuda.so"
-    monkeypatch.setattr(lib_mod, "_cuda_wanted", lambda: False)
-    assert lib_mod.find().path.name == "libqwenclip.so"
+    monkeypatch.setattr(native, "Library", Fake)
+    assert native.find().path.name == "libqwenclip_cuda.so"
+    monkeypatch.setattr(native, "_cuda_wanted", lambda: False)
+    assert native.find().path.name == "libqwenclip.so"
+    # The wheel's own library comes first, and when it fails that is the answer (the user
+    # installed that build), not another library found elsewhere.
+    monkeypatch.setattr(native, "packaged_library", lambda: here / "libqwenclip_cuda.so")
+    assert native.find().path.name == "libqwenclip_cuda.so"
+    (here / "libqwenclip_cuda.so").unlink()
+    (here / "libqwenclip_cuda.so").write_bytes(b"\x7fELF broken")
+    with pytest.raises(native.LibraryMissing, match="could not be loaded: bad ELF"):
+        native.find()
     # Nothing anywhere: the message lists every place looked at.
-    monkeypatch.setattr(lib_mod, "search_places", lambda: [tmp_path / "empty"])
-    with pytest.raises(lib_mod.LibraryMissing) as e:
-        lib_mod.find()
-    assert str(tmp_path / "empty" / "libqwenclip.so") in str(e.value)
+    monkeypatch.setattr(native, "packaged_library", lambda: None)
+    monkeypatch.setattr(native, "checkout_places", lambda: [tmp_path / "empty"])
+    with pytest.raises(native.LibraryMissing) as e:
+        native.find()
+    assert str(tmp_path / "empty" / "libqwenclip.so") in str(e.value) and "pip install qwenclip" in str(
+        e.value
+    )
 
 
 def test_library_refuses_another_abi(pack, monkeypatch):
     lib = pack.library.get()
-    monkeypatch.setattr(pack.library, "ABI_VERSION", 999)
+    monkeypatch.setattr(qwenclip._native, "ABI_VERSION", 999)
     with pytest.raises(OSError, match="interface version"):
-        pack.library.Library(lib.path)
+        qwenclip.Library(lib.path)
 
 
 # -- Qwen Text Encode (SDXL) ----------------------------------------------------------------------
@@ -370,7 +394,7 @@ def test_unload_all_models_releases_weights_and_gc_frees_handles(pack):
     gc.collect()
     live = {b.handle for b in pack.encoder.live_bases()}
     assert handle not in live
-    with pytest.raises(pack.library.QwenclipError):  # freed for real
+    with pytest.raises(qwenclip.QwenclipError):  # freed for real
         lib.encoder_offload(handle)
 
 
@@ -514,7 +538,7 @@ def test_train_says_what_it_did_with_changed_settings(pack, encoder, teacher_cli
 def test_train_never_writes_over_an_adapter_it_cannot_resume(pack, encoder, teacher_clip, comfy_dirs):
     adapter = comfy_dirs["qwenclip"] / "tiny"
     files = {f.name: f.read_bytes() for f in adapter.iterdir() if f.is_file()}
-    with pytest.raises(pack.library.QwenclipError, match="already holds an adapter and no checkpoint"):
+    with pytest.raises(qwenclip.QwenclipError, match="already holds an adapter and no checkpoint"):
         _train(pack, encoder, teacher_clip, "tiny", steps=1)
     assert {f.name: f.read_bytes() for f in adapter.iterdir() if f.is_file()} == files
 
@@ -531,7 +555,7 @@ def test_train_reads_a_captions_folder(pack, comfy_dirs):
 
 
 def test_train_errors_are_clear(pack, encoder, teacher_clip):
-    with pytest.raises(pack.library.QwenclipError, match="no captions"):
+    with pytest.raises(qwenclip.QwenclipError, match="no captions"):
         _train(pack, encoder, teacher_clip, "unit_empty", steps=1, captions_text="\n \n")
     with pytest.raises(ValueError, match="not a usable folder name"):
         _train(pack, encoder, teacher_clip, "../escape", steps=1)
@@ -581,18 +605,17 @@ def _install(*args, env=None):
     )
 
 
-def test_install_copies_the_pack_and_a_library_that_the_nodes_then_find(tmp_path):
+def test_install_copies_the_pack_and_names_the_library_the_nodes_will_use(tmp_path):
     nodes = tmp_path / "custom_nodes"
     nodes.mkdir()
-    r = _install("--custom-nodes", str(nodes), "--copy", "--library", os.environ["QWENCLIP_LIB"])
+    r = _install("--custom-nodes", str(nodes), "--copy", "--no-build")
     assert r.returncode == 0, r.stdout + r.stderr
     dest = nodes / "comfyui-qwenclip"
-    assert (dest / "lib" / "libqwenclip.so").is_file() and (dest / "nodes.py").is_file()
-    # with no QWENCLIP_LIB, the installed copy finds its own lib/
-    env = {k: v for k, v in os.environ.items() if k != "QWENCLIP_LIB"}
-    r = _install("--custom-nodes", str(nodes), "--copy", "--no-build", env=env)
+    assert (dest / "nodes.py").is_file() and (dest / "requirements.txt").is_file()
+    assert f"from {qwenclip.library().path}" in r.stdout  # the installed wheel's
+    # again: an earlier copy of the pack is replaced
+    r = _install("--custom-nodes", str(nodes), "--copy", "--no-build")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"from {dest / 'lib' / 'libqwenclip.so'}" in r.stdout
 
 
 def test_install_links_and_refuses_to_replace_a_foreign_folder(tmp_path):

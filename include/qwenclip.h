@@ -133,6 +133,31 @@ enum qwenclip_status qwenclip_encode(uint64_t handle,
                                      float *pooled,
                                      size_t pooled_len);
 
+// `qwenclip_encode` for prompts written with weights. `syntax`: `"comfy"` (ComfyUI's
+// `CLIPTextEncode`: `(text)` x1.1, `(text:1.3)`, `\(` `\)` escapes), `"a1111"`
+// (AUTOMATIC1111's, also `[text]` /1.1) or `"none"`/NULL (plain text, as `qwenclip_encode`).
+// The syntax is removed before the LLM reads the prompt; each token's weight scales the
+// attention the resampler gives it. A malformed weight (not a number, negative, NaN,
+// infinite, over 100) is `QWENCLIP_INVALID_ARGUMENT` with a message naming the span.
+enum qwenclip_status qwenclip_encode_weighted(uint64_t handle,
+                                              const char *const *prompts,
+                                              size_t n_prompts,
+                                              const char *syntax,
+                                              float *embeds,
+                                              size_t embeds_len,
+                                              float *pooled,
+                                              size_t pooled_len);
+
+// How the library reads a weighted prompt, for a host to show or check: writes
+// `{"text": "<what the LLM reads>", "segments": [["<text>", weight], ...]}` (JSON, UTF-8,
+// NUL-terminated) into `buf` of `len` bytes; `*needed` gets the size required (call with
+// `buf` NULL and `len` 0 to ask). `syntax` as for `qwenclip_encode_weighted`.
+enum qwenclip_status qwenclip_prompt_weights(const char *syntax,
+                                             const char *prompt,
+                                             char *buf,
+                                             size_t len,
+                                             size_t *needed);
+
 // Every training setting with its default, as a JSON object (`TrainConfig`): what a host
 // shows before the user changes anything. `buf`/`len`/`needed` as for `qwenclip_run_state`.
 enum qwenclip_status qwenclip_train_defaults(char *buf, size_t len, size_t *needed);

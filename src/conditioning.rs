@@ -13,6 +13,7 @@ use crate::llm::qwen3::LoraMode;
 use crate::llm::Qwen3;
 use crate::ops::ForwardMode;
 use crate::resampler::Resampler;
+use crate::tokenizer::syntax::{PromptSyntax, WeightedPrompt};
 use crate::tokenizer::{PromptTokenizer, TokenBatch, DEFAULT_MAX_TOKENS};
 
 #[derive(Debug, Clone)]
@@ -306,6 +307,13 @@ impl Encoder {
 
     /// SDXL conditioning for a batch of prompts (fast path).
     pub fn encode(&self, prompts: &[&str]) -> Result<Conditioning> {
+        self.encode_with(prompts, PromptSyntax::None)
+    }
+
+    /// `encode` for prompts written in a weighting syntax: the syntax is removed before the
+    /// LLM reads them, and each token's weight scales the resampler's attention to it
+    /// (`Resampler::forward_weighted`). Prompts without weights give exactly `encode`'s output.
+    pub fn encode_with(&self, prompts: &[&str], syntax: PromptSyntax) -> Result<Conditioning> {
         let resampler = self.resampler.as_ref().ok_or_else(|| {
             Error::Invalid(match &self.adapter_dir {
                 Some(d) => format!(
@@ -317,12 +325,61 @@ impl Encoder {
                 }
             })
         })?;
-        let h = self.hidden_states(prompts, ForwardMode::Fast)?;
-        let (prompt_embeds, pooled) = resampler.forward(&h.states, &h.mask, ForwardMode::Fast)?;
+        let (h, weights) = self.weighted_hidden_states(prompts, syntax)?;
+        let (prompt_embeds, pooled) =
+            resampler.forward_weighted(&h.states, &h.mask, weights.as_ref(), ForwardMode::Fast)?;
         Ok(Conditioning {
             prompt_embeds,
             pooled,
             warnings: h.tokens.warnings,
         })
+    }
+
+    /// The LLM's hidden states of prompts written in `syntax` (the syntax removed) and, when
+    /// any prompt carries a weight other than 1, the `[B,T]` token weights for
+    /// `Resampler::forward_weighted`.
+    pub fn weighted_hidden_states(
+        &self,
+        prompts: &[&str],
+        syntax: PromptSyntax,
+    ) -> Result<(HiddenStates, Option<Tensor>)> {
+        let parsed = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                WeightedPrompt::parse(p, syntax).map_err(|e| match e {
+                    Error::Invalid(m) if prompts.len() > 1 => {
+                        Error::Invalid(format!("prompt {i}: {m}"))
+                    }
+                    e => e,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let texts: Vec<String> = parsed.iter().map(WeightedPrompt::text).collect();
+        let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let h = self.hidden_states(&text_refs, ForwardMode::Fast)?;
+        let weights = if parsed.iter().all(WeightedPrompt::is_plain) {
+            None
+        } else {
+            Some(self.weight_tensor(&parsed, &h.tokens)?)
+        };
+        Ok((h, weights))
+    }
+
+    /// `[B,T]` token weights matching `tokens` (truncated as they were; 1 at padding).
+    fn weight_tensor(&self, parsed: &[WeightedPrompt], tokens: &TokenBatch) -> Result<Tensor> {
+        let t = tokens.ids.first().map_or(0, Vec::len);
+        let mut flat = Vec::with_capacity(parsed.len() * t);
+        for (p, &len) in parsed.iter().zip(&tokens.lengths) {
+            let mut w = self.tokenizer.token_weights(p)?;
+            w.resize(len, 1.0);
+            w.resize(t, 1.0);
+            flat.extend(w);
+        }
+        Ok(Tensor::from_vec(
+            flat,
+            (parsed.len(), t),
+            self.llm.device(),
+        )?)
     }
 }

@@ -918,3 +918,100 @@ fn the_run_judge_is_named_and_the_host_judged_calls_check_what_the_run_asks() {
     );
     assert_eq!(unsafe { free(r) }, OK);
 }
+
+type EncodeWeighted = unsafe extern "C" fn(
+    u64,
+    *const *const c_char,
+    usize,
+    *const c_char,
+    *mut f32,
+    usize,
+    *mut f32,
+    usize,
+) -> i32;
+type PromptWeights =
+    unsafe extern "C" fn(*const c_char, *const c_char, *mut c_char, usize, *mut usize) -> i32;
+
+#[test]
+fn weighted_prompts_through_the_c_abi_equal_the_rust_api_and_bad_weights_name_the_span() {
+    let lib = Lib::open();
+    let h = lib.load(&tiny_json()).unwrap();
+    let (s, e, p) = lib.shape(h).unwrap();
+    let encode = |prompt: &str, syntax: Option<&str>| -> Result<Vec<f32>, (i32, String)> {
+        let c = CString::new(prompt).unwrap();
+        let ptrs = [c.as_ptr()];
+        let syn = syntax.map(|x| CString::new(x).unwrap());
+        let mut emb = vec![0f32; s * e];
+        let mut pooled = vec![0f32; p];
+        let st = unsafe {
+            lib.f::<EncodeWeighted>("qwenclip_encode_weighted")(
+                h,
+                ptrs.as_ptr(),
+                1,
+                syn.as_ref().map_or(std::ptr::null(), |x| x.as_ptr()),
+                emb.as_mut_ptr(),
+                emb.len(),
+                pooled.as_mut_ptr(),
+                pooled.len(),
+            )
+        };
+        if st == OK {
+            Ok(emb)
+        } else {
+            Err((st, lib.last_error()))
+        }
+    };
+    let d = tiny();
+    let enc = qwenclip::Encoder::load(
+        &d.join("model"),
+        Some(&d.join("adapter")),
+        Default::default(),
+    )
+    .unwrap();
+    let prompt = "a (red:1.5) cube left of a [blue] sphere";
+    for (syntax, parsed) in [
+        ("comfy", qwenclip::tokenizer::syntax::PromptSyntax::Comfy),
+        ("a1111", qwenclip::tokenizer::syntax::PromptSyntax::A1111),
+    ] {
+        let want: Vec<f32> = enc
+            .encode_with(&[prompt], parsed)
+            .unwrap()
+            .prompt_embeds
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(encode(prompt, Some(syntax)).unwrap(), want, "{syntax}");
+    }
+    // NULL and "none" are plain text, as qwenclip_encode
+    let plain = lib.encode(h, &[prompt]).unwrap().0;
+    assert_eq!(encode(prompt, None).unwrap(), plain);
+    assert_eq!(encode(prompt, Some("none")).unwrap(), plain);
+    let (st, msg) = encode(prompt, Some("markdown")).unwrap_err();
+    assert!(
+        st == INVALID_ARGUMENT && msg.contains("\"markdown\""),
+        "{msg}"
+    );
+    let (st, msg) = encode("a (red:lots) cube", Some("comfy")).unwrap_err();
+    assert!(
+        st == INVALID_ARGUMENT && msg.contains("(red:lots)") && msg.contains("not a number"),
+        "{msg}"
+    );
+
+    let syntax = CString::new("comfy").unwrap();
+    let text = CString::new(r"a ((red)) \(cube\)").unwrap();
+    let doc = json_call(&lib, |b, n, need| unsafe {
+        lib.f::<PromptWeights>("qwenclip_prompt_weights")(
+            syntax.as_ptr(),
+            text.as_ptr(),
+            b,
+            n,
+            need,
+        )
+    });
+    assert_eq!(doc["text"], "a red (cube)");
+    let segs = doc["segments"].as_array().unwrap();
+    assert_eq!(segs[1][0], "red");
+    assert!((segs[1][1].as_f64().unwrap() - 1.1 * 1.1).abs() < 1e-12);
+    lib.free(h);
+}

@@ -14,6 +14,13 @@ from ._native import loaded as loaded_library
 from .encoder import Encoder
 from .training import TrainingRun, read_captions, train_defaults
 
+
+def parse_prompt(prompt: str, syntax: str = "comfy") -> list[tuple[str, float]]:
+    """How the library reads a weighted prompt: (text, weight) segments; joined, the texts are
+    what the LLM reads. `syntax`: "comfy", "a1111" or "none"."""
+    return library().prompt_weights(prompt, syntax)
+
+
 __all__ = [
     "ABI_VERSION",
     "Encoder",
@@ -23,6 +30,7 @@ __all__ = [
     "TrainingRun",
     "library",
     "loaded_library",
+    "parse_prompt",
     "read_captions",
     "train_defaults",
 ]

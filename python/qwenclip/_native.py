@@ -189,6 +189,11 @@ class Library:
                 ctypes.c_int,
             ),
             "qwenclip_train_defaults": ([_buf, _size, _sizep], ctypes.c_int),
+            "qwenclip_encode_weighted": (
+                [_u64, ctypes.POINTER(_str), _size, _str, _fptr, _size, _fptr, _size],
+                ctypes.c_int,
+            ),
+            "qwenclip_prompt_weights": ([_str, _str, _buf, _size, _sizep], ctypes.c_int),
             "qwenclip_captions_read": ([_str, _buf, _size, _sizep], ctypes.c_int),
             "qwenclip_run_open": ([_u64, _str, ctypes.POINTER(_u64)], ctypes.c_int),
             "qwenclip_run_state": ([_u64, _buf, _size, _sizep], ctypes.c_int),
@@ -267,16 +272,31 @@ class Library:
         )
         return s.value, e.value, p.value
 
-    def encode_into(self, handle, prompts, embeds_ptr, embeds_len, pooled_ptr, pooled_len) -> list[str]:
+    def encode_into(
+        self, handle, prompts, embeds_ptr, embeds_len, pooled_ptr, pooled_len, syntax: str = "none"
+    ) -> list[str]:
         """Encodes into caller buffers given as addresses + sizes in floats; returns the
-        library's warnings (prompts cut at the token limit)."""
+        library's warnings (prompts cut at the token limit). `syntax`: "none" (plain text),
+        "comfy" or "a1111" (prompt weighting, parsed by the library)."""
         arr, n = self._prompts(prompts)
         self._check(
-            self._lib.qwenclip_encode(handle, arr, n, embeds_ptr, embeds_len, pooled_ptr, pooled_len),
+            self._lib.qwenclip_encode_weighted(
+                handle, arr, n, syntax.encode(), embeds_ptr, embeds_len, pooled_ptr, pooled_len
+            ),
             "encode",
         )
         text = self._lib.qwenclip_last_warning()
         return [w for w in (text.decode("utf-8", "replace") if text else "").splitlines() if w]
+
+    def prompt_weights(self, prompt: str, syntax: str) -> list[tuple[str, float]]:
+        """The library's reading of a weighted prompt: (text, weight) segments whose texts,
+        joined, are what the LLM reads."""
+        spec = prompt.encode("utf-8")
+        doc = self._json(
+            "prompt weights",
+            lambda b, n, need: self._lib.qwenclip_prompt_weights(syntax.encode(), spec, b, n, need),
+        )
+        return [(t, float(w)) for t, w in doc["segments"]]
 
     def _json(self, what: str, call) -> dict:
         """A JSON document from an export that fills a caller buffer: size, then data."""

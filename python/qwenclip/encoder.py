@@ -79,25 +79,31 @@ class Encoder:
                 self._shape = self.library.output_shape(self.handle)
             return self._shape
 
-    def encode(self, prompts: str | Sequence[str], output: str = "torch"):
+    def encode(self, prompts: str | Sequence[str], output: str = "torch", syntax: str = "none"):
         """Prompts -> (embeds [B, S, E], pooled [B, P]) as float32 CPU torch tensors
         (`output="numpy"`: numpy arrays), written by the library straight into their memory.
-        Prompts cut at the token limit are listed in `self.warnings`."""
+        Prompts cut at the token limit are listed in `self.warnings`. `syntax="comfy"` reads
+        ComfyUI's prompt weighting (`(word:1.2)`, `(word)`, `\\(` escapes), `"a1111"` also
+        A1111's `[word]`; the syntax is removed before the LLM reads the prompt and each token's
+        weight scales the attention the resampler gives it. A malformed weight is a
+        QwenclipError naming the span."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         with self._lock:
             s, e, p = self.output_shape()
             embeds = _buffers.empty((len(prompts), s, e), output)
             pooled = _buffers.empty((len(prompts), p), output)
-            self.encode_into(prompts, embeds, pooled)
+            self.encode_into(prompts, embeds, pooled, syntax=syntax)
         return embeds, pooled
 
-    def encode_into(self, prompts: Sequence[str], embeds, pooled) -> list[str]:
+    def encode_into(self, prompts: Sequence[str], embeds, pooled, syntax: str = "none") -> list[str]:
         """Encodes into caller buffers (contiguous float32 CPU tensors or arrays of n*S*E and
-        n*P floats); returns the library's warnings."""
+        n*P floats); returns the library's warnings. `syntax` as for `encode`."""
         e_ptr, e_len = _buffers.float_buffer(embeds, "embeds")
         p_ptr, p_len = _buffers.float_buffer(pooled, "pooled")
         with self._lock:
-            self.warnings = self.library.encode_into(self.handle, list(prompts), e_ptr, e_len, p_ptr, p_len)
+            self.warnings = self.library.encode_into(
+                self.handle, list(prompts), e_ptr, e_len, p_ptr, p_len, syntax=syntax
+            )
             return self.warnings
 
     def offload(self) -> None:

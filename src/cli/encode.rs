@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::DType;
 use clap::Args;
+use qwenclip::tokenizer::syntax::PromptSyntax;
 use qwenclip::{Encoder, EncoderOptions, ForwardMode};
 
 use super::{DTypeArg, DeviceArg};
@@ -34,6 +35,10 @@ pub struct EncodeArgs {
     /// Token limit (default: the adapter's, else 256).
     #[arg(long)]
     max_tokens: Option<usize>,
+    /// Prompt weighting: comfy (ComfyUI's `(word:1.2)`, `(word)`), a1111 (also `[word]`), or
+    /// none (the prompt is plain text).
+    #[arg(long, default_value = "none", value_parser = ["comfy", "a1111", "none"])]
+    prompt_syntax: String,
 }
 
 pub fn run(a: EncodeArgs) -> Result<()> {
@@ -54,12 +59,14 @@ pub fn run(a: EncodeArgs) -> Result<()> {
             a.adapter.as_ref().map_or("no --adapter given".to_string(), |p| p.display().to_string())
         );
     }
-    let h = enc.hidden_states(&prompts, ForwardMode::Fast)?;
+    let syntax: PromptSyntax = a.prompt_syntax.parse()?;
+    let (h, weights) = enc.weighted_hidden_states(&prompts, syntax)?;
     for w in &h.tokens.warnings {
         eprintln!("warning: {w}");
     }
     if let Some(r) = enc.resampler() {
-        let (embeds, pooled) = r.forward(&h.states, &h.mask, ForwardMode::Fast)?;
+        let (embeds, pooled) =
+            r.forward_weighted(&h.states, &h.mask, weights.as_ref(), ForwardMode::Fast)?;
         out.insert("prompt_embeds".to_string(), embeds);
         out.insert("pooled_prompt_embeds".to_string(), pooled);
     }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::boundary::{self, call, invalid, qwenclip_status, Failure, FfiResult};
 use super::registry::Registry;
+use crate::tokenizer::syntax::{PromptSyntax, WeightedPrompt};
 use crate::{Encoder, EncoderOptions};
 
 /// The JSON accepted by `qwenclip_encoder_load`.
@@ -275,16 +276,92 @@ pub extern "C" fn qwenclip_encode(
     pooled_len: usize,
 ) -> qwenclip_status {
     call(|| {
-        let prompts = boundary::prompts_arg(prompts, n_prompts)?;
-        ENCODERS.get(handle)?.with(|enc| {
-            let (s, e, p) = output_shape(enc)?;
-            let n = prompts.len();
-            let embeds = boundary::buffer_mut(embeds, embeds_len, n * s * e, "embeds")?;
-            let pooled = boundary::buffer_mut(pooled, pooled_len, n * p, "pooled")?;
-            let c = enc.encode(&prompts)?;
-            c.copy_to(embeds, pooled)?;
-            boundary::set_warning(&c.warnings.join("\n"));
-            Ok(())
-        })
+        encode(
+            handle,
+            prompts,
+            n_prompts,
+            PromptSyntax::None,
+            embeds,
+            embeds_len,
+            pooled,
+            pooled_len,
+        )
+    })
+}
+
+/// `qwenclip_encode` for prompts written with weights. `syntax`: `"comfy"` (ComfyUI's
+/// `CLIPTextEncode`: `(text)` x1.1, `(text:1.3)`, `\(` `\)` escapes), `"a1111"`
+/// (AUTOMATIC1111's, also `[text]` /1.1) or `"none"`/NULL (plain text, as `qwenclip_encode`).
+/// The syntax is removed before the LLM reads the prompt; each token's weight scales the
+/// attention the resampler gives it. A malformed weight (not a number, negative, NaN,
+/// infinite, over 100) is `QWENCLIP_INVALID_ARGUMENT` with a message naming the span.
+#[no_mangle]
+pub extern "C" fn qwenclip_encode_weighted(
+    handle: u64,
+    prompts: *const *const c_char,
+    n_prompts: usize,
+    syntax: *const c_char,
+    embeds: *mut f32,
+    embeds_len: usize,
+    pooled: *mut f32,
+    pooled_len: usize,
+) -> qwenclip_status {
+    call(|| {
+        let syntax = syntax_arg(syntax)?;
+        encode(
+            handle, prompts, n_prompts, syntax, embeds, embeds_len, pooled, pooled_len,
+        )
+    })
+}
+
+/// How the library reads a weighted prompt, for a host to show or check: writes
+/// `{"text": "<what the LLM reads>", "segments": [["<text>", weight], ...]}` (JSON, UTF-8,
+/// NUL-terminated) into `buf` of `len` bytes; `*needed` gets the size required (call with
+/// `buf` NULL and `len` 0 to ask). `syntax` as for `qwenclip_encode_weighted`.
+#[no_mangle]
+pub extern "C" fn qwenclip_prompt_weights(
+    syntax: *const c_char,
+    prompt: *const c_char,
+    buf: *mut c_char,
+    len: usize,
+    needed: *mut usize,
+) -> qwenclip_status {
+    call(|| {
+        let syntax = syntax_arg(syntax)?;
+        let prompt = boundary::str_arg(prompt, "prompt")?;
+        let parsed = WeightedPrompt::parse(prompt, syntax)?;
+        let doc = serde_json::json!({"text": parsed.text(), "segments": parsed.segments});
+        boundary::json_out(&doc, buf, len, needed)
+    })
+}
+
+fn syntax_arg(syntax: *const c_char) -> FfiResult<PromptSyntax> {
+    match boundary::opt_str_arg(syntax, "syntax")? {
+        None => Ok(PromptSyntax::None),
+        Some(s) => Ok(s.parse()?),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn encode(
+    handle: u64,
+    prompts: *const *const c_char,
+    n_prompts: usize,
+    syntax: PromptSyntax,
+    embeds: *mut f32,
+    embeds_len: usize,
+    pooled: *mut f32,
+    pooled_len: usize,
+) -> FfiResult<()> {
+    let prompts = boundary::prompts_arg(prompts, n_prompts)?;
+    ENCODERS.get(handle)?.with(|enc| {
+        let (s, e, p) = output_shape(enc)?;
+        let n = prompts.len();
+        let embeds = boundary::buffer_mut(embeds, embeds_len, n * s * e, "embeds")?;
+        let pooled = boundary::buffer_mut(pooled, pooled_len, n * p, "pooled")?;
+        let c = enc.encode_with(&prompts, syntax)?;
+        c.copy_to(embeds, pooled)?;
+        boundary::set_warning(&c.warnings.join("\n"));
+        Ok(())
     })
 }

@@ -282,6 +282,44 @@ impl Resampler {
         mask: &Tensor,
         path: ForwardMode,
     ) -> Result<(Tensor, Tensor)> {
+        self.forward_weighted(h, mask, None, path)
+    }
+
+    /// `forward` with a weight per token (`[B,T]` f32, >= 0; 1 at padding): `ln w` is added
+    /// to the attention logits the latents give that token in every layer, so its attention
+    /// mass is scaled by `w` before the softmax renormalises. w = 1 adds exactly 0 (the plain
+    /// result, bit for bit); w = 0 is the padding bias (the token is not attended to).
+    pub fn forward_weighted(
+        &self,
+        h: &Tensor,
+        mask: &Tensor,
+        weights: Option<&Tensor>,
+        path: ForwardMode,
+    ) -> Result<(Tensor, Tensor)> {
+        self.run(h, mask, weights, path, None)
+    }
+
+    /// The attention probabilities of every layer, `[B,heads,N,T+N]` each (keys: the T tokens,
+    /// then the N latents), for inspecting what the latents read (and what weights do to it).
+    pub fn attention_maps(
+        &self,
+        h: &Tensor,
+        mask: &Tensor,
+        weights: Option<&Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let mut maps = Vec::with_capacity(self.cfg.layers);
+        self.run(h, mask, weights, ForwardMode::Fast, Some(&mut maps))?;
+        Ok(maps)
+    }
+
+    fn run(
+        &self,
+        h: &Tensor,
+        mask: &Tensor,
+        weights: Option<&Tensor>,
+        path: ForwardMode,
+        mut maps: Option<&mut Vec<Tensor>>,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t, d) = h.dims3()?;
         if d != self.cfg.input_dim {
             return Err(Error::Mismatch(format!(
@@ -295,7 +333,11 @@ impl Resampler {
         let x = self.linear(&h.to_dtype(dt)?, "proj_in")?;
         let mut lat = self.p("latents").unsqueeze(0)?.broadcast_as((b, n, w))?;
         // Padded media keys get a large negative logit; latent keys are always visible.
-        let media_bias = ((mask.to_dtype(dt)? - 1.0)? * -MASKED)?;
+        let mut media_bias = ((mask.to_dtype(dt)? - 1.0)? * -MASKED)?;
+        if let Some(w) = weights {
+            let log_w = w.to_dtype(dt)?.log()?.maximum(MASKED)?;
+            media_bias = (media_bias + log_w)?;
+        }
         let bias = Tensor::cat(&[&media_bias, &Tensor::zeros((b, n), dt, h.device())?], 1)?
             .reshape((b, 1, 1, t + n))?;
         for i in 0..self.cfg.layers {
@@ -312,10 +354,11 @@ impl Resampler {
             let k = heads_of(self.linear(&kv, &format!("{p}.attn.to_k"))?, t + n)?;
             let v = heads_of(self.linear(&kv, &format!("{p}.attn.to_v"))?, t + n)?;
             let scores = (q.matmul(&k.t()?)? * (dh as f64).powf(-0.5))?.broadcast_add(&bias)?;
-            let a = ops::softmax(&scores, path)?
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, n, w))?;
+            let probs = ops::softmax(&scores, path)?;
+            if let Some(maps) = maps.as_mut() {
+                maps.push(probs.clone());
+            }
+            let a = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, w))?;
             lat = (lat + self.linear(&a, &format!("{p}.attn.to_out"))?)?;
             let f = self.norm(&lat, &format!("{p}.ff.norm"), path)?;
             let f = self.linear(&f, &format!("{p}.ff.fc1"))?;

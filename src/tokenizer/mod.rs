@@ -1,13 +1,16 @@
 //! Prompt tokenization for the LLM: `tokenizer.json` through `tokenizers` 0.23, a token limit
-//! with a warning per truncated prompt, and right padding with an attention mask.
+//! with a warning per truncated prompt, right padding with an attention mask, and the weight
+//! of each token of a weighted prompt (`syntax`).
 
 pub mod gguf;
+pub mod syntax;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use syntax::WeightedPrompt;
 
 /// Prompts longer than this are cut unless the adapter or caller says otherwise.
 pub const DEFAULT_MAX_TOKENS: usize = 256;
@@ -75,6 +78,50 @@ impl PromptTokenizer {
                 msg: format!("cannot tokenize prompt: {e}"),
             })?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Each token's weight in `prompt.text()` (untruncated, as `ids` gives them): the weight
+    /// of the bytes it covers. Whitespace does not count (a word's token carries the space
+    /// before it, which belongs to the span before), except in a token of whitespace only.
+    /// Where a token crosses from one span into another (`(un)believable` read as one token),
+    /// it takes the mean over its bytes; a token that covers no text (a special token)
+    /// weighs 1.
+    pub fn token_weights(&self, prompt: &WeightedPrompt) -> Result<Vec<f32>> {
+        let text = prompt.text();
+        let bytes = prompt.byte_weights();
+        let enc = self
+            .inner
+            .encode(text.as_str(), true)
+            .map_err(|e| Error::Tokenizer {
+                path: self.path.clone(),
+                msg: format!("cannot tokenize prompt: {e}"),
+            })?;
+        let raw = text.as_bytes();
+        Ok(enc
+            .get_offsets()
+            .iter()
+            .map(|&(a, b)| {
+                let range = a.min(raw.len())..b.min(raw.len());
+                let visible: Vec<f32> = range
+                    .clone()
+                    .filter(|&i| !raw[i].is_ascii_whitespace())
+                    .map(|i| bytes[i])
+                    .collect();
+                let covered = if visible.is_empty() {
+                    &bytes[range]
+                } else {
+                    &visible[..]
+                };
+                match covered.first() {
+                    None => 1.0,
+                    Some(&w) if covered.iter().all(|&x| x == w) => w,
+                    Some(_) => {
+                        let sum: f64 = covered.iter().map(|&x| f64::from(x)).sum();
+                        (sum / covered.len() as f64) as f32
+                    }
+                }
+            })
+            .collect())
     }
 
     pub fn encode_batch(&self, prompts: &[&str], max_tokens: usize) -> Result<TokenBatch> {

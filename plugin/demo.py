@@ -103,11 +103,17 @@ def tiny_clip(seed: int = 1):
     import comfy.sd
     import comfy.sdxl_clip
     import comfy.supported_models_base
+    import folder_paths
 
     target = comfy.supported_models_base.ClipTarget(
         comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel
     )
-    clip = comfy.sd.CLIP(target=target, model_options={**TINY_CLIP_OPTIONS, "dtype": torch.float32})
+    # embedding: names work in its prompts as in a loaded checkpoint's CLIP
+    clip = comfy.sd.CLIP(
+        target=target,
+        embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        model_options={**TINY_CLIP_OPTIONS, "dtype": torch.float32},
+    )
     _init(clip.cond_stage_model, seed)
     return clip
 

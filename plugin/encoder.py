@@ -132,10 +132,11 @@ class QwenEncoder:
             )
         return self.base.shape(self.adapter, fp)
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def encode(self, texts: list[str], syntax: str = "none") -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Prompts -> (cond [n, 77, 2048], pooled [n, 1280]) float32 CPU tensors, written by
         the library straight into the tensors' memory, and the library's warnings (a prompt
-        cut at the token limit)."""
+        cut at the token limit). `syntax` ("comfy", "a1111", "none"): how the library reads
+        prompt weighting."""
         fp = adapter_fingerprint(self.adapter)  # once per call: it stats the adapter's files
         s, e, p = self.shape(fp)
         n = len(texts)
@@ -143,7 +144,7 @@ class QwenEncoder:
         pooled = torch.empty((n, p), dtype=torch.float32)
         with self.base.lock:
             self.base.select(self.adapter, fp)
-            warnings = self.base.encoder.encode_into(texts, cond, pooled)
+            warnings = self.base.encoder.encode_into(texts, cond, pooled, syntax=syntax)
         return cond, pooled, warnings
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 import folder_paths
+import torch
 
 from . import encoder as enc
 from . import hub, library, training
@@ -360,6 +362,37 @@ class QwenAdapterSelect:
         return (encoder.with_adapter(path, label=adapter),)
 
 
+PROMPT_SYNTAXES = ("comfy", "a1111", "none")
+
+# ComfyUI's textual-inversion references (comfy/sd1_clip.py): "embedding:NAME" at the start of
+# the text, after whitespace or after an opening bracket (where ComfyUI's weight parser starts a
+# segment), NAME running to whitespace with trailing commas dropped; or a whole weighted group
+# "(embedding:NAME:1.2)". A name also stops at ":" and brackets (no file name has a colon), so a
+# group's weight is not read as part of the name. Escaped brackets are text. The reference's
+# trailing commas and spaces go with it: "a, embedding:x, b" -> "a, b".
+_EMBEDDING = re.compile(
+    r"(?:(?P<group>(?<!\\)\(embedding:(?P<group_name>[^\s():]+)(?::[^()]*)?\))"
+    r"|(?:^|(?<=\s)|(?<=\()(?<!\\\())embedding:(?P<name>[^\s():]+))"
+    r"[, \t]*"
+)
+
+
+def split_embeddings(text: str) -> tuple[str, list[str], list[str]]:
+    """(the prompt without its textual-inversion references, the references as CLIP text, their
+    names). An LLM cannot read a CLIP embedding; the CLIP branch can."""
+    refs: list[str] = []
+    names: list[str] = []
+
+    def cut(m: re.Match) -> str:
+        name = (m.group("group_name") or m.group("name")).rstrip(",")
+        names.append(name)
+        refs.append(m.group("group") or f"embedding:{name}")
+        return ""
+
+    out = _EMBEDDING.sub(cut, text)
+    return (out.strip(" \t\n,") if refs else text), refs, names
+
+
 class QwenTextEncodeSDXL:
     """Text -> SDXL CONDITIONING, in CLIPTextEncodeSDXL's exact format."""
 
@@ -375,7 +408,8 @@ class QwenTextEncodeSDXL:
                     {
                         "multiline": True,
                         "dynamicPrompts": True,
-                        "tooltip": "Plain text: (word:1.2) weights are not parsed, the LLM reads the prompt as written.",
+                        "tooltip": "The prompt. (word:1.2) weights as in CLIP Text Encode (prompt_syntax); "
+                        "embedding:name goes to the CLIP branch.",
                     },
                 ),
                 "width": ("INT", res),
@@ -384,6 +418,51 @@ class QwenTextEncodeSDXL:
                 "crop_h": ("INT", zero),
                 "target_width": ("INT", res),
                 "target_height": ("INT", res),
+            },
+            "optional": {
+                "prompt_syntax": (
+                    list(PROMPT_SYNTAXES),
+                    {
+                        "default": "comfy",
+                        "tooltip": "comfy: (word) x1.1, (word:1.3), \\( \\) for literal brackets, as CLIP Text "
+                        "Encode reads them. a1111: also [word] /1.1. none: the LLM reads the text as written.",
+                    },
+                ),
+                "clip": (
+                    "CLIP",
+                    {
+                        "tooltip": "The checkpoint's CLIP (after your LoRA): encodes clip_text and embedding: names."
+                    },
+                ),
+                "clip_text": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "dynamicPrompts": True,
+                        "tooltip": "Trigger words, tags, embedding:name: encoded by the connected CLIP and "
+                        "appended after the Qwen tokens.",
+                    },
+                ),
+                "clip_strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.05,
+                        "tooltip": "Scales the CLIP tokens.",
+                    },
+                ),
+                "clip_pooled_blend": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.05,
+                        "tooltip": "0: the pooled vector stays Qwen's; 1: CLIP's; between: a blend.",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -394,12 +473,60 @@ class QwenTextEncodeSDXL:
     DESCRIPTION = "Encodes a prompt into SDXL conditioning ([1,77,2048] + pooled [1,1280] + size conditioning), a drop-in for CLIPTextEncodeSDXL."
 
     def encode(
-        self, encoder, text, width, height, crop_w, crop_h, target_width, target_height, unique_id=None
+        self,
+        encoder,
+        text,
+        width,
+        height,
+        crop_w,
+        crop_h,
+        target_width,
+        target_height,
+        prompt_syntax="comfy",
+        clip=None,
+        clip_text="",
+        clip_strength=1.0,
+        clip_pooled_blend=0.0,
+        unique_id=None,
     ):
         library.get()
-        cond, pooled, warnings = encoder.encode([text])
+        pkg = library.package()
+        text, refs, names = split_embeddings(text)
+        if names:
+            where = (
+                "it goes through the connected CLIP instead"
+                if clip is not None
+                else "it was ignored: connect the checkpoint's CLIP to this node's clip input to use it"
+            )
+            listed = ", ".join(f"embedding:{n}" for n in names)
+            warn(
+                unique_id,
+                "QwenTextEncodeSDXL",
+                f"{listed}: a CLIP textual inversion cannot feed the LLM; {where}",
+            )
+        try:
+            cond, pooled, warnings = encoder.encode([text], syntax=prompt_syntax)
+        except pkg.QwenclipError as e:
+            reason = str(e).split("invalid argument: ", 1)[-1].replace("prompt 0", "the prompt", 1)
+            raise ValueError(
+                f"qwenclip: {reason} (prompt_syntax {prompt_syntax}: write \\( \\) for literal brackets, "
+                "or set prompt_syntax to none)"
+            ) from e
         for w in warnings:
             warn(unique_id, "QwenTextEncodeSDXL", w.replace("prompt 0", "the prompt", 1))
+        typed = clip_text.strip()
+        clip_text = ", ".join(t for t in (typed, *refs) if t)
+        if clip is not None and clip_text:
+            cond, pooled = _with_clip(cond, pooled, clip, clip_text, clip_strength, clip_pooled_blend)
+        elif typed:
+            # A warning, not an error: the Qwen prompt is complete on its own, so the picture
+            # still renders; the toast says why the trigger words did nothing and how to fix it.
+            warn(
+                unique_id,
+                "QwenTextEncodeSDXL",
+                "clip_text was ignored: no CLIP is connected. Connect the checkpoint's CLIP (after your "
+                "LoRA loader) to this node's clip input for trigger words and tags.",
+            )
         return (
             [
                 [
@@ -416,6 +543,20 @@ class QwenTextEncodeSDXL:
                 ]
             ],
         )
+
+
+def _with_clip(cond, pooled, clip, text: str, strength: float, blend: float):
+    """Our conditioning with `text` encoded by the checkpoint's own CLIP (as CLIPTextEncode does,
+    so ComfyUI's weighting and embeddings work there) appended along the sequence, as
+    ConditioningConcat does: a LoRA trained on CLIP still sees its trigger tokens."""
+    c, p = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    if c.shape[-1] != cond.shape[-1] or p is None or p.shape[-1] != pooled.shape[-1]:
+        raise ValueError(
+            f"qwenclip: the CLIP connected to clip makes {c.shape[-1]}-wide tokens; SDXL's makes "
+            f"{cond.shape[-1]}: connect the SDXL checkpoint's CLIP"
+        )
+    c, p = c.to(cond), p.to(pooled)
+    return torch.cat([cond, c * strength], dim=1), torch.lerp(pooled, p, blend)
 
 
 def warn(node_id, node_type: str, message: str) -> None:

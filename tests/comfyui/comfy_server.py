@@ -61,6 +61,7 @@ class ComfyServer:
             "models/text_encoders",
             "models/qwenclip",
             "models/loras",
+            "models/embeddings",
             "input",
             "output",
             "user",
@@ -98,6 +99,8 @@ class ComfyServer:
         ph = placeholders or {}
         for ckpt in ph.get("checkpoints", []):
             (b / "models/checkpoints" / ckpt).write_bytes(b"")
+        for lora in ph.get("loras", []):
+            (b / "models/loras" / lora).write_bytes(b"")
         for name in ph.get("adapters", []):
             d = b / "models/qwenclip" / name
             d.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,7 @@ class ComfyServer:
             "  text_encoders: models/text_encoders\n"
             "  qwenclip: models/qwenclip\n"
             "  loras: models/loras\n"
+            "  embeddings: models/embeddings\n"
         )
 
     # -- process ----------------------------------------------------------------------------

@@ -50,19 +50,22 @@ VIEW_SIZE = (1600, 1000)
 VIEW_CLEAR = (70, 100, 30, 70)
 TITLE_HEIGHT = 30
 
-# The size conditioning of a 64x64 picture.
-SIZE_64 = [
-    ("width", 64),
-    ("height", 64),
-    ("crop_w", 0),
-    ("crop_h", 0),
-    ("target_width", 64),
-    ("target_height", 64),
-]
+
+def size_widgets(side: int) -> list:
+    """SDXL's size conditioning of a square picture."""
+    return [("width", side), ("height", side), ("crop_w", 0), ("crop_h", 0)] + [
+        ("target_width", side),
+        ("target_height", side),
+    ]
+
+
+SIZE_64 = size_widgets(64)
+SIZE_1024 = size_widgets(1024)
 
 OUTPUT_TYPES = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "QwenDemoTinySDXL": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "LoraLoader": [("MODEL", "MODEL"), ("CLIP", "CLIP")],
     "QwenEncoderLoader": [("encoder", "QWEN_ENCODER")],
     "QwenAdapterSelect": [("encoder", "QWEN_ENCODER")],
     "QwenTextEncodeSDXL": [("CONDITIONING", "CONDITIONING")],
@@ -198,22 +201,28 @@ def loader(g, pos, adapter=ADAPTER, base=BASE, device="auto", dtype="auto"):
     )
 
 
-def qwen_encode(g, pos, encoder, text, title):
+QWEN_SIZE = (400, 400)
+
+
+def qwen_widgets(text, sizes, clip_text=""):
+    """Qwen Text Encode (SDXL)'s widgets: text, the size conditioning, then the optional ones."""
+    return [
+        ("text", text),
+        *sizes,
+        ("prompt_syntax", "comfy"),
+        ("clip_text", clip_text),
+        ("clip_strength", 1.0),
+        ("clip_pooled_blend", 0.0),
+    ]
+
+
+def qwen_encode(g, pos, encoder, text, title, clip=None, clip_text=""):
+    """clip: (node, slot) of a CLIP for the trigger-word branch."""
+    inputs = [("encoder", "QWEN_ENCODER", (encoder, 0))]
+    if clip is not None:
+        inputs.append(("clip", "CLIP", clip))
     return g.node(
-        "QwenTextEncodeSDXL",
-        pos,
-        (400, 260),
-        [
-            ("text", text),
-            ("width", 1024),
-            ("height", 1024),
-            ("crop_w", 0),
-            ("crop_h", 0),
-            ("target_width", 1024),
-            ("target_height", 1024),
-        ],
-        [("encoder", "QWEN_ENCODER", (encoder, 0))],
-        title=title,
+        "QwenTextEncodeSDXL", pos, QWEN_SIZE, qwen_widgets(text, SIZE_1024, clip_text), inputs, title=title
     )
 
 
@@ -237,7 +246,8 @@ def clip_encode(g, pos, ckpt, text, title):
     )
 
 
-def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None, steps=25):
+def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None, steps=25, vae=None):
+    """KSampler (MODEL from `ckpt`) -> VAE Decode (`vae`, default the checkpoint's) -> Save."""
     k = g.node(
         "KSampler",
         (x, y),
@@ -260,7 +270,11 @@ def sample(g, x, y, ckpt, pos, neg, latent, prefix, seed=42, title=None, steps=2
         title=title,
     )
     d = g.node(
-        "VAEDecode", (x + 350, y), (210, 46), [], [("samples", "LATENT", (k, 0)), ("vae", "VAE", (ckpt, 2))]
+        "VAEDecode",
+        (x + 350, y),
+        (210, 46),
+        [],
+        [("samples", "LATENT", (k, 0)), ("vae", "VAE", vae or (ckpt, 2))],
     )
     g.node(
         "SaveImage", (x + 590, y), (400, 420), [("filename_prefix", prefix)], [("images", "IMAGE", (d, 0))]
@@ -283,7 +297,8 @@ What to set:
    - adapter: your adapter folder in models/qwenclip ("{ADAPTER}" is what the
      training workflow writes). Without an adapter there is no conditioning.
    - device / dtype: auto = CUDA + bf16 when the CUDA build and a GPU are there.
-3. The prompts are plain text: (word:1.2) weights are not parsed.
+3. The prompts take ComfyUI's weighting, as CLIP Text Encode does: (word:1.2), (word)
+   x1.1, \\( \\) for literal brackets (prompt_syntax: comfy, a1111 or none).
 4. width/height (and target_*) are SDXL's size conditioning: keep them equal to the image
    size set in Empty Latent Image.
 """,
@@ -291,7 +306,7 @@ What to set:
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
     enc = loader(g, (0, 160))
     pos = qwen_encode(g, (360, 0), enc, PROMPT, "Positive (Qwen)")
-    neg = qwen_encode(g, (360, 300), enc, NEGATIVE, "Negative (Qwen)")
+    neg = qwen_encode(g, (360, 440), enc, NEGATIVE, "Negative (Qwen)")
     lat = g.node(
         "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
     )
@@ -331,9 +346,9 @@ What to set:
     ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
     enc = loader(g, (0, 160), adapter="none")
     train = train_node(g, (360, 0), enc, ckpt, ADAPTER)
-    g.node("PreviewImage", (820, 700), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
+    g.node("PreviewImage", (820, 880), (420, 300), [], [("images", "IMAGE", (train, 1))], title="Loss curve")
     pos = qwen_encode(g, (820, 0), train, PROMPT, "Positive (trained adapter)")
-    neg = qwen_encode(g, (820, 300), train, NEGATIVE, "Negative (trained adapter)")
+    neg = qwen_encode(g, (820, 440), train, NEGATIVE, "Negative (trained adapter)")
     lat = g.node(
         "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
     )
@@ -419,13 +434,13 @@ What to set:
         ("adapter after", train, "qwenclip/vision_after"),
     ]
     for i, (name, encoder, prefix) in enumerate(rows):
-        y = i * 620
+        y = i * 900
         if encoder is None:
             pos = clip_encode(g, (820, y), ckpt, PROMPT, f"Positive ({name})")
-            neg = clip_encode(g, (820, y + 310), ckpt, NEGATIVE, f"Negative ({name})")
+            neg = clip_encode(g, (820, y + 440), ckpt, NEGATIVE, f"Negative ({name})")
         else:
             pos = qwen_encode(g, (820, y), encoder, PROMPT, f"Positive ({name})")
-            neg = qwen_encode(g, (820, y + 310), encoder, NEGATIVE, f"Negative ({name})")
+            neg = qwen_encode(g, (820, y + 440), encoder, NEGATIVE, f"Negative ({name})")
         sample(g, 1260, y, ckpt, pos, neg, lat, prefix, title=f"KSampler ({name})")
     return g
 
@@ -458,16 +473,16 @@ What to set (see the pack's README, "Try it offline"):
     pos = g.node(
         "QwenTextEncodeSDXL",
         (360, 0),
-        (400, 260),
-        [("text", "a red cube left of a blue sphere"), *SIZE_64],
+        QWEN_SIZE,
+        qwen_widgets("a red cube left of a blue sphere", SIZE_64),
         [("encoder", "QWEN_ENCODER", (enc, 0))],
         title="Positive",
     )
     neg = g.node(
         "QwenTextEncodeSDXL",
-        (360, 300),
-        (400, 260),
-        [("text", ""), *SIZE_64],
+        (360, 440),
+        QWEN_SIZE,
+        qwen_widgets("", SIZE_64),
         [("encoder", "QWEN_ENCODER", (enc, 0))],
         title="Negative",
     )
@@ -498,12 +513,65 @@ What to set:
     cneg = clip_encode(g, (360, 320), ckpt, NEGATIVE, "Negative (CLIP)")
     enc = loader(g, (0, 700))
     qpos = qwen_encode(g, (360, 700), enc, PROMPT, "Positive (Qwen)")
-    qneg = qwen_encode(g, (360, 990), enc, NEGATIVE, "Negative (Qwen)")
+    qneg = qwen_encode(g, (360, 1140), enc, NEGATIVE, "Negative (Qwen)")
     lat = g.node(
         "EmptyLatentImage", (0, 380), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
     )
     sample(g, 800, 0, ckpt, cpos, cneg, lat, "qwenclip/compare_clip", title="KSampler (CLIP)")
     sample(g, 800, 700, ckpt, qpos, qneg, lat, "qwenclip/compare_qwen", title="KSampler (Qwen)")
+    return g
+
+
+LORA = "my_character_lora.safetensors"
+TRIGGER = "my_trigger_word"
+
+
+def lora_trigger() -> Graph:
+    g = Graph()
+    note(
+        g,
+        f"""
+A LoRA with trigger words, with Qwen Text Encode (SDXL): the prompt goes through Qwen,
+and the trigger words through the checkpoint's own CLIP (with the LoRA applied), appended
+after the Qwen tokens.
+
+When to use the CLIP branch (clip + clip_text):
+- a LoRA trained on CLIP with trigger words (its UNet learnt to answer CLIP's trigger
+  tokens, which Qwen never makes);
+- textual inversions: embedding:name in the prompt cannot feed the LLM, so it is taken
+  out of the Qwen text and goes through this CLIP (a warning says so);
+- tags CLIP knows and Qwen's adapter does not (artist names, booru tags).
+Without any of these, leave clip_text empty: plain Qwen conditioning.
+
+What to set:
+1. Load Checkpoint: your SDXL checkpoint.
+2. Load LoRA: your LoRA; strength_model and strength_clip as the LoRA's author says.
+   Its CLIP goes to the positive's clip input, its MODEL to the KSampler.
+3. Qwen Encoder Loader: the Qwen3 base and the adapter for this checkpoint.
+4. Positive: the prompt (weights as in CLIP Text Encode: (word:1.2)); clip_text: the
+   trigger words ("{TRIGGER}" here). clip_strength scales the CLIP tokens;
+   clip_pooled_blend 0 keeps Qwen's pooled vector, 1 takes CLIP's.
+""",
+        size=(460, 640),
+    )
+    ckpt = g.node("CheckpointLoaderSimple", (0, 0), (320, 98), [("ckpt_name", CKPT)])
+    lora = g.node(
+        "LoraLoader",
+        (0, 140),
+        (320, 130),
+        [("lora_name", LORA), ("strength_model", 1.0), ("strength_clip", 1.0)],
+        [("model", "MODEL", (ckpt, 0)), ("clip", "CLIP", (ckpt, 1))],
+    )
+    enc = loader(g, (0, 310))
+    prompt = "a photo of (a red fox:1.2) sitting in fresh snow, soft morning light, detailed fur"
+    pos = qwen_encode(
+        g, (360, 0), enc, prompt, "Positive (Qwen + LoRA trigger)", clip=(lora, 1), clip_text=TRIGGER
+    )
+    neg = qwen_encode(g, (360, 440), enc, NEGATIVE, "Negative (Qwen)")
+    lat = g.node(
+        "EmptyLatentImage", (0, 530), (320, 106), [("width", 1024), ("height", 1024), ("batch_size", 1)]
+    )
+    sample(g, 800, 0, lora, pos, neg, lat, "qwenclip/lora_trigger", vae=(ckpt, 2))
     return g
 
 
@@ -513,11 +581,12 @@ WORKFLOWS = {
     "sdxl_qwen_tiny_demo": tiny_demo,
     "sdxl_qwen_train_vision": train_vision,
     "sdxl_clip_vs_qwen": clip_vs_qwen,
+    "sdxl_qwen_lora_trigger": lora_trigger,
 }
 
 # What the shipped workflows name; tests create empty placeholders with these names so
 # /prompt's validation (which checks names only) accepts the files as they are.
-PLACEHOLDERS = {"checkpoints": [CKPT], "adapters": [ADAPTER], "hub": [BASE]}
+PLACEHOLDERS = {"checkpoints": [CKPT], "loras": [LORA], "adapters": [ADAPTER], "hub": [BASE]}
 
 
 def main() -> None:

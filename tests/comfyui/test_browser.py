@@ -50,7 +50,7 @@ def browser_results(server, tmp_path_factory):
     return results
 
 
-def test_there_are_the_five_workflows_each_with_a_note():
+def test_there_are_the_six_workflows_each_with_a_note():
     names = {p.stem for p in UI_FILES}
     assert names == {
         "sdxl_qwen_text_to_image",
@@ -58,6 +58,7 @@ def test_there_are_the_five_workflows_each_with_a_note():
         "sdxl_clip_vs_qwen",
         "sdxl_qwen_tiny_demo",
         "sdxl_qwen_train_vision",
+        "sdxl_qwen_lora_trigger",
     }
     for p in UI_FILES:
         ui = json.loads(p.read_text())
@@ -80,22 +81,19 @@ def test_ui_workflow_loads_in_the_frontend_and_the_server_accepts_it(browser_res
     assert _strip(r["prompt"]) == _strip(twin), "the API twin is what the frontend makes of the UI file"
 
 
-def test_a_prompt_cut_at_the_token_limit_shows_a_warning_in_the_frontend(server, tmp_path):
-    from test_e2e import tiny, workflow
+def _toasts(server, tmp_path, text: str, shot: str) -> tuple[str, dict]:
+    """Runs the text-to-image workflow (tiny models) with `text` as the positive prompt, queued
+    from the real frontend; the warning toasts it showed."""
+    from test_e2e import tiny, with_prompt, workflow
 
-    long_prompt = " ".join(["a red cube left of a blue sphere under a lamp"] * 60)  # > 256 tokens
-    prompt = tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_toast")
-    for node in prompt.values():
-        if node["class_type"] == "QwenTextEncodeSDXL":
-            node["inputs"]["text"] = long_prompt
-            break
+    prompt = with_prompt(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_toast"), text)
     (tmp_path / "prompt.json").write_text(json.dumps(prompt))
     shutil.copy(HERE / "toast.mjs", tmp_path / "toast.mjs")
     os.symlink(os.environ["QWENCLIP_NODE_MODULES"], tmp_path / "node_modules")
-    shot = HERE.parents[1] / "target" / "test-scratch" / "warning-toast.png"
-    shot.parent.mkdir(parents=True, exist_ok=True)
+    path = HERE.parents[1] / "target" / "test-scratch" / shot
+    path.parent.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(
-        ["node", str(tmp_path / "toast.mjs"), server.url, str(tmp_path / "prompt.json"), str(shot)],
+        ["node", str(tmp_path / "toast.mjs"), server.url, str(tmp_path / "prompt.json"), str(path)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -103,8 +101,19 @@ def test_a_prompt_cut_at_the_token_limit_shows_a_warning_in_the_frontend(server,
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["page_errors"] == [], out["page_errors"]
-    toasts = "\n".join(out["toasts"])
+    return "\n".join(out["toasts"]), out
+
+
+def test_a_prompt_cut_at_the_token_limit_shows_a_warning_in_the_frontend(server, tmp_path):
+    long_prompt = " ".join(["a red cube left of a blue sphere under a lamp"] * 60)  # > 256 tokens
+    toasts, out = _toasts(server, tmp_path, long_prompt, "warning-toast.png")
     assert (
         "Qwen Text Encode (SDXL)" in toasts and "the last" in toasts and "were dropped (limit 256)" in toasts
     ), out
     assert "were dropped (limit 256)" in server.log(), "the server log has it too"
+
+
+def test_an_embedding_name_shows_a_warning_in_the_frontend(server, tmp_path):
+    toasts, out = _toasts(server, tmp_path, "a red cube, embedding:EasyNegative", "embedding-toast.png")
+    assert "Qwen Text Encode (SDXL)" in toasts and "embedding:EasyNegative" in toasts, out
+    assert "connect the checkpoint's CLIP" in toasts, out

@@ -277,27 +277,38 @@ def test_cancel_saves_then_queueing_again_resumes(server):
     assert f"resuming {folder} from step {stopped}" in server.log()
 
 
-def _tiny_lora(path: Path) -> int:
-    """A LoRA for the tiny SDXL's UNet (every attention projection, rank 2), in the kohya key
-    format ComfyUI's LoraLoader reads; returns how many layers it patches."""
+def _tiny_lora(path: Path, clip: bool = False) -> int:
+    """A LoRA for the tiny SDXL's UNet (every attention projection, rank 2; with `clip`, also
+    CLIP-L's and CLIP-G's q and v projections), in the kohya key format ComfyUI's LoraLoader
+    reads; returns how many layers it patches."""
     import comfy.lora
     import conftest
     from safetensors.torch import save_file
 
-    model = conftest.plugin_package().demo.tiny_model(0)
-    keys = comfy.lora.model_lora_keys_unet(model.model, {})
-    weights = dict(model.model.diffusion_model.named_parameters())
+    demo = conftest.plugin_package().demo
+    model = demo.tiny_model(0)
+    keys = {
+        k: v
+        for k, v in comfy.lora.model_lora_keys_unet(model.model, {}).items()
+        if k.startswith("lora_unet_")
+    }
+    weights = {f"diffusion_model.{k}": v for k, v in model.model.diffusion_model.named_parameters()}
+    if clip:
+        te = demo.tiny_clip().cond_stage_model
+        keys.update(
+            (k, v)
+            for k, v in comfy.lora.model_lora_keys_clip(te, {}).items()
+            if k.startswith(("lora_te1_", "lora_te2_"))
+        )
+        weights.update(te.state_dict())
     g = torch.Generator().manual_seed(4)
     sd = {}
     for key, target in keys.items():
-        name = target[len("diffusion_model.") :] if isinstance(target, str) else None
-        if (
-            not key.startswith("lora_unet_")
-            or name is None
-            or not name.endswith(("to_q.weight", "to_v.weight"))
+        if not isinstance(target, str) or not target.endswith(
+            ("to_q.weight", "to_v.weight", "q_proj.weight", "v_proj.weight")
         ):
             continue
-        out_f, in_f = weights[name].shape
+        out_f, in_f = weights[target].shape
         sd[f"{key}.lora_up.weight"] = torch.randn(out_f, 2, generator=g) * 0.1
         sd[f"{key}.lora_down.weight"] = torch.randn(2, in_f, generator=g) * 0.1
         sd[f"{key}.alpha"] = torch.tensor(2.0)
@@ -437,3 +448,102 @@ def test_free_releases_our_memory(server):
     assert "qwenclip: freed encoder" in server.log()
     # and everything still works afterwards
     server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_after_free"))
+
+
+# -- what artists type: weights, trigger words through the CLIP branch, embedding: names ----------
+
+
+def _picture(server, prompt: dict):
+    images = saved_images(server, server.run(prompt))
+    assert len(images) == 1
+    return pixels(images[0])
+
+
+def test_a_weighted_prompt_runs_and_the_weight_is_read_not_passed_as_text(server):
+    import numpy as np
+
+    def render(text: str, prefix: str):
+        return _picture(server, with_prompt(tiny(workflow("sdxl_qwen_text_to_image"), prefix=prefix), text))
+
+    plain = render("a red cube left of a blue sphere", "e2e_w_plain")
+    weighted = render("a (red:1.6) cube left of a ((blue sphere))", "e2e_w_weighted")
+    one = render("a (red:1.0) cube left of a blue sphere", "e2e_w_one")
+    assert np.array_equal(one, plain), (
+        "weight 1: the brackets are parsed away, the picture is the plain prompt's"
+    )
+    assert np.abs(weighted - plain).mean() > 0.5, "the weights changed nothing"
+
+
+def test_a_malformed_weight_fails_the_node_with_the_span_and_the_server_goes_on(server):
+    graph = with_prompt(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_badweight"), "a (red:abc) cube")
+    entry = server.wait(server.queue(graph))
+    assert entry["status"]["status_str"] == "error"
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["node_type"] == "QwenTextEncodeSDXL"
+    assert "red" in error["exception_message"] and "abc" in error["exception_message"], error
+    server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_after_badweight"))
+
+
+def _trigger_graph(server, prefix: str, **positive) -> dict:
+    """workflows/sdxl_qwen_lora_trigger on tiny models, with a LoRA on MODEL and CLIP."""
+    lora = "qwenclip_tiny_lora_clip.safetensors"
+    if not (server.base / "models" / "loras" / lora).is_file():
+        assert _tiny_lora(server.base / "models" / "loras" / lora, clip=True) >= 8
+    prompt = tiny(workflow("sdxl_qwen_lora_trigger"), prefix=prefix)
+    for node in prompt.values():
+        if node["class_type"] == "LoraLoader":
+            node["inputs"]["lora_name"] = lora
+        if node["class_type"] == "QwenTextEncodeSDXL" and "clip" in node["inputs"]:
+            node["inputs"].update(positive)
+    return prompt
+
+
+def test_the_lora_trigger_workflow_sends_the_trigger_through_the_loras_clip(server):
+    import numpy as np
+
+    graph = _trigger_graph(server, "e2e_trigger")
+    assert sum(n["class_type"] == "LoraLoader" for n in graph.values()) == 1
+    picture = _picture(server, graph)
+    log = server.log()
+    assert "lora key not loaded" not in log, "every key of the LoRA, UNet and CLIP, was applied"
+    without = _picture(server, _trigger_graph(server, "e2e_trigger_none", clip_text=""))
+    assert np.abs(picture - without).mean() > 0.5, "the trigger words changed nothing"
+    # the CLIP tokens come from the LoRA'd CLIP: its CLIP strength changes the picture
+    graph = _trigger_graph(server, "e2e_trigger_clip0")
+    next(n for n in graph.values() if n["class_type"] == "LoraLoader")["inputs"]["strength_clip"] = 0.0
+    assert np.abs(picture - _picture(server, graph)).mean() > 0.5, "the LoRA's CLIP part was not used"
+
+
+def test_an_embedding_name_goes_through_the_clip_branch_to_the_picture(server):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    def embedding(seed: int) -> None:  # a tiny SDXL textual inversion: 2 vectors per CLIP
+        g = torch.Generator().manual_seed(seed)
+        save_file(
+            {"clip_l": torch.randn(2, 768, generator=g), "clip_g": torch.randn(2, 1280, generator=g)},
+            str(server.base / "models" / "embeddings" / "e2e_emb.safetensors"),
+        )
+
+    text = "a photo of a red fox in snow, embedding:e2e_emb"
+    embedding(7)
+    picture = _picture(server, _trigger_graph(server, "e2e_emb", text=text, clip_text=""))
+    log = server.log()
+    assert "embedding:e2e_emb: a CLIP textual inversion cannot feed the LLM" in log
+    assert "embedding:e2e_emb does not exist" not in log, "ComfyUI's CLIP loaded it"
+    # the embedding's vectors, not its name, reach the picture: other vectors, another picture
+    embedding(8)
+    assert server.post("/free", {"free_memory": True})[0] == 200
+    other = _picture(server, _trigger_graph(server, "e2e_emb_other", text=text, clip_text=""))
+    assert np.abs(picture - other).mean() > 0.5, "the embedding's vectors changed nothing"
+    # no CLIP connected: stripped with a warning, the picture is the prompt without it
+    graph = with_prompt(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_emb_noclip"), text)
+    alone = _picture(server, graph)
+    again = _picture(
+        server,
+        with_prompt(
+            tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_emb_noclip2"), text.split(", emb")[0]
+        ),
+    )
+    assert np.array_equal(alone, again)
+    assert "connect the checkpoint's CLIP to this node's clip input" in server.log()

@@ -11,7 +11,7 @@ dynamic symbol table), which keeps the wheel small whatever the cargo profile.
 Environment: QWENCLIP_FEATURES (cargo features, e.g. "cuda": scripts/build-cuda.sh --wheel),
 QWENCLIP_LOCAL_VERSION (a local version tag, e.g. "cu130": the CUDA wheel is qwenclip
 0.1.0+cu130, so `pip install` of either satisfies the node pack's `qwenclip` requirement),
-SETUPTOOLS_RUST_CARGO_PROFILE (a cargo profile other than release; CI reuses its test build).
+SETUPTOOLS_RUST_CARGO_PROFILE (a cargo profile other than release, e.g. "dev" locally).
 """
 
 import os

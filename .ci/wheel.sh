@@ -10,8 +10,8 @@
 #        bash .ci/wheel.sh bench      the package's benchmark (tests/wheel/bench_package.py)
 # Environment: QWENCLIP_CI_CACHE (the build tools' venv, default ~/.cache/qwenclip-ci),
 #   QWENCLIP_WHEEL (test this wheel instead of building one), QWENCLIP_DEV_BIN (qwenclip-dev,
-#   default target/debug/qwenclip-dev), SETUPTOOLS_RUST_CARGO_PROFILE (CI: "dev", the
-#   profile `cargo test` already built; release otherwise).
+#   default target/debug/qwenclip-dev), SETUPTOOLS_RUST_CARGO_PROFILE (a cargo profile other
+#   than release, e.g. "dev" for a quicker local build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

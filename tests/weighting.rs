@@ -94,17 +94,11 @@ fn weight_zero_is_the_span_masked_out_of_the_resamplers_attention() {
     {
         let t = zero.dim(1).unwrap();
         let on_tokens = map.narrow(3, 0, t).unwrap();
-        let read = on_tokens
-            .broadcast_mul(&zero.unsqueeze(1).unwrap().unsqueeze(1).unwrap())
-            .unwrap()
-            .max_keepdim(3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let read = max_abs(
+            &on_tokens
+                .broadcast_mul(&zero.unsqueeze(1).unwrap().unsqueeze(1).unwrap())
+                .unwrap(),
+        );
         assert!(
             read < 1e-30,
             "layer {layer}: weight-0 tokens get attention {read}"
@@ -148,16 +142,7 @@ fn the_attention_mass_of_weighted_tokens_scales_by_w_before_renormalisation() {
         // odds after / odds before = w: exp(s + ln w) = w exp(s), then the softmax renormalises
         let odds = |m: &Tensor| (m / (1.0 - m).unwrap()).unwrap();
         let ratio = (odds(&mw) / odds(&m1)).unwrap();
-        let err = (ratio - w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_abs(&(ratio - w).unwrap());
         assert!(err < 1e-3 * w as f32, "w {w}: odds ratio off by {err}");
     }
 }

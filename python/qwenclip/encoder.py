@@ -8,9 +8,10 @@ import threading
 from collections.abc import Sequence
 
 from . import _buffers, _native
+from ._closing import Closing
 
 
-class Encoder:
+class Encoder(Closing):
     """One native encoder handle. Thread-safe: calls on one encoder run one at a time.
 
     `model`: a Qwen3 folder (Hugging Face layout), a `.gguf` file or a hub id read from the
@@ -117,15 +118,3 @@ class Encoder:
             h, self._handle = self._handle, None
         if h is not None:
             self.library.encoder_free(h)
-
-    def __enter__(self) -> Encoder:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: the library may be gone already
-            pass

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from . import _native
 from ._buffers import float_buffer
+from ._closing import Closing
 from .encoder import Encoder
 
 
@@ -23,7 +24,7 @@ def read_captions(paths: Sequence[str | os.PathLike[str]], text: str | None = No
     return _native.get().captions_read([os.fspath(p) for p in paths], text)
 
 
-class TrainingRun:
+class TrainingRun(Closing):
     """One run on `encoder` (kept alive by the run). `spec` is run_open's JSON (out folder,
     captions, settings, judge); a folder holding a checkpoint resumes."""
 
@@ -80,15 +81,3 @@ class TrainingRun:
         h, self._handle = self._handle, None
         if h is not None:
             self.library.run_free(h)
-
-    def __enter__(self) -> TrainingRun:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass

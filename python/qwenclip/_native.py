@@ -75,9 +75,10 @@ def package_version() -> str:
 
 def install_hint() -> str:
     return (
-        "Install the library with `python -m pip install qwenclip` into this Python "
-        f"({sys.executable}), or build it from a source checkout with `pip install <checkout>` "
-        "(needs Rust), or set QWENCLIP_LIB to the path of a libqwenclip.so."
+        "Install the library with `python -m pip install qwenclip` (or a qwenclip wheel file) "
+        f"into this Python ({sys.executable}), or build it from a source checkout with "
+        "`pip install <checkout>` (needs Rust), or set QWENCLIP_LIB to the path of a "
+        "libqwenclip.so."
     )
 
 

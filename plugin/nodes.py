@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -233,6 +234,17 @@ def _torch_device(device: str):
 
 
 # -- nodes ------------------------------------------------------------------------------------
+
+
+def _finite(**values) -> None:
+    """Refuses a NaN (or infinite) number input, naming it. ComfyUI's min/max check lets NaN
+    through (every comparison with NaN is false), which an API client sends as `NaN` or "nan";
+    the library would otherwise get JSON it cannot read, or NaN conditioning."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(
+                f"qwenclip: {name} is {value}; it must be a finite number (in the widget's range)"
+            )
 
 
 class QwenEncoderLoader:
@@ -489,6 +501,7 @@ class QwenTextEncodeSDXL:
         clip_pooled_blend=0.0,
         unique_id=None,
     ):
+        _finite(clip_strength=clip_strength, clip_pooled_blend=clip_pooled_blend)
         library.get()
         pkg = library.package()
         text, refs, names = split_embeddings(text)
@@ -875,6 +888,13 @@ class QwenAdapterTrain:
         scheduler="normal",
         unique_id=None,
     ):
+        _finite(
+            lr_lora=lr_lora,
+            lr_resampler=lr_resampler,
+            lora_alpha=lora_alpha,
+            guidance_min=guidance_min,
+            guidance_max=guidance_max,
+        )
         library.get()
         name = _adapter_name_ok(adapter_name)
         paths = []

@@ -271,6 +271,15 @@ fn bad_inputs_return_codes_never_crash() {
         INVALID_UTF8
     );
     assert_eq!(lib.load("{not json").unwrap_err().0, INVALID_ARGUMENT);
+    // Hosts build the JSON: a syntax error quotes the text around it (here a NaN, which JSON
+    // cannot carry, as Python's json.dumps writes it).
+    let (s, msg) = lib
+        .load(r#"{"model": "m", "max_tokens": 77, "dtype": "f32", "hidden_layer": NaN}"#)
+        .unwrap_err();
+    assert!(
+        s == INVALID_ARGUMENT && msg.contains("near `") && msg.contains("\"hidden_layer\": NaN"),
+        "{msg}"
+    );
     let (s, msg) = lib.load(r#"{"model": "x", "devise": "cpu"}"#).unwrap_err();
     assert!(s == INVALID_ARGUMENT && msg.contains("devise"), "{msg}");
     let (s, msg) = lib.load(r#"{"model": "/nonexistent/model"}"#).unwrap_err();

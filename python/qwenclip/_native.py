@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -47,6 +48,33 @@ STATUS_NAMES = {
     10: "FAILED",
 }
 NON_FINITE = 8
+
+
+def _non_finite(value, path: str = ""):
+    """The first NaN or infinity in a JSON-bound value, as (path, value), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "value", value
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, (list, tuple))
+        else ()
+    )
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+def _json_arg(value, what: str) -> bytes:
+    """JSON for the library. JSON has no NaN or infinity: such a setting is refused here,
+    naming it, rather than sent as text the library cannot read."""
+    bad = _non_finite(value)
+    if bad:
+        raise ValueError(f"{what}: {bad[0]} is {bad[1]}; it must be a finite number")
+    return json.dumps(value).encode()
 
 
 class QwenclipError(RuntimeError):
@@ -249,7 +277,7 @@ class Library:
 
     def encoder_load(self, config: dict) -> int:
         h = _u64()
-        cfg = json.dumps(config).encode()
+        cfg = _json_arg(config, "encoder config")
         self._check(self._lib.qwenclip_encoder_load(cfg, ctypes.byref(h)), "encoder load")
         return h.value
 
@@ -313,13 +341,13 @@ class Library:
 
     def captions_read(self, paths: list[str], text: str | None = None) -> dict:
         """A caption set by the library's caption rule: captions and counts."""
-        spec = json.dumps({"paths": [str(p) for p in paths], "text": text}).encode()
+        spec = _json_arg({"paths": [str(p) for p in paths], "text": text}, "captions")
         return self._json("captions", lambda b, n, need: self._lib.qwenclip_captions_read(spec, b, n, need))
 
     def run_open(self, encoder: int, spec: dict) -> int:
         h = _u64()
         self._check(
-            self._lib.qwenclip_run_open(encoder, json.dumps(spec).encode(), ctypes.byref(h)),
+            self._lib.qwenclip_run_open(encoder, _json_arg(spec, "training run"), ctypes.byref(h)),
             "training run",
         )
         return h.value

@@ -184,8 +184,7 @@ pub extern "C" fn qwenclip_encoder_load(
     call(|| {
         let text = boundary::str_arg(config_json, "config_json")?;
         let out = boundary::out_ptr(out_handle, "out_handle")?;
-        let spec: EncoderSpec =
-            serde_json::from_str(text).map_err(|e| invalid(format!("encoder config JSON: {e}")))?;
+        let spec: EncoderSpec = boundary::json_arg(text, "encoder config")?;
         let encoder = spec.load()?;
         let adapter = encoder.adapter_dir().map(PathBuf::from);
         *out = ENCODERS.insert(Slot {

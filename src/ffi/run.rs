@@ -106,10 +106,6 @@ fn auto() -> String {
     "auto".into()
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(text: &str, what: &str) -> FfiResult<T> {
-    serde_json::from_str(text).map_err(|e| invalid(format!("{what} JSON: {e}")))
-}
-
 /// A run and what its last supply reported.
 struct Slot {
     run: Run,
@@ -161,7 +157,8 @@ pub extern "C" fn qwenclip_captions_read(
     needed: *mut usize,
 ) -> qwenclip_status {
     call(|| {
-        let spec: CaptionSpec = parse(boundary::str_arg(spec_json, "spec_json")?, "captions")?;
+        let spec: CaptionSpec =
+            boundary::json_arg(boundary::str_arg(spec_json, "spec_json")?, "captions")?;
         let set = load_caption_sources(&spec.paths, spec.text.as_deref(), spec.column.as_deref())?;
         let r = &set.report;
         let value = serde_json::json!({
@@ -185,7 +182,8 @@ pub extern "C" fn qwenclip_run_open(
     out_handle: *mut u64,
 ) -> qwenclip_status {
     call(|| {
-        let spec: RunOpenSpec = parse(boundary::str_arg(spec_json, "spec_json")?, "run")?;
+        let spec: RunOpenSpec =
+            boundary::json_arg(boundary::str_arg(spec_json, "spec_json")?, "run")?;
         let out = boundary::out_ptr(out_handle, "out_handle")?;
         let resume = match spec.resume.as_str() {
             "auto" => Resume::Auto,

@@ -650,6 +650,9 @@ impl Trainer {
         trainer.opt.set_moments(&get)?;
         trainer.opt.t = state.t;
         trainer.micro = state.micro;
+        // The settings as the run was given them ("0 = derived" included): the structure was
+        // built from the checkpoint's own, and a resumed run saves what an uninterrupted one does.
+        trainer.cfg = state.config;
         trainer.acc = trainer
             .opt
             .params

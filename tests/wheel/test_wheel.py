@@ -94,6 +94,21 @@ def test_bad_model_is_a_python_exception_with_the_library_message(tmp_path):
     assert str(missing) in str(e.value) and e.value.status != 0
 
 
+def test_a_nan_setting_is_refused_by_name_before_the_library_sees_it(tiny, tmp_path):
+    # JSON has no NaN: json.dumps would write `NaN`, which the library cannot read
+    with qwenclip.Encoder(tiny["model"]) as enc, pytest.raises(ValueError) as e:
+        qwenclip.TrainingRun(
+            enc,
+            {
+                "out": str(tmp_path / "run"),
+                "captions": {"paths": [], "text": "a cat"},
+                "settings": {"lr_lora": float("nan")},
+            },
+        )
+    assert "settings.lr_lora is nan" in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
 def _package_copy(tmp_path: Path) -> Path:
     """A copy of the installed package whose library is altered by the test."""
     dest = tmp_path / "site"

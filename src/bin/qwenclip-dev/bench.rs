@@ -145,11 +145,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
 
 /// `VmHWM` of this process (Linux), 0 elsewhere.
 fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A memory line of `/proc/self/status` (`VmRSS:`, `VmHWM:`) in bytes (Linux), 0 elsewhere.
+pub fn proc_status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)

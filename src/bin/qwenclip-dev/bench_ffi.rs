@@ -25,6 +25,10 @@ pub struct BenchFfiArgs {
     /// `cargo build --features dev` puts both).
     #[arg(long)]
     lib: Option<PathBuf>,
+    /// Instead of timing: this many load + encode + free cycles through the C ABI, reporting
+    /// the resident memory along the way (a leak shows as growth).
+    #[arg(long)]
+    cycles: Option<usize>,
 }
 
 const OK: i32 = 0;
@@ -93,6 +97,9 @@ pub fn run(a: BenchFfiArgs) -> Result<()> {
     let lib = unsafe { Library::new(&lib_path) }
         .with_context(|| format!("loading {}", lib_path.display()))?;
     let c = CApi::new(&lib)?;
+    if let Some(cycles) = a.cycles {
+        return soak(&c, &a.model, &a.adapter, &prompts, cycles);
+    }
     let enc = Encoder::load(&a.model, Some(&a.adapter), EncoderOptions::default())?;
     let cfg =
         CString::new(serde_json::json!({"model": a.model, "adapter": a.adapter}).to_string())?;
@@ -102,10 +109,7 @@ pub fn run(a: BenchFfiArgs) -> Result<()> {
         unsafe { (c.load)(cfg.as_ptr(), &mut handle) },
         "qwenclip_encoder_load",
     )?;
-    let c_prompts: Vec<CString> = prompts
-        .iter()
-        .map(|p| CString::new(*p))
-        .collect::<Result<_, _>>()?;
+    let c_prompts = c_strings(&prompts)?;
     let ptrs: Vec<*const c_char> = c_prompts.iter().map(|c| c.as_ptr()).collect();
     let n = prompts.len();
     let mut embeds = vec![0f32; n * 77 * 2048];
@@ -152,6 +156,68 @@ pub fn run(a: BenchFfiArgs) -> Result<()> {
         "reps": a.reps, "batch": n, "rust_api_median_ms": mr, "c_abi_median_ms": mc,
         "overhead_pct": (mc / mr - 1.0) * 100.0, "outputs_equal": e2 == embeds && p2 == pooled,
         "library": lib_path,
+    });
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn c_strings(prompts: &[&str]) -> Result<Vec<CString>> {
+    Ok(prompts
+        .iter()
+        .map(|p| CString::new(*p))
+        .collect::<Result<_, _>>()?)
+}
+
+/// `cycles` x (load, encode, free) through the C ABI; prints the resident memory after a
+/// warm-up (allocator pools, lazily built tables), at each tenth and at the end, as JSON.
+fn soak(
+    c: &CApi,
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    prompts: &[&str],
+    cycles: usize,
+) -> Result<()> {
+    const WARM_UP: usize = 10;
+    let cfg = CString::new(serde_json::json!({"model": model, "adapter": adapter}).to_string())?;
+    let c_prompts = c_strings(prompts)?;
+    let ptrs: Vec<*const c_char> = c_prompts.iter().map(|c| c.as_ptr()).collect();
+    // SDXL-sized buffers: the library checks they are large enough.
+    let mut out = vec![0f32; prompts.len() * 77 * 2048];
+    let mut pooled = vec![0f32; prompts.len() * 1280];
+    let mut rss_mb = Vec::new();
+    let start = Instant::now();
+    for i in 1..=WARM_UP + cycles {
+        let mut h = 0u64;
+        // SAFETY: a NUL-terminated config and a valid out-pointer.
+        c.check(
+            unsafe { (c.load)(cfg.as_ptr(), &mut h) },
+            "qwenclip_encoder_load",
+        )?;
+        // SAFETY: `ptrs.len()` prompt pointers and two buffers of the lengths passed.
+        let s = unsafe {
+            (c.encode)(
+                h,
+                ptrs.as_ptr(),
+                ptrs.len(),
+                out.as_mut_ptr(),
+                out.len(),
+                pooled.as_mut_ptr(),
+                pooled.len(),
+            )
+        };
+        c.check(s, "qwenclip_encode")?;
+        // SAFETY: a handle from qwenclip_encoder_load, freed once.
+        c.check(unsafe { (c.free)(h) }, "qwenclip_encoder_free")?;
+        if i == WARM_UP || (i > WARM_UP && (i - WARM_UP).is_multiple_of(cycles.div_ceil(10).max(1)))
+        {
+            rss_mb.push(crate::bench::proc_status_bytes("VmRSS:") as f64 / 1e6);
+        }
+    }
+    let first = rss_mb.first().copied().unwrap_or(0.0);
+    let last = rss_mb.last().copied().unwrap_or(0.0);
+    let report = serde_json::json!({
+        "cycles": cycles, "warm_up": WARM_UP, "rss_mb": rss_mb,
+        "growth_mb": last - first, "seconds": start.elapsed().as_secs_f64(),
     });
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

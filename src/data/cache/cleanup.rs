@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::MANIFEST_FILE;
 use crate::error::{Error, Result};
+use crate::formats::atomic::{remove_stale_temps, temp_target};
 
 /// Removes the manifest, then every shard file and our temporary files. The manifest goes
 /// first so that a clean-up cut short never leaves a manifest listing missing shards.
@@ -20,7 +21,7 @@ pub(super) fn wipe_cache(dir: &Path) -> Result<()> {
 
 /// Removes the temporary files a killed build left.
 pub(super) fn remove_temp_files(dir: &Path) -> Result<()> {
-    remove_files(dir, is_our_temp_file)
+    remove_stale_temps(dir, is_cache_file_name)
 }
 
 /// Entries of a folder that a cache build would not have written (up to 5 named).
@@ -59,8 +60,12 @@ fn is_shard_file_name(name: &str) -> bool {
         .is_some_and(|d| d.len() >= 5 && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
+fn is_cache_file_name(name: &str) -> bool {
+    name == MANIFEST_FILE || is_shard_file_name(name)
+}
+
 /// Temporary files of [`write_atomic`](crate::formats::safetensors::write_atomic) for our own
 /// files, left by a killed run.
 fn is_our_temp_file(name: &str) -> bool {
-    (name.starts_with(".shard-") || name.starts_with(".manifest.json")) && name.contains(".tmp")
+    temp_target(name).is_some_and(is_cache_file_name)
 }

@@ -4,7 +4,7 @@
 use std::ffi::{c_char, CStr};
 
 use super::qwenclip_status;
-use super::status::{Failure, FfiResult};
+use super::status::{invalid, Failure, FfiResult};
 
 fn null(name: &str) -> Failure {
     Failure::new(
@@ -25,6 +25,27 @@ pub(in crate::ffi) fn str_arg<'a>(p: *const c_char, name: &str) -> FfiResult<&'a
             format!("`{name}` is not valid UTF-8 ({e})"),
         )
     })
+}
+
+/// A JSON argument read into `T`; a syntax error quotes the text around it, since hosts
+/// build the JSON and "line 1 column 652" alone says little.
+pub(in crate::ffi) fn json_arg<T: for<'de> serde::Deserialize<'de>>(
+    text: &str,
+    what: &str,
+) -> FfiResult<T> {
+    serde_json::from_str(text).map_err(|e| invalid(format!("{what} JSON: {e}{}", near(text, &e))))
+}
+
+fn near(text: &str, e: &serde_json::Error) -> String {
+    let Some(line) = text.lines().nth(e.line().saturating_sub(1)) else {
+        return String::new();
+    };
+    let at = e.column().saturating_sub(1).min(line.len());
+    let window = &line.as_bytes()[at.saturating_sub(24)..(at + 24).min(line.len())];
+    if window.is_empty() {
+        return String::new();
+    }
+    format!(" (near `{}`)", String::from_utf8_lossy(window))
 }
 
 /// An optional string argument: NULL is `None`.

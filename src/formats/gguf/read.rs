@@ -69,6 +69,26 @@ impl GgufFile {
                 ),
             }
         })?;
+        // Sizes come from the header: bounded by the file before anything uses them.
+        for (name, info) in &content.tensor_infos {
+            let bytes = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|n| {
+                    (n / info.ggml_dtype.block_size()).checked_mul(info.ggml_dtype.type_size())
+                });
+            if bytes.is_none_or(|b| b as u64 > len) {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}` {:?} is larger than the whole file ({len} bytes)",
+                        info.shape.dims()
+                    ),
+                ));
+            }
+        }
         let file = Self {
             path: path.to_path_buf(),
             content,

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use super::super::plot::{render_loss_rgb, write_loss_png, LossImage, Series};
 use crate::error::{Error, Result};
+use crate::formats::atomic::remove_stale_temps;
 use crate::formats::safetensors::write_atomic;
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -52,9 +53,12 @@ impl RunFolder {
     }
 
     /// Creates the folder; a fresh run starts its metrics over, a resumed one drops the lines
-    /// past its checkpoint's `step` (they are about to be trained again).
+    /// past its checkpoint's `step` (they are about to be trained again). The temporary files
+    /// of a killed run go: every file here is replaced atomically, so their targets are whole.
     pub fn open(&mut self, resumed_at: Option<u64>) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        remove_stale_temps(&self.dir, |_| true)?;
+        remove_stale_temps(&self.adapter(), |_| true)?;
         let path = self.metrics_path();
         match resumed_at {
             Some(step) => truncate_metrics(&path, step)?,
@@ -80,7 +84,10 @@ impl RunFolder {
             .metrics
             .as_mut()
             .expect("the run folder is opened before anything is logged");
-        writeln!(file, "{line}").map_err(|e| Error::io(&path, e))
+        // One write per line: a kill cannot interleave it with the next (a cut line is
+        // dropped on resume, see `truncate_metrics`).
+        file.write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| Error::io(&path, e))
     }
 
     /// Redraws `loss.png` from `metrics.jsonl`.
@@ -137,7 +144,8 @@ pub fn checkpoint_path(dir: &Path) -> PathBuf {
     dir.join(CHECKPOINT_FILE)
 }
 
-/// Drops metric lines past `step` so a resumed run does not repeat them.
+/// Drops metric lines past `step` so a resumed run does not repeat them, and the line a kill
+/// cut short (it is not JSON).
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
@@ -145,10 +153,11 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_none_or(|s| s <= step)
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v.get("step")
+                    .and_then(|s| s.as_u64())
+                    .is_none_or(|s| s <= step)
+            })
         })
         .collect();
     write_atomic(path, (kept.join("\n") + "\n").as_bytes())

@@ -288,6 +288,11 @@ impl Run {
         let resumed_at = (run.trainer.step_count() > 0 || run.state.first_eval.is_some())
             .then(|| run.trainer.step_count());
         run.folder.open(resumed_at)?;
+        if resumed_at.is_some() {
+            // A kill between the checkpoint and the adapter (see `save`) left an older
+            // adapter; a run resumed at its last step would never write it again.
+            run.trainer.save_adapter(&run.folder.adapter())?;
+        }
         run.start_without_held_out()?;
         Ok(run)
     }

@@ -34,16 +34,34 @@ tools() {
     fi
 }
 
+# What the wheel is made of: its sources, the build settings and the tools. A wheel built from
+# the same is reused (.ci/comfyui.sh and .ci/invokeai.sh ask for the one this script just made).
+sources_hash() {
+    {
+        git ls-files -z -co --exclude-standard -- src python assets tests/fixtures/tokenizers \
+            Cargo.toml Cargo.lock setup.py pyproject.toml MANIFEST.in README.md | xargs -0 sha256sum
+        echo "${SETUPTOOLS_RUST_CARGO_PROFILE:-release} ${QWENCLIP_FEATURES:-} ${QWENCLIP_LOCAL_VERSION:-} $TOOLS_PINS"
+    } | sha256sum | cut -c1-16
+}
+
 build() {
     tools
+    local stamp
+    stamp=$OUT/.built-from-$(sources_hash)
+    if [ -f "$stamp" ] && ls "$OUT"/qwenclip-*manylinux*.whl >/dev/null 2>&1; then
+        step "the wheel in $OUT is built from these sources: reused" >&2
+        ls "$OUT"/qwenclip-*manylinux*.whl
+        return
+    fi
     # setuptools reuses build/: a stale copy of a removed module would land in the wheel
-    rm -rf "$OUT/raw" build && mkdir -p "$OUT/raw"
+    rm -rf "$OUT/raw" build "$OUT"/.built-from-* && mkdir -p "$OUT/raw"
     step "pip wheel . (cargo profile ${SETUPTOOLS_RUST_CARGO_PROFILE:-release})" >&2
     # The pinned tools instead of pip's isolated download of pyproject's build requirements.
     PATH="$TOOLS/bin:$PATH" "$TOOLS/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT/raw" . >&2
     raw=$(ls "$OUT"/raw/qwenclip-*.whl)
     rm -f "$OUT"/qwenclip-*.whl
     PATH="$TOOLS/bin:$PATH" "$TOOLS/bin/auditwheel" repair -w "$OUT" "$raw" >&2
+    touch "$stamp"
     ls "$OUT"/qwenclip-*manylinux*.whl
 }
 

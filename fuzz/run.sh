@@ -17,6 +17,7 @@ if [ ! -d fuzz/corpus ]; then
 fi
 LOGS=${QWENCLIP_FUZZ_LOGS:-fuzz/logs}
 mkdir -p "$LOGS"
+LOGS=$(cd "$LOGS" && pwd)
 cd fuzz
 cargo +nightly fuzz build || exit 1
 BIN=target/x86_64-unknown-linux-gnu/release
@@ -24,8 +25,8 @@ for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
     "$BIN/$t" "corpus/$t" -artifact_prefix="artifacts/$t/" \
         -max_total_time="$SECONDS_EACH" -timeout=30 -rss_limit_mb=3072 -malloc_limit_mb=2048 \
-        -print_final_stats=1 > "../$LOGS/$t.log" 2>&1
+        -print_final_stats=1 > "$LOGS/$t.log" 2>&1
     status=$?
-    last=$(grep -E "^#[0-9]+" "../$LOGS/$t.log" | tail -1)
+    last=$(grep -E "^#[0-9]+" "$LOGS/$t.log" | tail -1)
     echo "$t (exit $status): $last"
 done

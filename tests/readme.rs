@@ -12,7 +12,7 @@ use std::process::Command;
 use common::*;
 
 /// Markdown files whose shell blocks are checked.
-const DOCS: [&str; 8] = [
+const DOCS: [&str; 9] = [
     "README.md",
     "plugin/README.md",
     "python/README.md",
@@ -20,6 +20,7 @@ const DOCS: [&str; 8] = [
     "docs/gguf.md",
     "docs/adapter-format.md",
     "docs/c-api.md",
+    "docs/reliability.md",
     "tests/fixtures/unet/README.md",
 ];
 

@@ -64,10 +64,7 @@ impl ClipTokenizer {
                 msg: "file not found".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            msg: format!("cannot load: {e}"),
-        })?;
+        let inner = crate::tokenizer::read_tokenizer_json(path)?;
         Self::new(inner, Some(path.to_path_buf()))
     }
 

@@ -42,11 +42,7 @@ impl PromptTokenizer {
                 msg: "file not found (a model folder needs its tokenizer.json)".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            msg: format!("cannot load: {e}"),
-        })?;
-        Ok(Self::from_tokenizer(inner, path))
+        Ok(Self::from_tokenizer(read_tokenizer_json(path)?, path))
     }
 
     /// Wraps an already built tokenizer (e.g. rebuilt from a GGUF's vocabulary); `origin`
@@ -177,6 +173,28 @@ impl TokenBatch {
     pub fn mask_tensor(&self, device: &Device) -> Result<Tensor> {
         mask_tensor(&self.mask, device)
     }
+}
+
+/// A `tokenizer.json` read by the `tokenizers` crate. Some malformed files make that crate
+/// panic instead of failing (found by fuzzing): the panic becomes an error naming the file.
+pub(crate) fn read_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let read = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path));
+    let msg = match read {
+        Ok(Ok(t)) => return Ok(t),
+        Ok(Err(e)) => format!("cannot load: {e}"),
+        Err(panic) => format!(
+            "cannot load: malformed tokenizer ({})",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the tokenizers library gave up")
+        ),
+    };
+    Err(Error::Tokenizer {
+        path: path.to_path_buf(),
+        msg,
+    })
 }
 
 /// `[B,T]` f32 tensor from 0/1 rows.

@@ -210,7 +210,9 @@ fn soak(
         c.check(unsafe { (c.free)(h) }, "qwenclip_encoder_free")?;
         if i == WARM_UP || (i > WARM_UP && (i - WARM_UP).is_multiple_of(cycles.div_ceil(10).max(1)))
         {
-            rss_mb.push(crate::bench::proc_status_bytes("VmRSS:") as f64 / 1e6);
+            let mb = crate::bench::proc_status_bytes("VmRSS:") as f64 / 1e6;
+            eprintln!("cycle {}: {mb:.1} MB resident", i - WARM_UP);
+            rss_mb.push(mb);
         }
     }
     let first = rss_mb.first().copied().unwrap_or(0.0);

@@ -410,12 +410,14 @@ fn status(code: i32, what: &str) -> Result<()> {
 pub fn ffi_json(data: &[u8]) -> Result<()> {
     let (k, body) = select(data, 3);
     let dir = work("ffi_json");
-    let text = match serde_json::from_slice::<serde_json::Value>(body) {
+    // As text (what a C string carries); JSON the library would accept has its paths pinned.
+    let lossy = String::from_utf8_lossy(body);
+    let text = match serde_json::from_str::<serde_json::Value>(&lossy) {
         Ok(mut v) => {
             pin_paths(&mut v, &dir);
             v.to_string()
         }
-        Err(_) => String::from_utf8_lossy(body).into_owned(),
+        Err(_) => lossy.into_owned(),
     };
     let Ok(c) = CString::new(text) else {
         return Err(Error::Invalid("interior NUL".into()));

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::handover::Handover;
 use super::matmul::blas_matmul;
-use super::{matmul_t, ForwardMode, QMatrix};
+use super::{matmul_t, ForwardMode, QMatMulKernel, QMatrix};
 
 /// `x @ w.T` where `w` is frozen: the backward pass returns the input gradient only.
 /// Plain `matmul` would also compute a full-size gradient for every frozen base weight
@@ -49,10 +49,16 @@ pub fn frozen_linear_lora(
 /// pass returns the input gradient `grad @ W`, dequantizing `W` on the fly for that one
 /// product: the dequantized copy is dropped right after and never kept by the graph.
 pub fn quantized_linear(x: &Tensor, w: &Arc<QMatrix>, path: ForwardMode) -> Result<Tensor> {
-    if path == ForwardMode::Fast || !x.track_op() {
+    if path == ForwardMode::Fast {
         return w.forward(x);
     }
-    let y = w.forward(&x.detach())?.contiguous()?;
+    // The training path multiplies by the dequantized weight: exactly the function whose
+    // gradient the backward computes (the integer kernels would add activation rounding).
+    let y = w.forward_with(&x.detach(), QMatMulKernel::Dequantize)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let y = y.contiguous()?;
     x.apply_op1(FrozenLinear {
         w: Frozen::Quantized(w.clone()),
         y: Handover::new(y),

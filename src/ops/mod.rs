@@ -24,6 +24,7 @@ mod handover;
 mod layer_norm;
 mod linear;
 mod matmul;
+pub mod qgemm;
 mod quantized;
 mod rms_norm;
 mod rope;

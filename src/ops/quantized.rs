@@ -3,7 +3,7 @@
 use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 
-use super::matmul_t;
+use super::{matmul_t, qgemm};
 
 /// A frozen 2-D weight `[out, in]` kept quantized in memory (any GGUF block type candle
 /// knows: Q4_0 ... Q8_0, Q2_K ... Q6_K).
@@ -24,13 +24,17 @@ enum QInner {
     Device(QTensor),
 }
 
-/// How a quantized matmul runs on the CPU. `Kernel` quantizes the activations to 8 bits
-/// (ggml's scheme: Q8_K for K-quants, Q8_0 for Q8_0) and runs candle's integer dot products;
-/// `Dequantize` expands the weight to f32 for the one product and runs the f32 GEMM, so
-/// the only error is the weight's own quantization. Chosen by the number of activation rows.
+/// How a quantized matmul runs on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QMatMulKernel {
-    Kernel,
+    /// The integer kernels of [`qgemm`](super::qgemm) (8-bit activations, run-time SIMD
+    /// dispatch), for every type they read (all but Q2_K and Q3_K).
+    Integer,
+    /// candle's per-row k-quant dot products (8-bit activations; portable code, as candle's
+    /// SIMD paths are chosen at compile time), for the types the integer kernels do not read.
+    Candle,
+    /// The weight expanded to f32 for the one product and the f32 GEMM: the only error is the
+    /// weight's own quantization.
     Dequantize,
 }
 
@@ -41,10 +45,10 @@ pub enum QMatMulKernel {
 /// not re-pack the activations too often (4 MiB chunks measured slower at 77 tokens).
 pub const DEQUANTIZE_CHUNK_BYTES: usize = 16 << 20;
 
-/// Rows (tokens in the batch) from which the CPU dequantizes instead of using the integer
-/// kernels: the integer kernel's cost grows with every row, the dequantization is paid once
-/// per product. Measured crossovers on a 2-core AVX2 machine (docs/gguf.md): about 32 rows
-/// for Q8_0, 64 for the K-quants. `QWENCLIP_QMATMUL=kernel|dequantize` forces one.
+/// Rows (tokens in the batch) from which the CPU dequantizes instead of running candle's
+/// per-row kernels, for the types the integer kernels do not read: candle's cost grows with
+/// every row, the dequantization is paid once per product (crossover measured at ~64 rows on
+/// a 2-core machine, docs/gguf.md).
 pub fn dequantize_from_rows(dtype: GgmlDType) -> usize {
     match dtype {
         GgmlDType::Q8_0 | GgmlDType::Q8_1 => 32,
@@ -52,18 +56,22 @@ pub fn dequantize_from_rows(dtype: GgmlDType) -> usize {
     }
 }
 
+/// `QWENCLIP_QMATMUL=integer|candle|dequantize` forces one kernel (where it applies).
 fn cpu_strategy(dtype: GgmlDType, rows: usize) -> QMatMulKernel {
     static OVERRIDE: std::sync::OnceLock<Option<QMatMulKernel>> = std::sync::OnceLock::new();
     let forced = OVERRIDE.get_or_init(|| match std::env::var("QWENCLIP_QMATMUL").as_deref() {
-        Ok("kernel") => Some(QMatMulKernel::Kernel),
+        Ok("integer") => Some(QMatMulKernel::Integer),
+        Ok("candle") => Some(QMatMulKernel::Candle),
         Ok("dequantize") => Some(QMatMulKernel::Dequantize),
         _ => None,
     });
-    forced.unwrap_or(if rows >= dequantize_from_rows(dtype) {
-        QMatMulKernel::Dequantize
-    } else {
-        QMatMulKernel::Kernel
-    })
+    match *forced {
+        Some(QMatMulKernel::Integer) if !qgemm::supports(dtype) => QMatMulKernel::Candle,
+        Some(k) => k,
+        None if qgemm::supports(dtype) => QMatMulKernel::Integer,
+        None if rows >= dequantize_from_rows(dtype) => QMatMulKernel::Dequantize,
+        None => QMatMulKernel::Candle,
+    }
 }
 
 impl QMatrix {
@@ -226,22 +234,33 @@ impl QMatrix {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let rows = x.elem_count() / self.inp.max(1);
+        let x = x
+            .to_dtype(DType::F32)?
+            .reshape((rows, self.inp))?
+            .contiguous()?;
         let y = match &self.inner {
-            QInner::Cpu(_) if kernel == QMatMulKernel::Dequantize => self.dequantized_matmul_t(
-                &x.to_dtype(DType::F32)?
-                    .reshape((rows, self.inp))?
-                    .contiguous()?,
-            )?,
-            QInner::Cpu(_) => x
-                .to_dtype(DType::F32)?
-                .reshape((rows, self.inp))?
-                .contiguous()?
-                .apply_op1_no_bwd(self)?,
-            QInner::Device(q) => x
-                .to_dtype(DType::F32)?
-                .reshape((rows, self.inp))?
-                .contiguous()?
-                .apply_op1_no_bwd(q)?,
+            QInner::Cpu(_) if kernel == QMatMulKernel::Dequantize => {
+                self.dequantized_matmul_t(&x)?
+            }
+            QInner::Cpu(w) if kernel == QMatMulKernel::Integer && qgemm::supports(self.dtype) => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                // SAFETY: the CPU storage of a quantized tensor is a `Vec` of its blocks, whose
+                // bytes `as_ptr` and `storage_size_in_bytes` describe.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(w.as_ptr(), w.storage_size_in_bytes()) };
+                let y = qgemm::matmul_t(
+                    bytes,
+                    self.dtype,
+                    (self.out, self.inp),
+                    &xs,
+                    rows,
+                    qgemm::Isa::best(),
+                )
+                .ok_or_else(|| candle_core::Error::Msg("qgemm: unsupported type".into()))?;
+                Tensor::from_vec(y, (rows, self.out), &Device::Cpu)?
+            }
+            QInner::Cpu(_) => x.apply_op1_no_bwd(self)?,
+            QInner::Device(q) => x.apply_op1_no_bwd(q)?,
         };
         let mut out = dims;
         *out.last_mut().expect("rank >= 1") = self.out;

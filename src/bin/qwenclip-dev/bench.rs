@@ -34,6 +34,48 @@ pub struct BenchArgs {
     /// f32 is 16 GB). The peak memory reported is measured before this comparison.
     #[arg(long)]
     compare_f32_layers: Option<usize>,
+    /// A JSON file holding a list of token-id lists: encode each (batch 1) instead of random
+    /// ids of `--batches` x `--tokens` (`tests/reference/bench_llamacpp.py` feeds llama.cpp
+    /// the same ids).
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Write each input's last hidden states (after the final norm, f32) to this
+    /// safetensors file as `hidden.N` `[batch, tokens, hidden]`, in input order.
+    #[arg(long)]
+    hidden_out: Option<PathBuf>,
+}
+
+/// The inputs to time: the ids of `--ids` (batch 1 each), or seeded random ids of every
+/// `--batches` x `--tokens`.
+fn bench_inputs(a: &BenchArgs, vocab: usize) -> Result<Vec<Vec<Vec<u32>>>> {
+    if let Some(path) = &a.ids {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let lists: Vec<Vec<u32>> = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: expected a JSON list of token-id lists: {e}",
+                path.display()
+            )
+        })?;
+        anyhow::ensure!(
+            lists.iter().all(|l| !l.is_empty()),
+            "{}: an empty token-id list",
+            path.display()
+        );
+        return Ok(lists.into_iter().map(|l| vec![l]).collect());
+    }
+    let mut rng = Rng::new(7);
+    let mut inputs = Vec::new();
+    for &b in &a.batches {
+        for &t in &a.tokens {
+            inputs.push(
+                (0..b)
+                    .map(|_| (0..t).map(|_| rng.below(vocab) as u32).collect())
+                    .collect(),
+            );
+        }
+    }
+    Ok(inputs)
 }
 
 /// Median and minimum latency (ms) of `reps` encodes after one warm-up.
@@ -74,22 +116,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let vocab = llm.config().vocab_size.min(150_000);
     let layers = llm.config().num_hidden_layers;
-    let mut rng = Rng::new(7);
     let mut inputs = Vec::new();
     let mut results = Vec::new();
-    for &b in &a.batches {
-        for &t in &a.tokens {
-            let ids: Vec<u32> = (0..b * t).map(|_| rng.below(vocab) as u32).collect();
-            let ids = candle_core::Tensor::from_vec(ids, (b, t), &device)?;
-            let mask = vec![vec![1u8; t]; b];
-            let (median, min) = time_forward(&llm, &ids, &mask, -1, a.reps)?;
-            results.push(serde_json::json!({
-                "batch": b, "tokens": t, "median_ms": median, "min_ms": min,
-            }));
-            inputs.push((b, t, ids, mask));
+    let mut hidden = Vec::new();
+    for rows in bench_inputs(&a, vocab)? {
+        let (b, t) = (rows.len(), rows[0].len());
+        anyhow::ensure!(
+            rows.iter().all(|r| r.len() == t),
+            "a batch of unequal lengths"
+        );
+        let ids = candle_core::Tensor::from_vec(rows.concat(), (b, t), &device)?;
+        let mask = vec![vec![1u8; t]; b];
+        let (median, min) = time_forward(&llm, &ids, &mask, -1, a.reps)?;
+        results.push(serde_json::json!({
+            "batch": b, "tokens": t, "median_ms": median, "min_ms": min,
+        }));
+        if a.hidden_out.is_some() {
+            let h = llm.forward(&ids, &mask, -1, ForwardMode::Fast)?;
+            hidden.push((
+                format!("hidden.{}", hidden.len()),
+                h.to_dtype(candle_core::DType::F32)?,
+            ));
         }
+        inputs.push((b, t, ids, mask));
     }
     let peak = peak_rss_bytes();
+    if let Some(path) = &a.hidden_out {
+        candle_core::safetensors::save(
+            &hidden
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+            path,
+        )?;
+    }
     let mut report = serde_json::json!({
         "impl": "qwenclip", "load_s": load_s, "results": results,
         "peak_rss_bytes": peak,

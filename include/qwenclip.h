@@ -69,7 +69,9 @@ extern "C" {
 enum qwenclip_status qwenclip_memory_report(struct qwenclip_memory *out);
 
 // Releases the weights of every encoder (they reload on their next encode, with the same
-// adapter). Training runs keep their state. Use it when the host needs the memory back.
+// adapter) and the freed blocks the library keeps for reuse (freeing a run or an encoder
+// returns those too). Training runs keep their state. Use it when the host needs the
+// memory back.
 enum qwenclip_status qwenclip_release_memory(void);
 
 // The message of the last failed call on this thread ("" after a success). The pointer

@@ -9,11 +9,15 @@
 //! student with [`unet`] (SDXL's frozen UNet, backpropagated through) along trajectories of
 //! [`sampling`] (diffusers' Euler and DDIM).
 //!
+//! [`allocator`] is the process's global allocator when the default `allocator` feature is on
+//! (it keeps freed large blocks for reuse; turn the feature off to bring your own).
+//!
 //! The C ABI (`qwenclip_*` exports of the `cdylib`, header `include/qwenclip.h`) is not part
 //! of the Rust API. With the `dev` feature, `dev` holds the seeded model generators of the
 //! tests and benchmarks.
 
 pub mod adapter;
+pub mod allocator;
 pub mod conditioning;
 pub mod data;
 #[cfg(feature = "dev")]
@@ -39,3 +43,7 @@ pub use llm::qwen3::LoraMode;
 pub use ops::ForwardMode;
 
 mod ffi;
+
+#[cfg(feature = "allocator")]
+#[global_allocator]
+static ALLOCATOR: allocator::Reusing = allocator::Reusing;

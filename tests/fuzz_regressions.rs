@@ -3,51 +3,23 @@
 //! panic; and the seed inputs (valid files) must load. With `QWENCLIP_FUZZ_SEEDS=DIR` the
 //! seeds are also written to `DIR/<target>/` to start the fuzz corpora (docs/reliability.md).
 //!
-//! As under the fuzzer's `-malloc_limit_mb`, a single allocation over 1 GiB is a failure (the
-//! tiny inputs here never need one): a size taken from a header without a bound aborts the
-//! test binary instead of passing on lazily zeroed pages.
+//! As under the fuzzer's `-malloc_limit_mb`, a single allocation over 1 GiB is a failure
+//! (`qwenclip::allocator::refuse_above`, so these tests need the default `allocator` feature):
+//! a size taken from a header without a bound aborts the test binary instead of passing on
+//! lazily zeroed pages.
+#![cfg(feature = "allocator")]
 
 #[path = "../fuzz/src/lib.rs"]
 mod harness;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-struct Capped;
-
+/// The tiny inputs here never need one allocation this large.
 const CAP: usize = 1 << 30;
-
-// SAFETY: forwards to the system allocator; a refused request returns null, which Rust
-// reports as an allocation failure.
-unsafe impl GlobalAlloc for Capped {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > CAP {
-            return std::ptr::null_mut();
-        }
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > CAP {
-            return std::ptr::null_mut();
-        }
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > CAP {
-            return std::ptr::null_mut();
-        }
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static ALLOC: Capped = Capped;
 
 #[test]
 fn every_input_that_crashed_a_target_is_now_answered() {
+    qwenclip::allocator::refuse_above(CAP);
     let root = harness::repo_root().join("fuzz/regressions");
     let mut replayed = 0;
     for (name, target) in harness::TARGETS {
@@ -70,6 +42,7 @@ fn every_input_that_crashed_a_target_is_now_answered() {
 
 #[test]
 fn the_seed_inputs_load() {
+    qwenclip::allocator::refuse_above(CAP);
     let out = std::env::var_os("QWENCLIP_FUZZ_SEEDS").map(std::path::PathBuf::from);
     for (name, label, bytes) in harness::seeds() {
         let (_, target) = harness::TARGETS.iter().find(|(n, _)| *n == name).unwrap();

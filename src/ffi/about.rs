@@ -44,7 +44,9 @@ pub extern "C" fn qwenclip_memory_report(out: *mut qwenclip_memory) -> qwenclip_
 }
 
 /// Releases the weights of every encoder (they reload on their next encode, with the same
-/// adapter). Training runs keep their state. Use it when the host needs the memory back.
+/// adapter) and the freed blocks the library keeps for reuse (freeing a run or an encoder
+/// returns those too). Training runs keep their state. Use it when the host needs the
+/// memory back.
 #[no_mangle]
 pub extern "C" fn qwenclip_release_memory() -> qwenclip_status {
     call(super::encoder::offload_all)

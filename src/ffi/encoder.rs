@@ -62,13 +62,13 @@ impl EncoderSpec {
         })
     }
 
+    /// Loads (or reloads after an offload) the encoder; the temporaries of loading, which
+    /// nothing will ask for again, are not kept for reuse.
     fn load(&self) -> FfiResult<Encoder> {
         let dir = crate::hub::resolve_model(&self.model)?;
-        Ok(Encoder::load(
-            &dir,
-            self.adapter.as_deref(),
-            self.options()?,
-        )?)
+        let loaded = Encoder::load(&dir, self.adapter.as_deref(), self.options()?);
+        crate::allocator::release();
+        Ok(loaded?)
     }
 }
 
@@ -167,6 +167,7 @@ pub(crate) fn held_bytes() -> Vec<(usize, bool)> {
 
 pub(crate) fn offload_all() -> FfiResult<()> {
     ENCODERS.all().iter().for_each(|s| s.offload());
+    crate::allocator::release();
     Ok(())
 }
 
@@ -202,7 +203,11 @@ pub extern "C" fn qwenclip_encoder_load(
 /// Waits for encodes running on it in other threads.
 #[no_mangle]
 pub extern "C" fn qwenclip_encoder_free(handle: u64) -> qwenclip_status {
-    call(|| ENCODERS.remove(handle).map(drop))
+    call(|| {
+        drop(ENCODERS.remove(handle)?);
+        crate::allocator::release();
+        Ok(())
+    })
 }
 
 /// Attaches the adapter in folder `adapter_dir` (bundle or bare PEFT LoRA), replacing the
@@ -216,7 +221,9 @@ pub extern "C" fn qwenclip_encoder_load_adapter(
     call(|| {
         let dir = boundary::opt_str_arg(adapter_dir, "adapter_dir")?;
         let slot = ENCODERS.get(handle)?;
-        slot.with_mut(|e| Ok(e.set_adapter(dir.map(std::path::Path::new))?))
+        let set = slot.with_mut(|e| Ok(e.set_adapter(dir.map(std::path::Path::new))?));
+        crate::allocator::release();
+        set
     })
 }
 
@@ -225,6 +232,7 @@ pub extern "C" fn qwenclip_encoder_load_adapter(
 pub extern "C" fn qwenclip_encoder_offload(handle: u64) -> qwenclip_status {
     call(|| {
         ENCODERS.get(handle)?.offload();
+        crate::allocator::release();
         Ok(())
     })
 }

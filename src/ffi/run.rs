@@ -213,9 +213,11 @@ pub extern "C" fn qwenclip_run_open(
                 resume,
                 judge,
             },
-        )?;
+        );
+        // Opening loads (a judge's UNet, a checkpoint): their temporaries are not reused.
+        crate::allocator::release();
         *out = RUNS.insert(Mutex::new(Slot {
-            run,
+            run: run?,
             events: Vec::new(),
         }));
         Ok(())
@@ -441,5 +443,9 @@ pub extern "C" fn qwenclip_run_loss_image(
 /// Frees a run (what was not saved is lost; `qwenclip_run_save` first to keep it).
 #[no_mangle]
 pub extern "C" fn qwenclip_run_free(handle: u64) -> qwenclip_status {
-    call(|| RUNS.remove(handle).map(drop))
+    call(|| {
+        drop(RUNS.remove(handle)?);
+        crate::allocator::release();
+        Ok(())
+    })
 }

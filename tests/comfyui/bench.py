@@ -184,8 +184,8 @@ def bench_vision(pack, model_dir: Path, model, work: Path, reps: int, resolution
 
     vision = __import__(f"{pack.__name__}.vision", fromlist=["ComfyJudge"])
     judge = vision.ComfyJudge(model, "normal")
-    lib = pack.library.get()
-    h = lib.encoder_load({"model": str(model_dir)})
+    qwenclip = pack.library.package()
+    encoder = qwenclip.Encoder(model_dir)
     out = work / "vision-run"
     shutil.rmtree(out, ignore_errors=True)
     settings = {
@@ -202,22 +202,19 @@ def bench_vision(pack, model_dir: Path, model, work: Path, reps: int, resolution
         "vision": {"resolution": resolution, "denoise_steps": 20},
     }
     caption = "a" + " a" * 76  # 77 Qwen tokens, as bench-train's prompts
-    run = lib.run_open(
-        h, {"out": str(out), "captions": {"text": caption}, "settings": settings, "judge": "host"}
-    )
+    spec = {"out": str(out), "captions": {"text": caption}, "settings": settings, "judge": "host"}
     teacher = FixedTeacher()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), qwenclip.TrainingRun(encoder, spec) as run:
         judge.load()
         times = []
-        state = lib.run_state(run)
+        state = run.state()
         while not state["done"]:
             assert state["need"] == "train", state["need"]
             t = time.perf_counter()
-            pack.training._judged_step(lib, run, state, teacher, judge)
+            pack.training._judged_step(run, state, teacher, judge)
             times.append(time.perf_counter() - t)
-            state = lib.run_state(run)
-    lib.run_free(run)
-    lib.encoder_free(h)
+            state = run.state()
+    encoder.close()
     del judge  # the reference runs next, in its own process: give the memory back
     comfy.model_management.unload_all_models()
     gc.collect()
@@ -296,17 +293,20 @@ def main() -> None:
         "tests/reference/bench_vision.py writes them); needs REFERENCE_PYTHON",
     )
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--rows", default="tiny,sdxl", help="with --vision: which rows (tiny, sdxl)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     pack = plugin_package()
     results = {"library": str(pack.library.get().path), "threads": torch.get_num_threads()}
     if a.vision:
         rows = []
-        for name in ("tiny", "sdxl"):
+        for name in a.rows.split(","):
             ours, ref = vision_pair(pack, name, a.work, a.reps)
             print(json.dumps(ours), json.dumps(ref), flush=True)
             rows.append((name, ours["median_step_s"], ref["median_step_s"]))
-        print(f"vision step at 256 px, batch 1, f32, {os.cpu_count()} cores:")
+        core = os.environ.get("OPENBLAS_CORETYPE")
+        blas = f"OPENBLAS_CORETYPE={core}" if core else "OpenBLAS picks its kernels"
+        print(f"vision step at 256 px, batch 1, f32, {os.cpu_count()} cores, {blas}:")
         for name, o, r in rows:
             print(f"  {name:5s} ComfyUI + qwenclip {o:8.3f} s   diffusers + peft {r:8.3f} s   {o / r:.2f}x")
         print("target: < 1.10x")

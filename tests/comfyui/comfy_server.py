@@ -62,6 +62,7 @@ class ComfyServer:
             "models/qwenclip",
             "models/loras",
             "models/embeddings",
+            "models/diffusion_models",
             "input",
             "output",
             "user",
@@ -124,6 +125,7 @@ class ComfyServer:
             "  qwenclip: models/qwenclip\n"
             "  loras: models/loras\n"
             "  embeddings: models/embeddings\n"
+            "  diffusion_models: models/diffusion_models\n"
         )
 
     # -- process ----------------------------------------------------------------------------

@@ -415,6 +415,59 @@ def test_vision_without_a_model_is_one_clear_error_and_the_server_goes_on(server
     server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_after_error"))
 
 
+def _tiny_sd15_unet(path: Path) -> None:
+    """An SD1.5-shaped UNet file that ComfyUI's Load Diffusion Model detects as SD1.5: its
+    detection wants SD1.5's 320 channels and 768-wide context, nothing more, so one level with
+    one resnet and one transformer keeps it at 26M values."""
+    import comfy.supported_models
+    from safetensors.torch import save_file
+
+    unet = {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "num_classes": None,
+        "adm_in_channels": None,
+        "in_channels": 4,
+        "model_channels": 320,
+        "num_res_blocks": [1],
+        "transformer_depth": [1],
+        "channel_mult": [1],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1],
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 8,
+        "num_head_channels": -1,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    }
+    model = comfy.supported_models.SD15(unet).get_model({})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in model.diffusion_model.state_dict().items()}, str(path))
+
+
+def test_vision_with_an_sd15_model_is_one_clear_error_and_the_server_goes_on(server):
+    name = "qwenclip_tiny_sd15.safetensors"
+    _tiny_sd15_unet(server.base / "models" / "diffusion_models" / name)
+    prompt = tiny(workflow("sdxl_qwen_train_vision"), prefix="e2e_sd15", adapter_name="e2e_sd15", steps=1)
+    prompt["990"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+    train = next(k for k, n in prompt.items() if n["class_type"] == "QwenAdapterTrain")
+    prompt[train]["inputs"]["model"] = ["990", 0]
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "error", json.dumps(entry["status"])[:2000]
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["node_type"] == "QwenAdapterTrain", error
+    message = error["exception_message"]
+    for part in ("needs the MODEL of an SDXL checkpoint", "this MODEL is BaseModel with context 768"):
+        assert part in message, message
+    assert "Traceback" not in message and len(message) < 600, message
+    assert not (server.base / "models" / "qwenclip" / "e2e_sd15").exists(), "a run folder was started"
+    server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_after_sd15"))
+
+
 def test_free_releases_our_memory(server):
     server.run(tiny(workflow("sdxl_qwen_text_to_image"), prefix="e2e_free"))
     s = server.get("/qwenclip/status")

@@ -205,12 +205,45 @@ def render(header: Sequence[str], lines: list[Sequence[str]], first_left: bool =
     return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines]
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags as Linux lists them ("", {} elsewhere)."""
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
 def cpu_label() -> str:
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    """The CPU, its SIMD flags, and an OpenBLAS kernel set forced by the environment (it
+    decides the speed of every product on the system BLAS: a VM may pin AVX2 kernels on an
+    AVX-512 CPU)."""
+    model, flags = _cpuinfo()
+    simd = " ".join(f for f in SIMD_FLAGS if f in flags)
+    label = f"CPU {model or '?'} ({platform.machine()}, {os.cpu_count()} cores; {simd})"
+    core = os.environ.get("OPENBLAS_CORETYPE")
+    return label + (f", OPENBLAS_CORETYPE={core}" if core else ", OpenBLAS picks its kernels")
 
 
 def machine_info() -> dict:
-    return {"arch": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    model, flags = _cpuinfo()
+    return {
+        "arch": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "python": platform.python_version(),
+    }
 
 
 def write_json(path: Path, report: dict) -> None:

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets once, then fuzzes every target (or those named) for SECONDS each,
-# one after the other, starting from the seed inputs; prints each target's last libFuzzer status line (executions, coverage).
+# one after the other, starting from the seed inputs. Prints, per target, libFuzzer's last
+# status line (executions, coverage) and when its edge count (`cov:`) last grew: a target has plateaued
+# when that moment is long before the end. Each log line is prefixed with the seconds
+# since its target started.
 # Crashing inputs land in fuzz/artifacts/<target>/; once fixed, keep them in
 # fuzz/regressions/<target>/ (docs/reliability.md). Needs nightly and cargo-fuzz.
 #   bash fuzz/run.sh [SECONDS] [TARGET...]
@@ -23,10 +26,14 @@ cargo +nightly fuzz build || exit 1
 BIN=target/x86_64-unknown-linux-gnu/release
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"
+    start=$SECONDS
     "$BIN/$t" "corpus/$t" -artifact_prefix="artifacts/$t/" \
         -max_total_time="$SECONDS_EACH" -timeout=30 -rss_limit_mb=3072 -malloc_limit_mb=2048 \
-        -print_final_stats=1 > "$LOGS/$t.log" 2>&1
-    status=$?
-    last=$(grep -E "^#[0-9]+" "$LOGS/$t.log" | tail -1)
-    echo "$t (exit $status): $last"
+        -print_final_stats=1 2>&1 |
+        while IFS= read -r line; do printf '%ds %s\n' $((SECONDS - start)) "$line"; done \
+            > "$LOGS/$t.log"
+    status=${PIPESTATUS[0]}
+    last=$(grep -E "^[0-9]+s #[0-9]+" "$LOGS/$t.log" | tail -1 | cut -d' ' -f2-)
+    grew=$(awk '/^[0-9]+s #[0-9]+.* cov: / { for (i = 1; i < NF; i++) if ($i == "cov:" && $(i + 1) + 0 > max) { max = $(i + 1) + 0; at = $1 } } END { print at }' "$LOGS/$t.log")
+    echo "$t (exit $status): $last; coverage last grew at ${grew:-never} of ${SECONDS_EACH}s"
 done

@@ -194,6 +194,60 @@ fn resume_from_a_checkpoint_continues_exactly() {
     assert_same_weights(&straight, &resumed, 1e-6);
 }
 
+/// Rewrites the trainer state in a checkpoint's header; the tensors stay as they are.
+fn edit_state(path: &std::path::Path, edit: impl Fn(&mut serde_json::Value)) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let meta = &mut header["__metadata__"]["qwenclip.trainer"];
+    let mut state: serde_json::Value = serde_json::from_str(meta.as_str().unwrap()).unwrap();
+    edit(&mut state);
+    *meta = state.to_string().into();
+    let mut text = header.to_string().into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// A checkpoint's settings come from its header: a damaged one (found by fuzzing: a
+/// resampler width lost from the JSON, so the 2048 default, from a 17 KB file) must not make
+/// resuming build what they describe (hundreds of MB, or terabytes: an allocation failure
+/// aborts the host) before the file is seen not to hold it.
+#[test]
+fn a_checkpoint_whose_settings_outgrow_its_file_is_refused_before_anything_is_built() {
+    let dir = scratch("trainer-outgrown");
+    let path = dir.join("ckpt.safetensors");
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit); 3] = [
+        ("default width", |s| {
+            s["resampler"].as_object_mut().unwrap().remove("width");
+        }),
+        ("rank 2^31", |s| s["lora"]["r"] = (1u64 << 31).into()),
+        ("width 2^33", |s| {
+            s["resampler"]["width"] = (1u64 << 33).into();
+            s["resampler"]["heads"] = 1.into();
+        }),
+    ];
+    for (what, edit) in cases {
+        Trainer::new(encoder(), config(), DIMS)
+            .unwrap()
+            .save(&path, serde_json::json!({}))
+            .unwrap();
+        edit_state(&path, edit);
+        let err = Trainer::resume(encoder(), &path)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: resumed"))
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{what}: {err}");
+        assert!(
+            err.contains("the file is damaged") || err.contains("more than any resampler has"),
+            "{what}: {err}"
+        );
+    }
+}
+
 #[test]
 fn non_finite_targets_stop_without_touching_the_weights() {
     let (te, tp) = targets(&CAPTIONS[..2]);

@@ -19,6 +19,13 @@ use crate::rng::Rng;
 /// Safetensors metadata key that carries the config next to the weights.
 pub const CONFIG_METADATA_KEY: &str = "qwenclip.resampler";
 
+/// Upper bounds of a resampler's sizes: far above any real one (SDXL's is 2048 wide with 4
+/// layers) and low enough that no shape or parameter count overflows. A config beyond them
+/// comes from a damaged or foreign file, and building it would ask for terabytes.
+const MAX_SIZE: usize = 1 << 14;
+const MAX_FF_MULT: usize = 64;
+const MAX_LAYERS: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResamplerConfig {
     pub input_dim: usize,
@@ -88,17 +95,22 @@ impl ResamplerConfig {
                 self.width, self.heads
             ));
         }
-        for (n, v) in [
-            ("input_dim", self.input_dim),
-            ("width", self.width),
-            ("ff_mult", self.ff_mult),
-            ("layers", self.layers),
-            ("num_latents", self.num_latents),
-            ("output_dim", self.output_dim),
-            ("pooled_dim", self.pooled_dim),
+        for (n, v, max) in [
+            ("input_dim", self.input_dim, MAX_SIZE),
+            ("width", self.width, MAX_SIZE),
+            ("ff_mult", self.ff_mult, MAX_FF_MULT),
+            ("layers", self.layers, MAX_LAYERS),
+            ("num_latents", self.num_latents, MAX_SIZE),
+            ("output_dim", self.output_dim, MAX_SIZE),
+            ("pooled_dim", self.pooled_dim, MAX_SIZE),
         ] {
             if v == 0 {
                 return Err(format!("`{n}` must be > 0"));
+            }
+            if v > max {
+                return Err(format!(
+                    "`{n}` is {v}, more than any resampler has (at most {max})"
+                ));
             }
         }
         Ok(())
@@ -195,6 +207,8 @@ impl Resampler {
 
     /// Fresh weights: PyTorch's default Linear init, unit LayerNorms, small latents.
     pub fn init(cfg: ResamplerConfig, rng: &mut Rng, device: &Device) -> Result<Self> {
+        cfg.validate()
+            .map_err(|m| Error::Invalid(format!("resampler settings: {m}")))?;
         let mut tensors = HashMap::new();
         for (name, shape) in cfg.schema() {
             let n: usize = shape.iter().product();

@@ -4,6 +4,7 @@
 //! Longer prompts keep their first 75 tokens, as `truncation=True, max_length=77` does.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -17,6 +18,9 @@ pub const CLIP_G_PAD_ID: u32 = 0;
 /// The CLIP BPE `tokenizer.json` (49,408 tokens; see `tests/fixtures/tokenizers/PROVENANCE.md`),
 /// used when a checkpoint carries no tokenizer of its own.
 pub static EMBEDDED_CLIP_TOKENIZER: &[u8] = include_bytes!("../../assets/clip_tokenizer.json");
+
+/// What messages call the embedded tokenizer's file.
+const EMBEDDED_NAME: &str = "<embedded clip_tokenizer.json>";
 
 /// What pads a row after the end token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +41,9 @@ pub struct SdxlIds {
 }
 
 pub struct ClipTokenizer {
-    inner: tokenizers::Tokenizer,
+    // Shared: the embedded tokenizer is parsed once per process (1.6 MB of JSON), not
+    // on every teacher load.
+    inner: Arc<tokenizers::Tokenizer>,
     /// `None`: the embedded tokenizer.
     path: Option<PathBuf>,
     bos: u32,
@@ -47,12 +53,19 @@ pub struct ClipTokenizer {
 impl ClipTokenizer {
     /// The tokenizer compiled into qwenclip.
     pub fn embedded() -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(EMBEDDED_CLIP_TOKENIZER).map_err(|e| {
-            Error::Tokenizer {
-                path: PathBuf::from("<embedded clip_tokenizer.json>"),
+        static PARSED: OnceLock<std::result::Result<Arc<tokenizers::Tokenizer>, String>> =
+            OnceLock::new();
+        let inner = PARSED
+            .get_or_init(|| {
+                tokenizers::Tokenizer::from_bytes(EMBEDDED_CLIP_TOKENIZER)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| Error::Tokenizer {
+                path: PathBuf::from(EMBEDDED_NAME),
                 msg: format!("cannot load: {e}"),
-            }
-        })?;
+            })?;
         Self::new(inner, None)
     }
 
@@ -65,13 +78,11 @@ impl ClipTokenizer {
             });
         }
         let inner = crate::tokenizer::read_tokenizer_json(path)?;
-        Self::new(inner, Some(path.to_path_buf()))
+        Self::new(Arc::new(inner), Some(path.to_path_buf()))
     }
 
-    fn new(inner: tokenizers::Tokenizer, path: Option<PathBuf>) -> Result<Self> {
-        let origin = path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("<embedded clip_tokenizer.json>"));
+    fn new(inner: Arc<tokenizers::Tokenizer>, path: Option<PathBuf>) -> Result<Self> {
+        let origin = path.clone().unwrap_or_else(|| PathBuf::from(EMBEDDED_NAME));
         let id = |tok: &str| {
             inner.token_to_id(tok).ok_or_else(|| Error::Tokenizer {
                 path: origin.clone(),
@@ -122,7 +133,7 @@ impl ClipTokenizer {
                 path: self
                     .path
                     .clone()
-                    .unwrap_or_else(|| PathBuf::from("<embedded clip_tokenizer.json>")),
+                    .unwrap_or_else(|| PathBuf::from(EMBEDDED_NAME)),
                 msg: format!("cannot tokenize prompt: {e}"),
             })?;
         Ok(enc.get_ids().to_vec())

@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod syntax;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
@@ -17,7 +18,9 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 
 #[derive(Clone)]
 pub struct PromptTokenizer {
-    inner: tokenizers::Tokenizer,
+    // Shared: Qwen's vocabulary and merges are tens of MB, and every encoder clone (a
+    // training run opened on a loaded encoder) would copy them.
+    inner: Arc<tokenizers::Tokenizer>,
     path: PathBuf,
     pad_id: u32,
 }
@@ -54,7 +57,7 @@ impl PromptTokenizer {
             .find_map(|t| inner.token_to_id(t))
             .unwrap_or(0);
         Self {
-            inner,
+            inner: Arc::new(inner),
             path: origin.to_path_buf(),
             pad_id,
         }

@@ -628,6 +628,7 @@ impl Trainer {
         cfg.resampler_heads = state.resampler.heads;
         cfg.resampler_ff_mult = state.resampler.ff_mult;
         cfg.resampler_layers = state.resampler.layers;
+        check_fits_file(&cfg, encoder.llm().config(), state.dims, path)?;
         let mut trainer = Trainer::new(encoder, cfg, state.dims)?;
         let weights =
             crate::formats::Weights::open(&[path.to_path_buf()], path, DType::F32, &device)?;
@@ -661,6 +662,46 @@ impl Trainer {
             .map(|n| Ok((n.clone(), get(&format!("acc.{n}"))?)))
             .collect::<Result<_>>()?;
         Ok((trainer, state.extra))
+    }
+}
+
+/// A checkpoint stores every trained value as f32, so its settings (read from its header)
+/// cannot describe more of them than the file holds: checked before anything is built from
+/// them, since a damaged header could ask for terabytes.
+fn check_fits_file(
+    cfg: &TrainConfig,
+    llm: &crate::llm::Qwen3Config,
+    dims: TargetDims,
+    path: &Path,
+) -> Result<()> {
+    let resampler = cfg.resampler_for(llm.hidden_size, dims);
+    resampler
+        .validate()
+        .map_err(|m| Error::format(path, format!("resampler settings: {m}")))?;
+    // An unknown projection counts nothing here; building the run names it.
+    let lora = cfg.lora_targets.iter().try_fold(0usize, |sum, module| {
+        let (out, inp) = llm.projection_shape(module).unwrap_or((0, 0));
+        cfg.lora_r
+            .checked_mul(out + inp)?
+            .checked_mul(llm.num_hidden_layers)?
+            .checked_add(sum)
+    });
+    let bytes = lora
+        .and_then(|n| n.checked_add(resampler.parameter_count()))
+        .and_then(|n| n.checked_mul(4));
+    let held = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    match bytes {
+        Some(b) if b as u64 <= held => Ok(()),
+        _ => Err(Error::format(
+            path,
+            format!(
+                "its settings (LoRA rank {} on {:?}, resampler {} wide with {} layers) describe \
+                 more trained values than the file's {held} bytes hold: the file is damaged",
+                cfg.lora_r, cfg.lora_targets, resampler.width, resampler.layers
+            ),
+        )),
     }
 }
 

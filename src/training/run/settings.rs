@@ -24,6 +24,9 @@ const SHAPE: [&str; 8] = [
 ];
 /// 0 asks for the derived value: on a resumed run, whatever the run has.
 const AUTO_WHEN_ZERO: [&str; 2] = ["resampler_width", "resampler_heads"];
+/// Far above any useful LoRA rank (ComfyUI's widget stops at 1024); the bound keeps a typo
+/// from asking for terabytes of LoRA weights.
+const MAX_LORA_R: usize = 1 << 12;
 /// Settings the run's data order was made from.
 const DATA_ORDER: [&str; 2] = ["seed", "held_out"];
 
@@ -46,6 +49,13 @@ pub fn validate(cfg: &TrainConfig) -> Result<()> {
         if v == 0 {
             return bad(name, "0".into(), "at least 1");
         }
+    }
+    if cfg.lora_r > MAX_LORA_R {
+        return bad(
+            "lora_r",
+            cfg.lora_r.to_string(),
+            &format!("at most {MAX_LORA_R}"),
+        );
     }
     for (name, v) in [
         ("lr_lora", cfg.lr_lora),
@@ -149,5 +159,28 @@ fn to_map(cfg: &TrainConfig) -> serde_json::Map<String, Value> {
     match serde_json::to_value(cfg).expect("settings serialise") {
         Value::Object(m) => m,
         _ => unreachable!("a struct serialises to an object"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank of 2^31 would be refused by nothing else before its terabytes are allocated
+    /// (and an allocation failure aborts the host).
+    #[test]
+    fn a_lora_rank_beyond_any_use_is_refused_by_name() {
+        let with = |lora_r| TrainConfig {
+            lora_r,
+            ..Default::default()
+        };
+        validate(&with(MAX_LORA_R)).unwrap();
+        for r in [0, MAX_LORA_R + 1, 1 << 31] {
+            let err = validate(&with(r)).unwrap_err().to_string();
+            assert!(
+                err.contains("`lora_r`") && err.contains(&r.to_string()),
+                "{err}"
+            );
+        }
     }
 }

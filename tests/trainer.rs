@@ -149,6 +149,10 @@ fn gradient_accumulation_equals_the_big_batch() {
     assert_same_weights(&big, &acc, 1e-4);
 }
 
+/// A held-out metric a run stored in its checkpoint; serde_json's default (fast) float
+/// parser reads it back one ulp off.
+const NOT_ROUND_TRIPPED_BY_DEFAULT: f64 = 0.9632449591050427;
+
 #[test]
 fn resume_from_a_checkpoint_continues_exactly() {
     let (te, tp) = targets(&CAPTIONS);
@@ -183,12 +187,17 @@ fn resume_from_a_checkpoint_continues_exactly() {
     first
         .save(
             &dir.join("ckpt.safetensors"),
-            serde_json::json!({"note": "mine"}),
+            serde_json::json!({"note": "mine", "cos": NOT_ROUND_TRIPPED_BY_DEFAULT}),
         )
         .unwrap();
     drop(first);
     let (mut resumed, extra) = Trainer::resume(encoder(), &dir.join("ckpt.safetensors")).unwrap();
     assert_eq!(extra["note"], "mine");
+    assert_eq!(
+        extra["cos"].as_f64(),
+        Some(NOT_ROUND_TRIPPED_BY_DEFAULT),
+        "a resumed run's loop state comes back bit for bit"
+    );
     half(&mut resumed);
     assert_eq!(resumed.step_count(), straight.step_count());
     assert_same_weights(&straight, &resumed, 1e-6);

@@ -170,10 +170,16 @@ fn write(path: &Path, data: &[u8]) -> PathBuf {
     path.to_path_buf()
 }
 
+/// `std::fs::copy` uses copy_file_range, which fails with EINTR when libFuzzer's timeout
+/// alarm lands mid-copy; read and write_all retry interrupted calls.
+fn copy_file(from: &Path, to: &Path) {
+    write(to, &std::fs::read(from).expect("read file"));
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("copy dir");
     for e in std::fs::read_dir(from).expect("read dir").flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).expect("copy file");
+        copy_file(&e.path(), &to.join(e.file_name()));
     }
 }
 
@@ -214,11 +220,10 @@ pub fn safetensors(data: &[u8]) -> Result<()> {
 /// unless they are the one shard written beside it).
 pub fn shard_index(data: &[u8]) -> Result<()> {
     let dir = work("shard_index");
-    std::fs::copy(
-        repo_root().join("tests/fixtures/gguf/reference.safetensors"),
-        dir.join("model-00001-of-00001.safetensors"),
-    )
-    .expect("shard");
+    copy_file(
+        &repo_root().join("tests/fixtures/gguf/reference.safetensors"),
+        &dir.join("model-00001-of-00001.safetensors"),
+    );
     let index = write(&dir.join("model.safetensors.index.json"), data);
     let files = shard_files(&index)?;
     Weights::open(&files, &index, DType::F32, &Device::Cpu)?;

@@ -4,9 +4,11 @@
 # status line (executions, coverage), when its edge count (`cov:`) last grew, and how many
 # edges of qwenclip's own src/ its corpus covers (libFuzzer's count is mostly dependencies)
 # and how many of those lie outside `#[derive(Deserialize, Serialize)]` impls (serde_json's
-# parser is inlined into those, so they grow with every new JSON shape): a target has
-# plateaued when these stop growing. Each log line starts with the seconds since its target
-# started.
+# parser is inlined into those, so they grow with every new JSON shape). The corpus's
+# coverage dump stays in the log folder as <target>.coverage; `python3 fuzz/coverage_diff.py
+# OLD NEW` says which of our own source lines a later corpus newly covers, apart from code
+# inlined into our functions: a target has plateaued when that finds no new hand-written
+# line. Each log line starts with the seconds since its target started.
 # Crashing inputs land in fuzz/artifacts/<target>/; once fixed, keep them in
 # fuzz/regressions/<target>/ (docs/reliability.md). Needs nightly and cargo-fuzz.
 #   bash fuzz/run.sh [SECONDS] [TARGET...]
@@ -30,11 +32,11 @@ BIN=target/x86_64-unknown-linux-gnu/release
 SRC="$(cd .. && pwd)/src/"
 LIMITS=(-timeout=30 -rss_limit_mb=3072 -malloc_limit_mb=2048)
 own_edges() {
-    "$BIN/$1" "corpus/$1" -runs=0 -print_coverage=1 "${LIMITS[@]}" 2>&1 |
-        awk -v src="$SRC" '/^COVERED_FUNC/ && index($0, src) {
+    "$BIN/$1" "corpus/$1" -runs=0 -print_coverage=1 "${LIMITS[@]}" > "$LOGS/$1.coverage" 2>&1
+    awk -v src="$SRC" '/^COVERED_FUNC/ && index($0, src) {
             for (i = 1; i < NF; i++) if ($i == "edges:") { split($(i + 1), n, "/"); sum += n[1] }
             if ($0 !~ / as serde_core::(de::Deserialize|ser::Serialize)>::/) hand += n[1] }
-            END { printf "%d (%d outside serde-derived code)\n", sum, hand }'
+            END { printf "%d (%d outside serde-derived code)\n", sum, hand }' "$LOGS/$1.coverage"
 }
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"

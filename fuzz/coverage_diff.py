@@ -1,0 +1,82 @@
+"""Which of qwenclip's own code a fuzz corpus newly covers, between two coverage dumps.
+
+    python3 fuzz/coverage_diff.py OLD.coverage NEW.coverage
+
+The dumps are the `<target>.coverage` files `fuzz/run.sh` leaves in its log folder (libFuzzer's
+`-runs=0 -print_coverage=1` over the corpus), both from the same fuzz binary. A function's
+edge count mixes our lines with code inlined into it (serde_json's parser inside every
+`read_json::<T>`, the derived `Deserialize` impls), so it keeps growing with every new JSON
+shape after our own logic has stopped; libFuzzer lists each uncovered PC of a reached
+function with its source line, inlined code under the inlined line. The PCs a function
+stopped listing are the ones the newer corpus covers; they are counted here by where their
+line is: a hand-written line of src/, a `#[derive(...)]` line, line 0 (compiler-generated), or
+another crate. A target's own logic has plateaued when the hand-written count stays at 0.
+"""
+
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+SRC = str(Path(__file__).resolve().parent.parent / "src") + "/"
+FUNC = re.compile(r"^COVERED_FUNC: hits: \d+ edges: (\d+)/(\d+) (.*) (\S+)$")
+KINDS = ("hand-written", "derive", "generated", "dependency")
+
+
+def read(path):
+    """Own function -> (covered edges, total edges, Counter of uncovered PC locations)."""
+    funcs, current = {}, None
+    for line in Path(path).read_text(errors="replace").splitlines():
+        m = FUNC.match(line)
+        if m:
+            covered, total, name, loc = m.groups()
+            current = f"{name} ({loc.removeprefix(SRC)})" if loc.startswith(SRC) else None
+            if current:
+                funcs[current] = (int(covered), int(total), Counter())
+        elif current and line.startswith("  UNCOVERED_PC: "):
+            funcs[current][2][line.split(": ", 1)[1]] += 1
+    if not funcs:
+        sys.exit(f"{path}: no COVERED_FUNC line under {SRC}: not a -print_coverage=1 dump?")
+    return funcs
+
+
+def kind(location, sources):
+    file, _, line = location.rpartition(":")
+    if not file.startswith(SRC):
+        return "dependency"
+    if line == "0":
+        return "generated"
+    if file not in sources:
+        sources[file] = Path(file).read_text().splitlines()
+    text = sources[file][int(line) - 1] if 0 < int(line) <= len(sources[file]) else ""
+    return "derive" if "#[derive(" in text else "hand-written"
+
+
+def main(old_path, new_path):
+    old, new = read(old_path), read(new_path)
+    sources, totals = {}, Counter()
+    for name in sorted(old.keys() | new.keys()):
+        if name not in old:
+            print(f"newly reached: {name}: {new[name][0]} edges")
+            continue
+        if name not in new:
+            print(f"no longer reached: {name}: {old[name][0]} edges")
+            continue
+        gained = Counter()
+        for location, n in (old[name][2] - new[name][2]).items():
+            gained[kind(location, sources)] += n
+        lost = Counter()
+        for location, n in (new[name][2] - old[name][2]).items():
+            lost[kind(location, sources)] += n
+        if gained or lost:
+            net = [f"{gained[k] - lost[k]:+d} {k}" for k in KINDS if gained[k] or lost[k]]
+            print(f"{name}: {', '.join(net)}")
+        totals.update(gained)
+        totals.subtract(lost)
+    print("net newly covered PCs: " + ", ".join(f"{totals[k]} {k}" for k in KINDS))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])

@@ -19,22 +19,22 @@ from collections import Counter
 from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parent.parent / "src") + "/"
-FUNC = re.compile(r"^COVERED_FUNC: hits: \d+ edges: (\d+)/(\d+) (.*) (\S+)$")
+FUNC = re.compile(r"^COVERED_FUNC: hits: \d+ edges: (\d+)/\d+ (.*) (\S+)$")
 KINDS = ("hand-written", "derive", "generated", "dependency")
 
 
 def read(path):
-    """Own function -> (covered edges, total edges, Counter of uncovered PC locations)."""
+    """Own function -> (covered edges, Counter of uncovered PC locations)."""
     funcs, current = {}, None
     for line in Path(path).read_text(errors="replace").splitlines():
         m = FUNC.match(line)
         if m:
-            covered, total, name, loc = m.groups()
+            covered, name, loc = m.groups()
             current = f"{name} ({loc.removeprefix(SRC)})" if loc.startswith(SRC) else None
             if current:
-                funcs[current] = (int(covered), int(total), Counter())
+                funcs[current] = (int(covered), Counter())
         elif current and line.startswith("  UNCOVERED_PC: "):
-            funcs[current][2][line.split(": ", 1)[1]] += 1
+            funcs[current][1][line.split(": ", 1)[1]] += 1
     if not funcs:
         sys.exit(f"{path}: no COVERED_FUNC line under {SRC}: not a -print_coverage=1 dump?")
     return funcs
@@ -52,6 +52,13 @@ def kind(location, sources):
     return "derive" if "#[derive(" in text else "hand-written"
 
 
+def by_kind(locations, sources):
+    kinds = Counter()
+    for location, n in locations.items():
+        kinds[kind(location, sources)] += n
+    return kinds
+
+
 def main(old_path, new_path):
     old, new = read(old_path), read(new_path)
     sources, totals = {}, Counter()
@@ -62,12 +69,8 @@ def main(old_path, new_path):
         if name not in new:
             print(f"no longer reached: {name}: {old[name][0]} edges")
             continue
-        gained = Counter()
-        for location, n in (old[name][2] - new[name][2]).items():
-            gained[kind(location, sources)] += n
-        lost = Counter()
-        for location, n in (new[name][2] - old[name][2]).items():
-            lost[kind(location, sources)] += n
+        gained = by_kind(old[name][1] - new[name][1], sources)
+        lost = by_kind(new[name][1] - old[name][1], sources)
         if gained or lost:
             net = [f"{gained[k] - lost[k]:+d} {k}" for k in KINDS if gained[k] or lost[k]]
             print(f"{name}: {', '.join(net)}")

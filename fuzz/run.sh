@@ -34,9 +34,9 @@ LIMITS=(-timeout=30 -rss_limit_mb=3072 -malloc_limit_mb=2048)
 own_edges() {
     "$BIN/$1" "corpus/$1" -runs=0 -print_coverage=1 "${LIMITS[@]}" > "$LOGS/$1.coverage" 2>&1
     awk -v src="$SRC" '/^COVERED_FUNC/ && index($0, src) {
-            for (i = 1; i < NF; i++) if ($i == "edges:") { split($(i + 1), n, "/"); sum += n[1] }
-            if ($0 !~ / as serde_core::(de::Deserialize|ser::Serialize)>::/) hand += n[1] }
-            END { printf "%d (%d outside serde-derived code)\n", sum, hand }' "$LOGS/$1.coverage"
+        for (i = 1; i < NF; i++) if ($i == "edges:") { split($(i + 1), n, "/"); sum += n[1] }
+        if ($0 !~ / as serde_core::(de::Deserialize|ser::Serialize)>::/) hand += n[1] }
+        END { printf "%d (%d outside serde-derived code)\n", sum, hand }' "$LOGS/$1.coverage"
 }
 for t in "${TARGETS[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"

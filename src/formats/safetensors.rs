@@ -77,7 +77,13 @@ fn read_header(path: &Path) -> std::result::Result<Vec<(String, Entry)>, String>
             o => return Err(format!("tensor `{name}` has unsupported dtype {o}")),
         };
         let (start, end) = h.data_offsets;
-        let len = h.shape.iter().product::<usize>() * dtype.size_in_bytes();
+        // `product` wraps in a release build: dimensions that multiply past 2^64 to 0 would
+        // pass as an empty tensor.
+        let len = h
+            .shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+            .ok_or_else(|| format!("tensor `{name}` has shape {:?}: too large", h.shape))?;
         if end < start || (end - start) as usize != len || data_start + end > size {
             return Err(format!(
                 "tensor `{name}` lies outside the file (bytes {start}..{end} of a {}-byte data section): truncated?",
